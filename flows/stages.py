@@ -1,0 +1,74 @@
+"""One flow per stage, each running that stage alone from the artifacts of the stages before it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from mydistill.config import PipelineConfig, load_config
+from mydistill.pipeline import make_plan
+from tasks import stages as t
+
+
+def _tracked(config: PipelineConfig, stage: str, run):
+    plan = make_plan(config)
+    parent = t.open_pipeline_run(config.model_copy(update={"name": f"{config.name}-{stage}"}), plan)
+    try:
+        result = run(plan, parent)
+    except BaseException:
+        t.close_pipeline_run(parent, None, None, failed=True)
+        raise
+    t.close_pipeline_run(parent, result if stage == "evaluate" else None, None)
+    return result
+
+
+@flow(name="generate")
+def generate_flow(config: PipelineConfig = load_config("demo")) -> str:
+    """Teacher responses for the prompts (the demo's data and teacher are prepared first)."""
+
+    def run(plan, parent):
+        if config.demo is not None:
+            t.prepare_demo(config, plan)
+        return t.fresh_unless_done(t.generate, plan.generate_uri)(config, plan, plan.generate_uri, parent)
+
+    return _tracked(config, "generate", run)
+
+
+@flow(name="mix")
+def mix_flow(config: PipelineConfig = load_config("demo")) -> str:
+    """Mix teacher responses with real data (needs the generate stage's output)."""
+    return _tracked(config, "mix", lambda plan, parent: t.fresh_unless_done(t.mix, plan.mix_uri)(config, plan, plan.mix_uri, parent))
+
+
+@flow(name="distill")
+def distill_flow(config: PipelineConfig = load_config("demo")) -> str:
+    """Stage 1: distil the student from the teacher (needs the mix stage's output)."""
+    return _tracked(
+        config, "distill",
+        lambda plan, parent: t.fresh_unless_done(t.train, plan.distill_uri)(config, plan, "distill", plan.distill_uri, parent),
+    )
+
+
+@flow(name="finetune")
+def finetune_flow(config: PipelineConfig = load_config("demo")) -> str:
+    """Stage 2: fine-tune the distilled student on the real task data (needs stage 1's output)."""
+
+    def run(plan, parent):
+        if not plan.finetune_uri:
+            raise ValueError("finetune.enabled is false in this config")
+        return t.fresh_unless_done(t.train, plan.finetune_uri)(config, plan, "finetune", plan.finetune_uri, parent)
+
+    return _tracked(config, "finetune", run)
+
+
+@flow(name="evaluate")
+def evaluate_flow(config: PipelineConfig = load_config("demo")) -> dict[str, Any]:
+    """Score student, teacher and baseline (needs the training stages' outputs)."""
+
+    def run(plan, parent):
+        if plan.baseline_uri:
+            t.fresh_unless_done(t.train, plan.baseline_uri)(config, plan, "baseline", plan.baseline_uri, parent)
+        return t.fresh_unless_done(t.evaluate, plan.evaluate_uri)(config, plan, plan.evaluate_uri, parent)
+
+    return _tracked(config, "evaluate", run)

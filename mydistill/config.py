@@ -1,0 +1,257 @@
+"""The pipeline configuration: one pydantic tree, loadable from YAML, validated with clear messages.
+
+The same models are the Prefect flows' parameters, so the Prefect UI renders a form from the
+field descriptions below. YAML files in ``configs/`` are presets of this tree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mydistill.generation.config import GenerateConfig
+from mydistill.losses.config import LossConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PRESETS_DIR = REPO_ROOT / "configs"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelArch(_Section):
+    """A Llama-style architecture for a model built from a config (the demo, or a student from scratch)."""
+
+    hidden_size: int = Field(64, gt=0, description="Width of the residual stream.")
+    num_hidden_layers: int = Field(2, gt=0, description="Number of transformer blocks.")
+    num_attention_heads: int = Field(4, gt=0, description="Attention heads per block.")
+    intermediate_size: int = Field(256, gt=0, description="Width of the MLP.")
+    max_position_embeddings: int = Field(64, gt=0, description="Longest sequence the model accepts.")
+    tie_word_embeddings: bool = Field(True, description="Share input embedding and output projection.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelArch:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        return self
+
+
+class TeacherSpec(_Section):
+    uri: str | None = Field(
+        None,
+        description="Teacher model folder (local path or s3://, saved with save_pretrained) or, with "
+        "the openai generation backend, the served model name. Left empty with `demo` set: the demo "
+        "teacher is used.",
+    )
+    id: str | None = Field(None, description="A name for the teacher recorded in datasets and MLflow.")
+
+
+class StudentSpec(_Section):
+    init_uri: str | None = Field(
+        None,
+        description="Pretrained student folder to start from (local path or s3://). Empty: build the "
+        "student from `arch` with the teacher's tokenizer.",
+    )
+    arch: ModelArch = Field(default_factory=ModelArch, description="Architecture when building from scratch.")
+
+
+class DataConfig(_Section):
+    prompts_uri: str | None = Field(None, description="Unlabelled prompts for the teacher (JSONL/Parquet, field `prompt`).")
+    real_uri: str | None = Field(None, description="Real labelled task data (JSONL/Parquet, fields `prompt` and the answer field).")
+    eval_uri: str | None = Field(None, description="Held-out labelled data for evaluation.")
+    prompt_field: str = Field("prompt", description="Record field holding the prompt.")
+    answer_field: str = Field("answer", description="Record field holding the reference answer in real/eval data.")
+
+
+class DemoConfig(_Section):
+    """The embedded offline demo: writes its datasets and trains (once, cached) its teacher."""
+
+    num_real: int = Field(200, gt=0, description="Real labelled examples (small on purpose).")
+    num_prompts: int = Field(3000, gt=0, description="Unlabelled prompts the teacher answers.")
+    num_eval: int = Field(300, gt=0, description="Held-out evaluation examples.")
+    teacher_arch: ModelArch = Field(
+        default_factory=lambda: ModelArch(
+            hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
+            tie_word_embeddings=False,
+        ),
+        description="Architecture of the demo teacher.",
+    )
+    teacher_train_examples: int = Field(20000, gt=0, description="Labelled examples the demo teacher is trained on.")
+    teacher_steps: int = Field(800, gt=0, description="Training steps for the demo teacher.")
+    teacher_lr: float = Field(3e-3, gt=0, description="Learning rate for the demo teacher.")
+    cache_dir: str = Field(".cache/demo", description="Where the trained demo teacher is cached (keyed by its config).")
+
+
+class MixConfig(_Section):
+    teacher_fraction: float = Field(
+        0.7, ge=0, le=1, description="Fraction of the training mix drawn from teacher responses (the rest is real data)."
+    )
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="Fraction of the real data held out for validation.")
+    total: int | None = Field(
+        None, gt=0, description="Size of the training mix. Empty: every usable teacher record is used once."
+    )
+    upsample: bool = Field(
+        True, description="Sample the scarcer source with replacement to reach the ratio (else shrink the mix)."
+    )
+    dedup: bool = Field(True, description="Drop duplicate prompts (and teacher prompts that appear in the real data).")
+    seed: int = Field(0, description="Seed for sampling and shuffling.")
+
+
+class TrainConfig(_Section):
+    steps: int = Field(300, gt=0, description="Optimizer steps.")
+    batch_size: int = Field(64, gt=0, description="Sequences per step.")
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate (AdamW, warmup then cosine decay).")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of the peak.")
+    warmup_steps: int = Field(30, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Max gradient norm.")
+    max_length: int = Field(48, gt=1, description="Longest tokenized example; longer responses are cut.")
+    log_every: int = Field(10, gt=0, description="Log metrics every N steps.")
+    eval_every: int = Field(100, gt=0, description="Validation loss every N steps.")
+    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    seed: int = Field(0, description="Seed for data order and initialisation.")
+    device: str = Field("auto", description="'auto' (cuda if available), 'cpu' or 'cuda'.")
+    threads: int | None = Field(None, gt=0, description="torch CPU threads (empty: torch's default).")
+
+
+class DistillConfig(TrainConfig):
+    loss: LossConfig = Field(default_factory=LossConfig, description="Distillation loss (see docs/losses.md).")
+
+
+class FinetuneConfig(TrainConfig):
+    steps: int = Field(100, gt=0, description="Optimizer steps.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW, warmup then cosine decay).")
+    warmup_steps: int = Field(10, ge=0, description="Linear warmup steps.")
+    enabled: bool = Field(True, description="Run stage 2 (fine-tune on the real task data).")
+
+
+class EvaluateConfig(_Section):
+    max_new_tokens: int = Field(16, gt=0, description="Tokens generated per answer.")
+    batch_size: int = Field(100, gt=0, description="Prompts per generation batch.")
+    num_samples: int = Field(10, ge=0, description="Example generations logged per model.")
+    baseline: bool = Field(
+        True, description="Train a baseline student on the real data alone with the same step budget, for comparison."
+    )
+
+
+class RegisterConfig(_Section):
+    enabled: bool = Field(True, description="Register the student in the MLflow model registry.")
+    model_name: str = Field("mydistill-student", description="Registered model name.")
+    alias: str = Field("champion", description="Alias moved to the new version when it passes the gate.")
+    min_teacher_retained: float = Field(
+        0.8, ge=0, description="Quality gate: the student must keep at least this fraction of the teacher's score."
+    )
+
+
+class TrackingConfig(_Section):
+    experiment: str = Field("mydistill", description="MLflow experiment name.")
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI. Empty: $MLFLOW_TRACKING_URI, else the project-local sqlite store."
+    )
+
+
+class PipelineConfig(_Section):
+    """Everything one pipeline run needs: teacher → mix → distill → finetune → evaluate → register."""
+
+    name: str = Field("demo", min_length=1, description="Run name shown in Prefect and MLflow.")
+    work_dir: str = Field("runs", description="Root for all artifacts (local path or s3://).")
+    seed: int = Field(0, description="Global seed.")
+    demo: DemoConfig | None = Field(None, description="Run on the embedded offline demo (datasets and teacher made locally).")
+    teacher: TeacherSpec = Field(default_factory=TeacherSpec, description="The teacher.")
+    student: StudentSpec = Field(default_factory=StudentSpec, description="The student.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Input datasets.")
+    generate: GenerateConfig = Field(default_factory=GenerateConfig, description="Teacher generation (see docs/generation.md).")
+    mix: MixConfig = Field(default_factory=MixConfig, description="Mixing teacher and real data.")
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="Stage 1: distillation.")
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="Stage 2: fine-tuning on task data.")
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Evaluation.")
+    registry: RegisterConfig = Field(default_factory=RegisterConfig, description="Model registration and quality gate.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
+
+    @model_validator(mode="after")
+    def _inputs_present(self) -> PipelineConfig:
+        if self.demo is None:
+            missing = [
+                name
+                for name, value in [
+                    ("teacher.uri", self.teacher.uri),
+                    ("data.prompts_uri", self.data.prompts_uri),
+                    ("data.real_uri", self.data.real_uri),
+                    ("data.eval_uri", self.data.eval_uri),
+                ]
+                if not value
+            ]
+            if missing:
+                raise ValueError(f"without `demo`, these must be set: {', '.join(missing)}")
+        return self
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid; the message names the file and the field."""
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        value = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+        lines.append(f"  {where}: {e['msg']}{value}")
+    return "\n".join(lines)
+
+
+def validate_config(data: dict[str, Any], source: str = "config") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. distill.steps=100")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    """A YAML path, or the name of a preset in ``configs/`` (``demo`` → ``configs/demo.yaml``)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        return path
+    preset = PRESETS_DIR / f"{name_or_path}.yaml"
+    if not preset.exists():
+        available = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+        raise ConfigError(f"no preset named {name_or_path!r}; available: {', '.join(available)}")
+    return preset
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a preset name or YAML file, apply ``key=value`` overrides and validate."""
+    path = resolve_preset(name_or_path)
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return validate_config(apply_overrides(data, overrides or []), str(path))

@@ -1,0 +1,74 @@
+"""Distillation losses: the divergence family, the chunked fused path, hidden states, the objective.
+
+Plain reference functions (``fn(student_logits, teacher_logits, **params)`` on ``(N, V)``) live in
+:mod:`.divergences`; the memory-efficient path from hidden states in :mod:`.chunked`; layer-wise
+distillation in :mod:`.hidden`; the config section and the trainer-facing module in :mod:`.config`
+and :mod:`.objective`. See docs/losses.md.
+"""
+
+from mydistill.losses.chunked import (
+    FusedLinearDistillFunction,
+    chunked_cross_entropy,
+    chunked_distill_loss,
+    chunked_divergence,
+)
+from mydistill.losses.config import HiddenStateLossConfig, LossConfig, StepByStepConfig
+from mydistill.losses.divergences import (
+    DIVERGENCE_NAMES,
+    DIVERGENCES,
+    DistillLossParts,
+    cross_entropy,
+    distill_loss,
+    forward_kl,
+    generalized_jsd,
+    logit_mse,
+    reverse_kl,
+    skew_kl,
+    skew_reverse_kl,
+    symmetric_kl,
+    tvd,
+)
+from mydistill.losses.hidden import (
+    HiddenStateDistiller,
+    hidden_cosine,
+    hidden_mse,
+    resolve_layer_map,
+    uniform_layer_map,
+)
+from mydistill.losses.multitask import step_by_step_loss
+from mydistill.losses.objective import DistillObjective, LossOutput
+from mydistill.losses.teacher import TeacherEnsemble, TopKTeacher, VocabSizeMismatch
+
+__all__ = [
+    "DIVERGENCES",
+    "DIVERGENCE_NAMES",
+    "DistillLossParts",
+    "DistillObjective",
+    "FusedLinearDistillFunction",
+    "HiddenStateDistiller",
+    "HiddenStateLossConfig",
+    "LossConfig",
+    "LossOutput",
+    "StepByStepConfig",
+    "TeacherEnsemble",
+    "TopKTeacher",
+    "VocabSizeMismatch",
+    "chunked_cross_entropy",
+    "chunked_distill_loss",
+    "chunked_divergence",
+    "cross_entropy",
+    "distill_loss",
+    "forward_kl",
+    "generalized_jsd",
+    "hidden_cosine",
+    "hidden_mse",
+    "logit_mse",
+    "resolve_layer_map",
+    "reverse_kl",
+    "skew_kl",
+    "skew_reverse_kl",
+    "step_by_step_loss",
+    "symmetric_kl",
+    "tvd",
+    "uniform_layer_map",
+]

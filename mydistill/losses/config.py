@@ -1,0 +1,152 @@
+"""The loss section of the pipeline config (``distill.loss:`` in YAML), validated.
+
+Example::
+
+    distill:
+      loss:
+        divergence: skew_kl
+        temperature: 2.0
+        alpha: 0.9
+        skew_alpha: 0.1
+        hidden: {weight: 1.0, layer_map: uniform, loss: mse}
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Divergence = Literal[
+    "forward_kl",
+    "reverse_kl",
+    "symmetric_kl",
+    "generalized_jsd",
+    "skew_kl",
+    "skew_reverse_kl",
+    "tvd",
+    "logit_mse",
+]
+
+LayerIndex = Annotated[int, Field(ge=0)]
+
+
+class HiddenStateLossConfig(BaseModel):
+    """Layer-wise hidden-state distillation, added to the logit loss (needs the teacher's hidden states)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    weight: float = Field(
+        1.0, ge=0, allow_inf_nan=False, description="Weight of the hidden-state term added to the loss (>= 0)."
+    )
+    layer_map: Literal["uniform"] | list[tuple[LayerIndex, LayerIndex]] = Field(
+        "uniform",
+        description="'uniform' (student block i -> teacher block i*L_t//L_s) or explicit "
+        "[student_layer, teacher_layer] pairs; 0 is the embeddings.",
+    )
+    loss: Literal["mse", "cosine"] = Field(
+        "mse", description="Per-layer loss: 'mse' (TinyBERT) or 'cosine' (1 - cos, DistilBERT)."
+    )
+    projection: Literal["auto", "linear", "none", "ted"] = Field(
+        "auto",
+        description="'auto': learned linear map only where widths differ; 'linear': always; "
+        "'none': widths must match; 'ted': TED task-aware filters.",
+    )
+    filter_size: int | None = Field(
+        None, gt=0, description="Width of the TED filter space (projection='ted'); default: the teacher's hidden size."
+    )
+
+    @model_validator(mode="after")
+    def _filter_size_only_for_ted(self) -> HiddenStateLossConfig:
+        if self.filter_size is not None and self.projection != "ted":
+            raise ValueError(
+                f"filter_size is only used with projection='ted' (projection is {self.projection!r}); "
+                "remove filter_size or set projection: ted"
+            )
+        if isinstance(self.layer_map, list) and not self.layer_map:
+            raise ValueError("layer_map is an empty list; give [student_layer, teacher_layer] pairs or 'uniform'")
+        return self
+
+
+class StepByStepConfig(BaseModel):
+    """Distilling step-by-step (Hsieh et al. 2023, arXiv 2305.02301).
+
+    ``L = label_weight * L_label + rationale_weight * L_rationale``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    label_weight: float = Field(
+        1.0, ge=0, allow_inf_nan=False, description="Weight of the loss on the label (answer) targets (>= 0)."
+    )
+    rationale_weight: float = Field(
+        1.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Weight of the loss on the rationale targets, the paper's lambda (>= 0).",
+    )
+
+    @model_validator(mode="after")
+    def _not_both_zero(self) -> StepByStepConfig:
+        if self.label_weight == 0 and self.rationale_weight == 0:
+            raise ValueError(
+                "label_weight and rationale_weight are both 0, so nothing would be trained; make at least one positive"
+            )
+        return self
+
+
+class LossConfig(BaseModel):
+    """How the student is trained against the teacher: ``alpha * T² * D_T + (1 - alpha) * CE`` (+ extras)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    divergence: Divergence = Field(
+        "forward_kl",
+        description="Soft-target divergence between teacher and student distributions (see docs/losses.md).",
+    )
+    temperature: float = Field(
+        2.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Softmax temperature T for the soft term (> 0); the soft term is scaled by T².",
+    )
+    alpha: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="Weight of the soft (KD) term in [0, 1]; the hard-label CE gets 1 - alpha.",
+    )
+    beta: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="generalized_jsd's beta in [0, 1]: 0 = forward KL, 1 = reverse KL.",
+    )
+    skew_alpha: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="skew_kl / skew_reverse_kl mixing alpha in [0, 1] (DistiLLM uses 0.1).",
+    )
+    chunk_size: int = Field(
+        1024, gt=0, description="Tokens per chunk in the fused loss; work memory is about 5 * chunk_size * V * 4 bytes."
+    )
+    chunked: bool = Field(
+        True,
+        description="Use the chunked fused loss from hidden states; False uses the plain reference on full logits.",
+    )
+    ignore_index: int = Field(-100, description="Label value marking tokens that count for no loss term.")
+    teacher_weights: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]] | None = Field(
+        None,
+        min_length=1,
+        description="Multi-teacher: one positive weight per teacher (normalised); null gives equal weights.",
+    )
+    hidden: HiddenStateLossConfig | None = Field(
+        None, description="Optional layer-wise hidden-state distillation; null disables it."
+    )
+    step_by_step: StepByStepConfig | None = Field(
+        None, description="Optional distilling step-by-step weights for label and rationale passes."
+    )

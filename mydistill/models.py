@@ -1,0 +1,68 @@
+"""Loading, building and checking models and tokenizers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mydistill.io import DataError, exists, join, localize
+
+
+def load_tokenizer(uri: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(localize(uri))
+
+
+def load_model(uri: str, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Any:
+    """A causal LM from a local or ``s3://`` folder saved with ``save_pretrained``."""
+    from transformers import AutoModelForCausalLM
+
+    if not exists(join(uri, "config.json")):
+        raise DataError(f"{uri}: no model here (config.json missing)")
+    model = AutoModelForCausalLM.from_pretrained(localize(uri), dtype=dtype or torch.float32)
+    return model.to(device)
+
+
+def build_model(arch: dict[str, Any], tokenizer: Any, *, seed: int = 0) -> Any:
+    """A fresh Llama-style causal LM from an architecture dict (hidden_size, num_hidden_layers, …)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **arch,
+    )
+    return LlamaForCausalLM(config)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class VocabularyMismatch(ValueError):
+    """Teacher and student tokenizers do not map the same ids to the same strings."""
+
+
+def check_same_vocabulary(teacher_tokenizer: Any, student_tokenizer: Any) -> None:
+    """Raise :class:`VocabularyMismatch` unless both tokenizers have identical vocabularies.
+
+    Logit distillation compares distributions position by position over token ids, so the ids
+    must mean the same strings, not only be as many.
+    """
+    t_vocab, s_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    if t_vocab == s_vocab:
+        return
+    only_t = sorted(set(t_vocab) - set(s_vocab))[:5]
+    only_s = sorted(set(s_vocab) - set(t_vocab))[:5]
+    moved = sorted(tok for tok in set(t_vocab) & set(s_vocab) if t_vocab[tok] != s_vocab[tok])[:5]
+    raise VocabularyMismatch(
+        f"teacher and student vocabularies differ: teacher has {len(t_vocab)} tokens, student "
+        f"{len(s_vocab)}; only in teacher: {only_t}; only in student: {only_s}; same token, other "
+        f"id: {moved}. Logit distillation needs one tokenizer: build the student with the "
+        "teacher's tokenizer."
+    )

@@ -1,0 +1,202 @@
+"""One function per pipeline stage: read the plan's inputs, do the work, write the plan's output.
+
+These are what the Prefect tasks call (one each) and what a user calls from Python. Each takes
+the validated config, the :class:`~mydistill.pipeline.StagePlan` and, optionally, the MLflow
+parent run to log a child run under. Each is idempotent: outputs carry manifests, and a stage
+whose output already matches its inputs returns at once.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from mydistill import io, tracking
+from mydistill.config import PipelineConfig
+from mydistill.data import TASK_TRAIN_FILE, TRAIN_FILE, VAL_FILE, run_mix
+from mydistill.pipeline import StagePlan, baseline_steps
+from mydistill.train import TrainJob, run_training
+
+
+def prepare_demo(cfg: PipelineConfig, plan: StagePlan, *, progress: bool = False) -> dict[str, str]:
+    """Write the demo datasets and make sure the demo teacher exists (trained once, then cached)."""
+    from mydistill.demo.bootstrap import ensure_teacher, write_demo_data
+
+    if cfg.demo is None:
+        raise ValueError("prepare_demo needs a config with a `demo` section")
+    uris = write_demo_data(cfg.demo, plan.demo_data_uri) if plan.demo_data_uri else {}
+    if not cfg.teacher.uri:
+        uris["teacher"] = ensure_teacher(cfg.demo, progress=progress)
+    return uris
+
+
+def generate(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None = None, *, progress: bool = False) -> dict[str, Any]:
+    from mydistill.generation import generate_responses
+
+    with tracking.stage_run(parent_run_id, "generate", cfg.tracking.experiment) as run_id:
+        manifest = generate_responses(
+            plan.prompts_uri, plan.generate_uri, teacher=plan.teacher_uri, teacher_id=plan.teacher_id,
+            cfg=cfg.generate, progress=progress,
+        )
+        if run_id:
+            tracking.log_params(run_id, {"generate": cfg.generate.model_dump(), "teacher": plan.teacher_uri})
+            tracking.log_dataset(run_id, io.read_records(plan.prompts_uri), name="prompts", source=plan.prompts_uri, context="input")
+            responses = io.read_records(plan.generate_uri)
+            tracking.log_dataset(run_id, responses, name="teacher_responses", source=plan.generate_uri, context="output")
+            tracking.log_table(run_id, responses[:50], "samples/teacher_responses.json")
+            tracking.log_metrics(run_id, _numbers(manifest.get("counts", {}), prefix="count_"))
+    return manifest
+
+
+def mix(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None = None) -> dict[str, Any]:
+    require_done(plan.generate_uri, "generate")
+    with tracking.stage_run(parent_run_id, "mix", cfg.tracking.experiment) as run_id:
+        manifest = run_mix(
+            plan.generate_uri, plan.real_uri, plan.mix_uri,
+            prompt_field=cfg.data.prompt_field, answer_field=cfg.data.answer_field, **cfg.mix.model_dump(),
+        )
+        if run_id:
+            tracking.log_params(run_id, {"mix": cfg.mix.model_dump()})
+            tracking.log_metrics(run_id, _numbers(manifest["stats"]))
+            for name, context in ((TRAIN_FILE, "training"), (VAL_FILE, "validation"), (TASK_TRAIN_FILE, "training")):
+                uri = io.join(plan.mix_uri, name)
+                tracking.log_dataset(run_id, io.read_records(uri), name=name.removesuffix(".jsonl"), source=uri, context=context)
+    return manifest
+
+
+def train_job(cfg: PipelineConfig, plan: StagePlan, stage: str) -> TrainJob:
+    """The training job for ``stage`` in this plan: ``distill``, ``finetune`` or ``baseline``."""
+    init = {"init_uri": cfg.student.init_uri, "arch": None if cfg.student.init_uri else cfg.student.arch.model_dump()}
+    tokenizer_uri = cfg.student.init_uri or plan.teacher_uri
+    if stage == "distill":
+        return TrainJob(
+            stage="distill", data_uri=io.join(plan.mix_uri, TRAIN_FILE), val_uri=io.join(plan.mix_uri, VAL_FILE),
+            output_uri=plan.distill_uri, tokenizer_uri=tokenizer_uri, teacher_uri=plan.teacher_uri,
+            train=cfg.distill.model_dump(), inputs=_data_inputs(plan, TRAIN_FILE), **init,
+        )
+    if stage == "finetune":
+        assert plan.finetune_uri
+        return TrainJob(
+            stage="finetune", data_uri=io.join(plan.mix_uri, TASK_TRAIN_FILE), val_uri=io.join(plan.mix_uri, VAL_FILE),
+            output_uri=plan.finetune_uri, tokenizer_uri=plan.distill_uri, init_uri=plan.distill_uri,
+            train=cfg.finetune.model_dump(exclude={"enabled"}),
+            inputs={**_data_inputs(plan, TASK_TRAIN_FILE), "init": (io.read_manifest(plan.distill_uri) or {}).get("inputs_sha256")},
+        )
+    if stage == "baseline":
+        assert plan.baseline_uri
+        train = cfg.distill.model_dump(exclude={"loss"})
+        train["steps"] = baseline_steps(cfg)
+        return TrainJob(
+            stage="baseline", data_uri=io.join(plan.mix_uri, TASK_TRAIN_FILE), val_uri=io.join(plan.mix_uri, VAL_FILE),
+            output_uri=plan.baseline_uri, tokenizer_uri=tokenizer_uri, train=train,
+            inputs=_data_inputs(plan, TASK_TRAIN_FILE), **init,
+        )
+    raise ValueError(f"unknown training stage {stage!r}; expected distill, finetune or baseline")
+
+
+def train(cfg: PipelineConfig, plan: StagePlan, stage: str, parent_run_id: str | None = None, *, progress: bool = False) -> dict[str, Any]:
+    """Run one training stage (``distill``, ``finetune`` or ``baseline``); returns the checkpoint manifest."""
+    require_done(plan.mix_uri, "mix")
+    if stage == "finetune":
+        require_done(plan.distill_uri, "distill")
+    job = train_job(cfg, plan, stage)
+    with tracking.stage_run(parent_run_id, stage, cfg.tracking.experiment) as run_id:
+        if run_id:
+            tracking.log_params(run_id, {stage: job.train, "init_uri": job.init_uri, "teacher_uri": job.teacher_uri, "output_uri": job.output_uri})
+            tracking.log_dataset(run_id, io.read_records(job.data_uri), name=os.path.basename(job.data_uri).removesuffix(".jsonl"), source=job.data_uri, context="training")
+        before = io.read_manifest(job.output_uri)
+        manifest = run_training(job, on_metrics=tracking.metrics_logger(run_id) if run_id else None, progress=progress)
+        if run_id:
+            if manifest == before:
+                # an earlier run made this checkpoint from the same inputs: show its curves here too
+                tracking.set_tags(run_id, {"mydistill.reused": "true"})
+                tracking.log_history(run_id, manifest.get("history", []))
+            tracking.log_metrics(run_id, {f"final_{k}": v for k, v in manifest.get("final_metrics", {}).items()})
+            tracking.log_metrics(run_id, {"parameters": manifest.get("parameters", 0)})
+            _log_checkpoint(run_id, job.output_uri)
+    return manifest
+
+
+def evaluate(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None = None) -> dict[str, Any]:
+    from mydistill.evaluate import SAMPLES_FILE, evaluate_models
+
+    models = {"teacher": plan.teacher_uri, "student": plan.student_uri}
+    if plan.baseline_uri:
+        models["baseline"] = plan.baseline_uri
+    require_done(plan.student_uri, "finetune" if plan.finetune_uri else "distill")
+    require_done(plan.baseline_uri, "baseline")
+    with tracking.stage_run(parent_run_id, "evaluate", cfg.tracking.experiment) as run_id:
+        report = evaluate_models(
+            models, plan.eval_uri, plan.evaluate_uri, answer_field=cfg.data.answer_field,
+            prompt_field=cfg.data.prompt_field, max_new_tokens=cfg.evaluate.max_new_tokens,
+            batch_size=cfg.evaluate.batch_size, num_samples=cfg.evaluate.num_samples,
+        )
+        if run_id:
+            tracking.log_params(run_id, {"evaluate": cfg.evaluate.model_dump(), "models": models})
+            tracking.log_dataset(run_id, io.read_records(plan.eval_uri), name="eval", source=plan.eval_uri, context="evaluation")
+            tracking.log_metrics(run_id, summary_metrics(report))
+            tracking.log_table(run_id, io.read_records(io.join(plan.evaluate_uri, SAMPLES_FILE)), "evaluation/samples.json")
+            tracking.log_artifacts(run_id, io.localize(plan.evaluate_uri), "evaluation")
+    return report
+
+
+def summary_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """Flat ``<model>_<metric>`` numbers from an evaluation report."""
+    return {f"{model}_{k}": float(v) for model, m in report["models"].items() for k, v in m.items() if isinstance(v, (int, float))}
+
+
+def require_done(uri: str | None, stage: str) -> None:
+    """Fail clearly when a stage's input, the output of an earlier stage, is not there yet."""
+    if uri and io.read_manifest(uri) is None:
+        raise io.DataError(f"{uri}: no finished {stage} output here; run the {stage} stage (or the whole pipeline) first")
+
+
+def _numbers(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    return {f"{prefix}{k}": float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _data_inputs(plan: StagePlan, name: str) -> dict[str, Any]:
+    manifest = io.read_manifest(plan.mix_uri) or {}
+    return {"data": (manifest.get("files", {}).get(name) or {}).get("sha256"), "mix": manifest.get("inputs_sha256")}
+
+
+def _log_checkpoint(run_id: str, uri: str) -> None:
+    """Log the checkpoint folder as the run's ``model`` artifact."""
+    local = io.localize(uri)
+    tracking.log_artifacts(run_id, local, "model")
+
+
+def register(cfg: PipelineConfig, plan: StagePlan, report: dict[str, Any], parent_run_id: str | None = None) -> dict[str, Any]:
+    """Register the student in the MLflow model registry; move the alias only if the gate passes.
+
+    The gate: the student keeps at least ``registry.min_teacher_retained`` of the teacher's task
+    score. The decision and its reason are recorded on the run and the model version.
+    """
+    student = report["models"]["student"]
+    retained = student.get("teacher_retained")
+    threshold = cfg.registry.min_teacher_retained
+    passed = retained is not None and retained >= threshold
+    reason = (
+        f"student keeps {retained:.1%} of the teacher's exact match (gate: {threshold:.0%})"
+        if retained is not None
+        else "no teacher score to compare with"
+    )
+    decision: dict[str, Any] = {"passed": passed, "reason": reason, "teacher_retained": retained, "threshold": threshold}
+    if not cfg.registry.enabled:
+        return {**decision, "registered": False}
+    with tracking.stage_run(parent_run_id, "register", cfg.tracking.experiment) as run_id:
+        if run_id is None:
+            return {**decision, "registered": False}
+        tracking.log_params(run_id, {"register": cfg.registry.model_dump(), "student_uri": plan.student_uri})
+        _log_checkpoint(run_id, plan.student_uri)
+        version = tracking.register_model_version(
+            run_id, "model", cfg.registry.model_name,
+            tags={"gate_passed": str(passed), "gate_reason": reason, "student_uri": plan.student_uri},
+        )
+        if passed:
+            tracking.set_model_alias(cfg.registry.model_name, cfg.registry.alias, version)
+        decision.update(registered=True, model_name=cfg.registry.model_name, version=version,
+                        alias=cfg.registry.alias if passed else None)
+        tracking.log_dict(run_id, decision, "decision.json")
+        tracking.set_tags(run_id, {"mydistill.gate": "passed" if passed else "failed", "mydistill.gate_reason": reason})
+    return decision

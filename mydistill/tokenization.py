@@ -1,0 +1,90 @@
+"""Turning (prompt, response) records into model inputs through the tokenizer's chat template.
+
+Loss is taken only on response tokens: the prompt (and any template text before the response)
+gets label ``IGNORE_INDEX``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def format_prompt(tokenizer: Any, prompt: str) -> str:
+    """The text the model sees before its response: the chat template with a generation prompt."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+    return prompt + "\n"
+
+
+def format_response(tokenizer: Any, prompt: str, response: str) -> str:
+    """The text after :func:`format_prompt` for a whole exchange (response plus end-of-turn)."""
+    if getattr(tokenizer, "chat_template", None):
+        prefix = format_prompt(tokenizer, prompt)
+        full = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
+            tokenize=False,
+        )
+        if not full.startswith(prefix):
+            raise ValueError(
+                "the tokenizer's chat template renders the prompt differently with and without the "
+                "assistant turn, so response tokens cannot be located; use a template whose "
+                "generation prompt is a prefix of the full conversation"
+            )
+        return full[len(prefix) :]
+    return response + (tokenizer.eos_token or "")
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def tokenize_example(tokenizer: Any, prompt: str, response: str, max_length: int) -> TokenizedExample:
+    """Token ids for prompt+response with labels masked to the response.
+
+    The two parts are tokenized separately so no merge crosses the boundary and the mask is
+    exact. Overlong examples lose the end of the response (the prompt is kept whole); an example
+    whose prompt alone fills ``max_length`` keeps no response tokens and is rejected.
+    """
+    prompt_ids = tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(format_response(tokenizer, prompt, response), add_special_tokens=False)["input_ids"]
+    if len(prompt_ids) >= max_length:
+        raise ValueError(
+            f"prompt of {len(prompt_ids)} tokens leaves no room for a response within "
+            f"max_length={max_length}: {prompt[:60]!r}"
+        )
+    response_ids = response_ids[: max_length - len(prompt_ids)]
+    return TokenizedExample(
+        input_ids=prompt_ids + response_ids,
+        labels=[IGNORE_INDEX] * len(prompt_ids) + response_ids,
+    )
+
+
+def collate(examples: Sequence[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: ``input_ids``, ``attention_mask`` and ``labels`` of shape (B, T)."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Labels aligned with hidden states: position i predicts token i+1; the last predicts nothing."""
+    shifted = torch.full_like(labels, IGNORE_INDEX)
+    shifted[..., :-1] = labels[..., 1:]
+    return shifted

@@ -1,0 +1,123 @@
+"""One Prefect task per pipeline stage, each calling one function of :mod:`mydistill.stages`.
+
+Retries only where I/O can fail (the teacher API, object stores, the MLflow server), never on
+training, which would just fail again. Stages whose outputs are addressed by the plan use
+:data:`ARTIFACT_CACHE` (their inputs and code): a re-run with the same inputs is answered from
+Prefect's cache, and :func:`fresh_unless_done` makes a stage run again when its artifact is gone.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from prefect import Task, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+
+from mydistill import io, stages, tracking
+from mydistill.config import PipelineConfig
+from mydistill.pipeline import StagePlan
+
+
+ARTIFACT_CACHE = (INPUTS - "parent_run_id") + TASK_SOURCE
+
+
+def _interactive() -> bool:
+    """Progress bars only on a terminal; a worker's log gets the periodic log lines instead."""
+    return sys.stderr.isatty()
+
+
+def fresh_unless_done(stage_task: Task, output_uri: str) -> Task:
+    """``stage_task`` set to refresh its cache when its artifact (manifest) is missing.
+
+    Prefect's cache answers a re-run with the same inputs; but if the artifact behind a cached
+    result was deleted, the stage must run again instead of handing on a URI to nothing.
+    """
+    return stage_task.with_options(refresh_cache=io.read_manifest(output_uri) is None)
+
+
+@task(name="prepare-demo", task_run_name="prepare-demo", retries=1, retry_delay_seconds=5)
+def prepare_demo(config: PipelineConfig, plan: StagePlan) -> dict[str, str]:
+    uris = stages.prepare_demo(config, plan, progress=_interactive())
+    get_run_logger().info("demo data and teacher ready: %s", uris)
+    return uris
+
+
+@task(name="generate", task_run_name="generate", retries=2, retry_delay_seconds=10, cache_policy=ARTIFACT_CACHE, persist_result=True)
+def generate(config: PipelineConfig, plan: StagePlan, output_uri: str, parent_run_id: str | None = None) -> str:
+    manifest = stages.generate(config, plan, parent_run_id, progress=_interactive())
+    get_run_logger().info("teacher responses at %s: %s", output_uri, manifest.get("counts"))
+    return output_uri
+
+
+@task(name="mix", task_run_name="mix", retries=2, retry_delay_seconds=5, cache_policy=ARTIFACT_CACHE, persist_result=True)
+def mix(config: PipelineConfig, plan: StagePlan, output_uri: str, parent_run_id: str | None = None) -> str:
+    manifest = stages.mix(config, plan, parent_run_id)
+    stats = manifest["stats"]
+    get_run_logger().info(
+        "mixed %d examples, teacher fraction %.3f (requested %.2f) → %s",
+        stats["train"], stats["teacher_fraction_realised"], stats["teacher_fraction_requested"], output_uri,
+    )
+    return output_uri
+
+
+@task(name="train", task_run_name="{stage}", cache_policy=ARTIFACT_CACHE, persist_result=True)
+def train(config: PipelineConfig, plan: StagePlan, stage: str, output_uri: str, parent_run_id: str | None = None) -> str:
+    manifest = stages.train(config, plan, stage, parent_run_id, progress=_interactive())
+    final = manifest.get("final_metrics", {})
+    get_run_logger().info("%s done → %s (loss %.4f, %.0f tokens/s)", stage, output_uri, final.get("loss", float("nan")), final.get("tokens_per_s", 0))
+    return output_uri
+
+
+@task(name="evaluate", task_run_name="evaluate", cache_policy=ARTIFACT_CACHE, persist_result=True)
+def evaluate(config: PipelineConfig, plan: StagePlan, output_uri: str, parent_run_id: str | None = None) -> dict[str, Any]:
+    report = stages.evaluate(config, plan, parent_run_id)
+    create_markdown_artifact(markdown=report_markdown(report), key="evaluation", description="Student vs teacher vs baseline")
+    get_run_logger().info("evaluation: %s", {m: round(v["exact_match"], 3) for m, v in report["models"].items()})
+    return report
+
+
+@task(name="register", task_run_name="register", retries=2, retry_delay_seconds=5)
+def register(config: PipelineConfig, plan: StagePlan, report: dict[str, Any], parent_run_id: str | None = None) -> dict[str, Any]:
+    decision = stages.register(config, plan, report, parent_run_id)
+    get_run_logger().info("quality gate %s: %s", "passed" if decision["passed"] else "failed", decision["reason"])
+    return decision
+
+
+@task(name="open-mlflow-run", task_run_name="open-mlflow-run", retries=2, retry_delay_seconds=5)
+def open_pipeline_run(config: PipelineConfig, plan: StagePlan) -> str:
+    from prefect.runtime import flow_run
+
+    tracking.configure(config.tracking.tracking_uri)
+    run_id = tracking.start_run(
+        config.tracking.experiment, config.name,
+        tags={"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_url": str(flow_run.ui_url or ""), "mydistill.pipeline": "true"},
+    )
+    tracking.log_params(run_id, config.model_dump())
+    tracking.log_dict(run_id, config.model_dump(mode="json"), "config.json")
+    tracking.log_dict(run_id, plan.as_dict(), "plan.json")
+    get_run_logger().info("MLflow run %s at %s", run_id, tracking.default_tracking_uri() if not config.tracking.tracking_uri else config.tracking.tracking_uri)
+    return run_id
+
+
+@task(name="close-mlflow-run", task_run_name="close-mlflow-run", retries=2, retry_delay_seconds=5)
+def close_pipeline_run(run_id: str, report: dict[str, Any] | None, decision: dict[str, Any] | None, failed: bool = False) -> None:
+    if report:
+        tracking.log_metrics(run_id, stages.summary_metrics(report))
+    if decision:
+        tracking.set_tags(run_id, {"mydistill.gate": "passed" if decision["passed"] else "failed"})
+    tracking.end_run(run_id, "FAILED" if failed else "FINISHED")
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "| model | exact match | % of teacher | perplexity | KL to teacher | top-1 agreement | parameters |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, m in report["models"].items():
+        retained = f"{m['teacher_retained']:.1%}" if "teacher_retained" in m else "—"
+        kl = f"{m['kl_to_teacher']:.3f}" if "kl_to_teacher" in m else "—"
+        agree = f"{m['top1_agreement']:.1%}" if "top1_agreement" in m else "—"
+        lines.append(f"| {name} | {m['exact_match']:.1%} | {retained} | {m['perplexity']:.3f} | {kl} | {agree} | {m['parameters']:,} |")
+    return "\n".join(lines)

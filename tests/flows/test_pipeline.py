@@ -1,0 +1,111 @@
+"""The whole pipeline flow on a shrunken demo, under Prefect's test harness, tracked in MLflow."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from mydistill import io
+from mydistill.config import load_config
+from mydistill.pipeline import make_plan
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+SHRUNKEN = [
+    "demo.num_real=40", "demo.num_prompts=160", "demo.num_eval=30",
+    "demo.teacher_arch.hidden_size=32", "demo.teacher_arch.num_hidden_layers=1",
+    "demo.teacher_arch.num_attention_heads=2", "demo.teacher_arch.intermediate_size=64",
+    "demo.teacher_train_examples=1000", "demo.teacher_steps=80",
+    "student.arch.hidden_size=16", "student.arch.num_hidden_layers=1",
+    "student.arch.num_attention_heads=2", "student.arch.intermediate_size=32",
+    "generate.max_new_tokens=8", "generate.shard_size=64",
+    "distill.steps=8", "distill.batch_size=16", "distill.log_every=4", "distill.eval_every=4",
+    "finetune.steps=4", "finetune.batch_size=16", "finetune.log_every=2",
+    "evaluate.max_new_tokens=8", "registry.model_name=test-student", "registry.min_teacher_retained=0.0",
+    "tracking.experiment=pipeline-test",
+]
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    return load_config("demo", [f"work_dir={root}/runs", f"demo.cache_dir={root}/cache", *SHRUNKEN])
+
+
+def task_states(flow_run_id) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name: r.state.name for r in runs}
+
+
+def run_pipeline(config):
+    from flows.pipeline import distill_pipeline
+
+    state = distill_pipeline(config=config, return_state=True)
+    assert state.is_completed(), state
+    return state.result(), state.state_details.flow_run_id
+
+
+def test_pipeline_runs_end_to_end_and_tracks_everything(harness, config):
+    from mlflow import MlflowClient
+
+    result, flow_run_id = run_pipeline(config)
+    report = result["report"]
+    assert set(report["models"]) == {"teacher", "student", "baseline"}
+    for metrics in report["models"].values():
+        assert 0.0 <= metrics["exact_match"] <= 1.0 and metrics["perplexity"] > 1.0
+    assert result["decision"]["registered"] and result["decision"]["alias"] == "champion"
+
+    client = MlflowClient()
+    parent = client.get_run(result["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["prefect.flow_run_id"] == str(flow_run_id)
+    assert parent.data.params["mix.teacher_fraction"] == "0.7"
+    assert "student_exact_match" in parent.data.metrics
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    by_stage = {r.data.tags["mydistill.stage"]: r for r in children}
+    assert set(by_stage) == {"generate", "mix", "distill", "finetune", "baseline", "evaluate", "register"}
+    assert all(r.info.status == "FINISHED" for r in children)
+
+    distill = by_stage["distill"]
+    curve = client.get_metric_history(distill.info.run_id, "loss")
+    assert [m.step for m in curve] == [4, 8]
+    assert {"kd", "ce", "tokens_per_s", "val_loss"} <= set(distill.data.metrics)
+    assert {a.path for a in client.list_artifacts(distill.info.run_id, "model")} >= {"model/model.safetensors", "model/tokenizer.json"}
+    mix_inputs = {d.dataset.name for d in by_stage["mix"].inputs.dataset_inputs}
+    assert {"train", "val", "task_train"} <= mix_inputs
+    assert by_stage["mix"].data.metrics["teacher_fraction_realised"] == pytest.approx(0.7, abs=0.02)
+    evaluation = {a.path for a in client.list_artifacts(by_stage["evaluate"].info.run_id, "evaluation")}
+    assert {"evaluation/metrics.json", "evaluation/comparison.png"} <= evaluation
+    version = client.get_model_version_by_alias("test-student", "champion")
+    assert version.tags["gate_passed"] == "True"
+
+
+def test_rerun_skips_finished_stages_and_redoes_a_deleted_one(harness, config):
+    first, _ = run_pipeline(config)
+    again, flow_run_id = run_pipeline(config)
+    assert again["report"] == first["report"]
+    states = task_states(flow_run_id)
+    for stage in ("generate", "mix", "distill", "finetune", "baseline", "evaluate"):
+        assert states[stage] == "Cached", states
+
+    plan = make_plan(config)
+    shutil.rmtree(plan.mix_uri)
+    _, flow_run_id = run_pipeline(config)
+    states = task_states(flow_run_id)
+    assert states["mix"] == "Completed"
+    assert io.read_manifest(plan.mix_uri) is not None

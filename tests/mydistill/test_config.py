@@ -1,0 +1,64 @@
+import pytest
+
+from mydistill.config import ConfigError, PipelineConfig, load_config, validate_config
+
+
+def test_demo_preset_loads_with_defaults():
+    cfg = load_config("demo")
+    assert cfg.demo is not None
+    assert cfg.mix.teacher_fraction == 0.7
+    assert cfg.distill.loss.divergence == "forward_kl"
+
+
+def test_real_pair_example_preset_is_valid():
+    cfg = load_config("qwen-7b-to-0.5b")
+    assert cfg.teacher.uri.startswith("s3://")
+    assert cfg.student.init_uri
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("mix.teacher_fraction=1.5", "mix.teacher_fraction"),
+        ("distill.loss.temperature=0", "distill.loss.temperature"),
+        ("distill.steps=0", "distill.steps"),
+        ("student.arch.num_attention_heads=3", "student.arch"),
+    ],
+)
+def test_out_of_range_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as err:
+        load_config("demo", [override])
+    message = str(err.value)
+    assert field in message
+    assert "demo.yaml" in message
+
+
+def test_unknown_field_is_rejected():
+    with pytest.raises(ConfigError, match="distill.stepz"):
+        load_config("demo", ["distill.stepz=3"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ndistill:\n  steps: [1,\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="no preset named"):
+        load_config("no-such-preset")
+
+
+def test_real_runs_need_their_inputs():
+    with pytest.raises(ConfigError, match="teacher.uri.*data.prompts_uri"):
+        validate_config({"name": "x"})
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config("demo", ["distill.steps"])
+
+
+def test_config_round_trips_through_json():
+    cfg = load_config("demo")
+    assert PipelineConfig.model_validate_json(cfg.model_dump_json()) == cfg

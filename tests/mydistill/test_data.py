@@ -1,0 +1,102 @@
+import pytest
+
+from mydistill import io
+from mydistill.data import mix_datasets, run_mix
+
+
+def teacher_rows(n, start=0, **extra):
+    return [
+        {"id": f"t{i}", "prompt": f"q{i}", "response": f"a{i}", "status": "ok", **extra}
+        for i in range(start, start + n)
+    ]
+
+
+def real_rows(n, start=1000):
+    return [{"id": f"r{i}", "prompt": f"q{i}", "answer": f"gold{i}"} for i in range(start, start + n)]
+
+
+def test_default_ratio_is_realised():
+    result = mix_datasets(teacher_rows(700), real_rows(100), teacher_fraction=0.7, val_fraction=0.1, seed=1)
+    assert result.stats["teacher_fraction_realised"] == pytest.approx(0.7, abs=0.002)
+    assert len(result.train) == 1000  # 700 teacher once, real upsampled to 300
+    assert {r["source"] for r in result.train} == {"teacher", "real"}
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 0.5, 1.0])
+def test_configurable_ratio(fraction):
+    result = mix_datasets(teacher_rows(200), real_rows(200), teacher_fraction=fraction, total=100, val_fraction=0.0)
+    assert result.stats["teacher_fraction_realised"] == pytest.approx(fraction)
+    assert len(result.train) == 100
+
+
+def test_without_upsampling_the_mix_shrinks_and_has_no_repeats():
+    result = mix_datasets(teacher_rows(700), real_rows(60), teacher_fraction=0.7, val_fraction=0.0, upsample=False)
+    assert result.stats["teacher_fraction_realised"] == pytest.approx(0.7, abs=0.01)
+    ids = [r["id"] for r in result.train]
+    assert len(ids) == len(set(ids))
+    assert result.stats["train_real"] <= 60
+
+
+def test_failed_empty_and_duplicate_generations_are_dropped_and_counted():
+    teacher = teacher_rows(10)
+    teacher += [{"prompt": "x1", "response": "", "status": "ok"}]
+    teacher += [{"prompt": "x2", "response": "cut", "status": "truncated"}]
+    teacher += [{"prompt": "x3", "response": None, "status": "failed"}]
+    teacher += [{"prompt": "q0", "response": "again", "status": "ok"}]  # duplicate prompt
+    teacher += [{"prompt": "q1000", "response": "teacher says", "status": "ok"}]  # also in real data
+    result = mix_datasets(teacher, real_rows(20), teacher_fraction=0.5, val_fraction=0.0)
+    s = result.stats
+    assert s["dropped_teacher_empty"] == 1
+    assert s["dropped_teacher_truncated"] == 1
+    assert s["dropped_teacher_failed"] == 1
+    assert s["dropped_teacher_duplicate"] == 2
+    assert s["unique_teacher"] == 10
+    teacher_prompts = {r["prompt"] for r in result.train if r["source"] == "teacher"}
+    assert "q1000" not in teacher_prompts
+
+
+def test_validation_holds_only_real_records_never_trained_on():
+    result = mix_datasets(teacher_rows(100), real_rows(50), val_fraction=0.2, seed=3)
+    val_prompts = {r["prompt"] for r in result.val}
+    assert len(result.val) == 10
+    assert all(r["source"] == "real" for r in result.val)
+    assert not val_prompts & {r["prompt"] for r in result.train}
+    assert not val_prompts & {r["prompt"] for r in result.task_train}
+
+
+def test_same_seed_same_mix_other_seed_other_mix():
+    a = mix_datasets(teacher_rows(100), real_rows(50), seed=1).train
+    b = mix_datasets(teacher_rows(100), real_rows(50), seed=1).train
+    c = mix_datasets(teacher_rows(100), real_rows(50), seed=2).train
+    assert a == b and a != c
+
+
+def test_empty_after_filtering_is_a_clear_error():
+    failed = [{"prompt": f"p{i}", "response": "", "status": "failed"} for i in range(5)]
+    with pytest.raises(io.DataError, match="no usable teacher responses"):
+        mix_datasets(failed, real_rows(5), teacher_uri="gen/")
+
+
+def test_real_record_without_answer_names_the_field():
+    with pytest.raises(io.DataError, match=r"real.jsonl: record 2 has no 'answer' field"):
+        mix_datasets(teacher_rows(3), [{"prompt": "a", "answer": "b"}, {"prompt": "c"}], real_uri="real.jsonl")
+
+
+def test_run_mix_writes_files_and_manifest_and_skips_when_done(tmp_path):
+    io.write_records(str(tmp_path / "gen" / "part-00000.jsonl"), teacher_rows(70))
+    io.write_records(str(tmp_path / "real.jsonl"), real_rows(40))
+    out = str(tmp_path / "mix")
+    manifest = run_mix(str(tmp_path / "gen"), str(tmp_path / "real.jsonl"), out, seed=0)
+    assert manifest["stats"]["teacher_fraction_realised"] == pytest.approx(0.7, abs=0.01)
+    assert manifest["files"]["train.jsonl"]["count"] == len(io.read_records(f"{out}/train.jsonl"))
+    mtime = (tmp_path / "mix" / "train.jsonl").stat().st_mtime_ns
+    assert run_mix(str(tmp_path / "gen"), str(tmp_path / "real.jsonl"), out, seed=0) == manifest
+    assert (tmp_path / "mix" / "train.jsonl").stat().st_mtime_ns == mtime
+
+
+def test_run_mix_failure_leaves_no_artifact(tmp_path):
+    io.write_records(str(tmp_path / "gen.jsonl"), [{"prompt": "a", "response": "", "status": "ok"}])
+    io.write_records(str(tmp_path / "real.jsonl"), real_rows(5))
+    with pytest.raises(io.DataError):
+        run_mix(str(tmp_path / "gen.jsonl"), str(tmp_path / "real.jsonl"), str(tmp_path / "mix"))
+    assert not (tmp_path / "mix").exists()

@@ -1,0 +1,37 @@
+import pytest
+
+from mydistill.models import VocabularyMismatch, build_model, check_same_vocabulary, count_parameters
+
+
+def other_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(["hello world", "goodbye world"] * 50, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+
+
+def test_same_tokenizer_passes(demo_tokenizer):
+    check_same_vocabulary(demo_tokenizer, demo_tokenizer)
+
+
+def test_different_vocabularies_are_refused_with_details(demo_tokenizer):
+    with pytest.raises(VocabularyMismatch) as err:
+        check_same_vocabulary(demo_tokenizer, other_tokenizer())
+    message = str(err.value)
+    assert "teacher has 261 tokens" in message
+    assert "only in teacher" in message and "build the student with the teacher's tokenizer" in message
+
+
+def test_demo_student_is_at_most_a_quarter_of_the_teacher(demo_tokenizer):
+    from mydistill.config import load_config
+
+    cfg = load_config("demo")
+    teacher = count_parameters(build_model(cfg.demo.teacher_arch.model_dump(), demo_tokenizer))
+    student = count_parameters(build_model(cfg.student.arch.model_dump(), demo_tokenizer))
+    assert student <= teacher / 4

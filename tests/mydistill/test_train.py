@@ -1,0 +1,122 @@
+import pytest
+import torch
+
+from mydistill import io
+from mydistill.config import DistillConfig, TrainConfig
+from mydistill.models import load_model
+from mydistill.train import TrainingError, TrainJob, run_training
+
+from tests.conftest import TINY_ARCH
+
+
+@pytest.fixture
+def task_data(tmp_path):
+    from mydistill.demo.task import make_examples
+
+    rows = [{"prompt": e["prompt"], "response": e["answer"]} for e in make_examples(64, seed=5)]
+    uri = str(tmp_path / "train.jsonl")
+    io.write_records(uri, rows)
+    return uri
+
+
+def job(tmp_path, data, tokenizer_dir, **kw):
+    train = TrainConfig(
+        steps=kw.pop("steps", 20), batch_size=16, lr=kw.pop("lr", 3e-3), warmup_steps=2, log_every=5, eval_every=10
+    )
+    return TrainJob(
+        stage=kw.pop("stage", "finetune"),
+        data_uri=data,
+        val_uri=data,
+        output_uri=str(tmp_path / "out"),
+        tokenizer_uri=tokenizer_dir,
+        train=kw.pop("train", train.model_dump()),
+        **kw,
+    )
+
+
+def test_cross_entropy_training_learns_and_saves_a_loadable_model(tmp_path, task_data, tiny_model_dir):
+    seen = []
+    manifest = run_training(
+        job(tmp_path, task_data, tiny_model_dir, arch=TINY_ARCH, steps=40), on_metrics=lambda m, s: seen.append((s, m))
+    )
+    history = manifest["history"]
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert {"loss", "ce", "lr", "tokens_per_s", "step_time_s", "peak_memory_mb", "val_loss"} <= set(history[-1])
+    assert [s for s, _ in seen] == [5, 10, 15, 20, 25, 30, 35, 40]
+    model = load_model(str(tmp_path / "out"))
+    assert model.config.hidden_size == TINY_ARCH["hidden_size"]
+    assert "model.safetensors" in manifest["files"] and "tokenizer.json" in manifest["files"]
+
+
+def test_finished_output_is_reused(tmp_path, task_data, tiny_model_dir):
+    first = run_training(job(tmp_path, task_data, tiny_model_dir, arch=TINY_ARCH, steps=5))
+    assert run_training(job(tmp_path, task_data, tiny_model_dir, arch=TINY_ARCH, steps=5)) == first
+    other = run_training(job(tmp_path, task_data, tiny_model_dir, arch=TINY_ARCH, steps=6))
+    assert other["inputs_sha256"] != first["inputs_sha256"]
+
+
+def test_distillation_from_an_online_teacher(tmp_path, task_data, tiny_model_dir):
+    train = DistillConfig(steps=10, batch_size=16, warmup_steps=1, log_every=5, eval_every=5)
+    manifest = run_training(
+        job(
+            tmp_path,
+            task_data,
+            tiny_model_dir,
+            stage="distill",
+            arch=TINY_ARCH,
+            teacher_uri=tiny_model_dir,
+            train=train.model_dump(),
+        )
+    )
+    assert manifest["history"][-1]["kd"] >= 0
+    assert manifest["history"][-1]["ce"] > 0
+
+
+def test_teacher_with_another_vocabulary_is_refused(tmp_path, task_data, tiny_model_dir):
+    from mydistill.models import VocabularyMismatch, build_model
+    from tests.mydistill.test_models import other_tokenizer
+
+    other = tmp_path / "other-teacher"
+    tok = other_tokenizer()
+    build_model(TINY_ARCH, tok).save_pretrained(other)
+    tok.save_pretrained(other)
+    train = DistillConfig(steps=2, batch_size=4).model_dump()
+    with pytest.raises(VocabularyMismatch):
+        run_training(
+            job(
+                tmp_path,
+                task_data,
+                tiny_model_dir,
+                stage="distill",
+                arch=TINY_ARCH,
+                teacher_uri=str(other),
+                train=train,
+            )
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_finite_loss_stops_with_a_clear_message_and_no_checkpoint(tmp_path, task_data, tiny_model_dir, monkeypatch):
+    import mydistill.train as train_module
+
+    real = train_module.forward_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            out.loss = out.loss * torch.tensor(float("nan"))
+        return out
+
+    monkeypatch.setattr(train_module, "forward_loss", poisoned)
+    with pytest.raises(TrainingError, match="loss is nan at step 3"):
+        run_training(job(tmp_path, task_data, tiny_model_dir, arch=TINY_ARCH, steps=10))
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_training_data_names_file_and_record(tmp_path, tiny_model_dir):
+    uri = str(tmp_path / "bad.jsonl")
+    io.write_records(uri, [{"prompt": "a", "response": "b"}, {"prompt": "c"}])
+    with pytest.raises(io.DataError, match=r"bad.jsonl: record 2 needs 'prompt' and 'response'"):
+        run_training(job(tmp_path, uri, tiny_model_dir, arch=TINY_ARCH))
