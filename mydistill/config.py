@@ -119,6 +119,20 @@ class TrainConfig(_Section):
     seed: int = Field(0, description="Seed for data order and initialisation.")
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu' or 'cuda'.")
     threads: int | None = Field(None, gt=0, description="torch CPU threads (empty: torch's default).")
+    launcher: Literal["none", "torchrun", "deepspeed"] = Field(
+        "none", description="'none': train in the task's own process; 'torchrun' / 'deepspeed': launch num_processes workers."
+    )
+    num_processes: int = Field(1, gt=0, description="Worker processes per node (one per GPU; CPU workers use gloo).")
+    deepspeed: str | None = Field(
+        None, description="DeepSpeed config (e.g. deploy/deepspeed/zero3.json or zero3_offload.json); empty: no DeepSpeed."
+    )
+    hostfile: str | None = Field(None, description="DeepSpeed hostfile for multi-node runs (launcher 'deepspeed').")
+    resume: bool = Field(True, description="Resume from the latest checkpoint of an unfinished run on the same output.")
+
+
+# How a run is carried out, not what it learns: left out of artifact hashes, so that e.g. a run
+# resumed with another logging cadence or launcher still finds its outputs.
+RUN_ONLY_FIELDS = {"log_every", "eval_every", "save_every", "device", "threads", "launcher", "hostfile", "resume"}
 
 
 class DistillConfig(TrainConfig):
@@ -147,6 +161,11 @@ class RegisterConfig(_Section):
     alias: str = Field("champion", description="Alias moved to the new version when it passes the gate.")
     min_teacher_retained: float = Field(
         0.8, ge=0, description="Quality gate: the student must keep at least this fraction of the teacher's score."
+    )
+    beat_champion: bool = Field(
+        True,
+        description="Quality gate: the student must also score higher than the version the alias points to now "
+        "(no such version yet: passes). Scores are exact match on the eval set, so keep one model name per eval set.",
     )
 
 

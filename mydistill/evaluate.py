@@ -102,6 +102,50 @@ def comparison_figure(report: dict[str, Any]) -> Any:
     return fig
 
 
+def loss_curves_figure(histories: dict[str, list[dict[str, float]]]) -> Any:
+    """Training and validation loss per stage, from checkpoint manifests' ``history`` rows.
+
+    ``histories`` maps a stage (``distill``, ``finetune``, ``baseline``) to its rows
+    (``{"step": s, "loss": …, "val_loss": …}``). Stage 2 continues stage 1 on one step axis
+    (a dotted line marks the switch); the baseline, trained from scratch on the real data alone,
+    is drawn dashed from step 0. Training losses differ in kind (KD + CE in stage 1, CE after),
+    so the validation panel (CE on held-out real data, the same for every stage) is the one to
+    compare.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"distill": "#4c72b0", "finetune": "#55a868", "baseline": "#c44e52"}
+    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(9, 3.2), dpi=100)
+    offset = 0
+    for stage, rows in histories.items():
+        if not rows:
+            continue
+        chained = stage in ("distill", "finetune")
+        start = offset if chained else 0
+        style = {"color": colors.get(stage), "linestyle": "-" if chained else "--", "label": stage}
+        train = [(start + r["step"], r["loss"]) for r in rows if "loss" in r]
+        val = [(start + r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        if train:
+            ax_train.plot(*zip(*train, strict=True), **style)
+        if val:
+            ax_val.plot(*zip(*val, strict=True), marker="o", markersize=3, **style)
+        if chained:
+            if offset:
+                for ax in (ax_train, ax_val):
+                    ax.axvline(offset, color="grey", linestyle=":", linewidth=1)
+            offset = start + int(rows[-1]["step"])
+    for ax, title in ((ax_train, "training loss"), (ax_val, "validation loss (held-out real data)")):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def evaluate_models(
     model_uris: dict[str, str],
     eval_uri: str,

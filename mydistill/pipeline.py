@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from mydistill import io
-from mydistill.config import PipelineConfig, TrainConfig
+from mydistill.config import RUN_ONLY_FIELDS, PipelineConfig, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,7 @@ def _key(*parts: Any) -> str:
 
 
 def _training(cfg: TrainConfig) -> dict[str, Any]:
-    # logging cadence and device do not change what is learned
-    return cfg.model_dump(exclude={"log_every", "eval_every", "device", "threads"})
+    return cfg.model_dump(exclude=RUN_ONLY_FIELDS)
 
 
 def make_plan(cfg: PipelineConfig) -> StagePlan:
@@ -68,7 +67,7 @@ def make_plan(cfg: PipelineConfig) -> StagePlan:
     teacher_id = cfg.teacher.id or teacher_uri.rstrip("/").rsplit("/", 1)[-1]
     student = cfg.student.model_dump()
 
-    generate = _key("generate", teacher_uri, prompts_uri, cfg.generate.model_dump())
+    generate = _key("generate", teacher_uri, prompts_uri, cfg.generate.content_params())
     mix = _key("mix", generate, real_uri, cfg.data.model_dump(), cfg.mix.model_dump())
     distill = _key("distill", mix, teacher_uri, student, _training(cfg.distill), cfg.distill.loss.model_dump())
     finetune = _key("finetune", distill, _training(cfg.finetune)) if cfg.finetune.enabled else None

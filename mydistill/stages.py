@@ -9,12 +9,14 @@ whose output already matches its inputs returns at once.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from mydistill import io, tracking
 from mydistill.config import PipelineConfig
 from mydistill.data import TASK_TRAIN_FILE, TRAIN_FILE, VAL_FILE, run_mix
 from mydistill.pipeline import StagePlan, baseline_steps
+from mydistill.launch import launch_training
 from mydistill.train import TrainJob, run_training
 
 
@@ -39,7 +41,7 @@ def generate(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None = N
             cfg=cfg.generate, progress=progress,
         )
         if run_id:
-            tracking.log_params(run_id, {"generate": cfg.generate.model_dump(), "teacher": plan.teacher_uri})
+            tracking.log_params(run_id, {"generate": cfg.generate.public_dict(), "teacher": plan.teacher_uri})
             tracking.log_dataset(run_id, io.read_records(plan.prompts_uri), name="prompts", source=plan.prompts_uri, context="input")
             responses = io.read_records(plan.generate_uri)
             tracking.log_dataset(run_id, responses, name="teacher_responses", source=plan.generate_uri, context="output")
@@ -94,8 +96,15 @@ def train_job(cfg: PipelineConfig, plan: StagePlan, stage: str) -> TrainJob:
     raise ValueError(f"unknown training stage {stage!r}; expected distill, finetune or baseline")
 
 
-def train(cfg: PipelineConfig, plan: StagePlan, stage: str, parent_run_id: str | None = None, *, progress: bool = False) -> dict[str, Any]:
-    """Run one training stage (``distill``, ``finetune`` or ``baseline``); returns the checkpoint manifest."""
+def train(
+    cfg: PipelineConfig, plan: StagePlan, stage: str, parent_run_id: str | None = None, *,
+    progress: bool = False, on_line: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run one training stage (``distill``, ``finetune`` or ``baseline``); returns the checkpoint manifest.
+
+    With ``launcher`` set in the stage's config the job runs on launched worker processes whose
+    output lines go to ``on_line``; rank 0 logs metrics into this stage's MLflow run.
+    """
     require_done(plan.mix_uri, "mix")
     if stage == "finetune":
         require_done(plan.distill_uri, "distill")
@@ -105,7 +114,11 @@ def train(cfg: PipelineConfig, plan: StagePlan, stage: str, parent_run_id: str |
             tracking.log_params(run_id, {stage: job.train, "init_uri": job.init_uri, "teacher_uri": job.teacher_uri, "output_uri": job.output_uri})
             tracking.log_dataset(run_id, io.read_records(job.data_uri), name=os.path.basename(job.data_uri).removesuffix(".jsonl"), source=job.data_uri, context="training")
         before = io.read_manifest(job.output_uri)
-        manifest = run_training(job, on_metrics=tracking.metrics_logger(run_id) if run_id else None, progress=progress)
+        job.mlflow_run_id = run_id
+        if job.train_config().launcher == "none":
+            manifest = run_training(job, on_metrics=tracking.metrics_logger(run_id) if run_id else None, progress=progress)
+        else:
+            manifest = launch_training(job, on_line=on_line, env={"MLFLOW_TRACKING_URI": tracking.current_uri()})
         if run_id:
             if manifest == before:
                 # an earlier run made this checkpoint from the same inputs: show its curves here too
@@ -118,7 +131,12 @@ def train(cfg: PipelineConfig, plan: StagePlan, stage: str, parent_run_id: str |
 
 
 def evaluate(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None = None) -> dict[str, Any]:
-    from mydistill.evaluate import SAMPLES_FILE, evaluate_models
+    """Score student, teacher and baseline; log the report, samples and plots to MLflow.
+
+    The plots (student vs teacher vs baseline, and the loss curves of both training stages from
+    their checkpoint manifests) go to the evaluate run and to the pipeline run, as images.
+    """
+    from mydistill.evaluate import PLOT_FILE, SAMPLES_FILE, evaluate_models, loss_curves_figure
 
     models = {"teacher": plan.teacher_uri, "student": plan.student_uri}
     if plan.baseline_uri:
@@ -136,7 +154,20 @@ def evaluate(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None = N
             tracking.log_dataset(run_id, io.read_records(plan.eval_uri), name="eval", source=plan.eval_uri, context="evaluation")
             tracking.log_metrics(run_id, summary_metrics(report))
             tracking.log_table(run_id, io.read_records(io.join(plan.evaluate_uri, SAMPLES_FILE)), "evaluation/samples.json")
-            tracking.log_artifacts(run_id, io.localize(plan.evaluate_uri), "evaluation")
+            evaluation = io.localize(plan.evaluate_uri)
+            tracking.log_artifacts(run_id, evaluation, "evaluation")
+            histories = {
+                stage: (io.read_manifest(uri) or {}).get("history", [])
+                for stage, uri in (("distill", plan.distill_uri), ("finetune", plan.finetune_uri), ("baseline", plan.baseline_uri))
+                if uri
+            }
+            curves = loss_curves_figure(histories)
+            for target in (run_id, parent_run_id):
+                tracking.log_figure(target, curves, "plots/loss_curves.png")
+                tracking.log_artifact(target, os.path.join(evaluation, PLOT_FILE), "plots")
+            import matplotlib.pyplot as plt
+
+            plt.close(curves)
     return report
 
 
@@ -166,37 +197,87 @@ def _log_checkpoint(run_id: str, uri: str) -> None:
     tracking.log_artifacts(run_id, local, "model")
 
 
+def quality_gate(
+    score: float, teacher_retained: float | None, *, min_teacher_retained: float, champion: dict[str, Any] | None,
+    beat_champion: bool = True,
+) -> dict[str, Any]:
+    """Decide whether a student may take the alias, and say why in one sentence.
+
+    It passes when it keeps at least ``min_teacher_retained`` of the teacher's exact match and,
+    with ``beat_champion``, scores strictly higher than ``champion`` (``{"version", "score"}`` of
+    the version the alias points to now; None: no champion yet, which passes; a champion with no
+    recorded score cannot be compared and does not block).
+    """
+    if teacher_retained is None:
+        passed, reasons = False, ["no teacher score to compare with"]
+    else:
+        passed = teacher_retained >= min_teacher_retained
+        relation = "at least" if passed else "below"
+        reasons = [f"student keeps {teacher_retained:.1%} of the teacher's exact match ({relation} the gate's {min_teacher_retained:.0%})"]
+    if beat_champion:
+        if champion is None:
+            reasons.append("no champion yet")
+        elif champion.get("score") is None:
+            reasons.append(f"champion v{champion['version']} has no recorded score to beat")
+        elif score > champion["score"]:
+            reasons.append(f"beats champion v{champion['version']} ({score:.3f} > {champion['score']:.3f})")
+        else:
+            passed = False
+            reasons.append(f"does not beat champion v{champion['version']} ({score:.3f} ≤ {champion['score']:.3f})")
+    return {
+        "passed": passed,
+        "reason": "; ".join(reasons),
+        "score": score,
+        "teacher_retained": teacher_retained,
+        "threshold": min_teacher_retained,
+        "champion_version": champion["version"] if champion else None,
+        "champion_score": champion.get("score") if champion else None,
+    }
+
+
 def register(cfg: PipelineConfig, plan: StagePlan, report: dict[str, Any], parent_run_id: str | None = None) -> dict[str, Any]:
     """Register the student in the MLflow model registry; move the alias only if the gate passes.
 
-    The gate: the student keeps at least ``registry.min_teacher_retained`` of the teacher's task
-    score. The decision and its reason are recorded on the run and the model version.
+    The gate (:func:`quality_gate`): the student keeps at least ``registry.min_teacher_retained``
+    of the teacher's exact match and beats the version the alias points to now (its
+    ``mydistill.score`` tag). Every student is registered, passing or not; the decision and its
+    reason are tags on the new version and on the register run, and ``decision.json`` there.
+    Without tracking (no parent run) or with the registry off, only the decision is returned.
     """
+    reg = cfg.registry
     student = report["models"]["student"]
-    retained = student.get("teacher_retained")
-    threshold = cfg.registry.min_teacher_retained
-    passed = retained is not None and retained >= threshold
-    reason = (
-        f"student keeps {retained:.1%} of the teacher's exact match (gate: {threshold:.0%})"
-        if retained is not None
-        else "no teacher score to compare with"
-    )
-    decision: dict[str, Any] = {"passed": passed, "reason": reason, "teacher_retained": retained, "threshold": threshold}
-    if not cfg.registry.enabled:
+    score, retained = float(student["exact_match"]), student.get("teacher_retained")
+    if not reg.enabled or parent_run_id is None:
+        decision = quality_gate(score, retained, min_teacher_retained=reg.min_teacher_retained, champion=None, beat_champion=False)
         return {**decision, "registered": False}
     with tracking.stage_run(parent_run_id, "register", cfg.tracking.experiment) as run_id:
-        if run_id is None:
-            return {**decision, "registered": False}
-        tracking.log_params(run_id, {"register": cfg.registry.model_dump(), "student_uri": plan.student_uri})
+        assert run_id is not None
+        # read before registering: the new version must be compared with the one before it
+        champion = tracking.alias_holder(reg.model_name, reg.alias) if reg.beat_champion else None
+        decision = quality_gate(
+            score, retained, min_teacher_retained=reg.min_teacher_retained, champion=champion, beat_champion=reg.beat_champion,
+        )
+        tracking.log_params(run_id, {"register": reg.model_dump(), "student_uri": plan.student_uri})
+        tracking.log_metrics(run_id, {tracking.SCORE_METRIC: score, **({"teacher_retained": retained} if retained is not None else {})})
         _log_checkpoint(run_id, plan.student_uri)
         version = tracking.register_model_version(
-            run_id, "model", cfg.registry.model_name,
-            tags={"gate_passed": str(passed), "gate_reason": reason, "student_uri": plan.student_uri},
+            run_id, "model", reg.model_name,
+            tags={
+                "gate_passed": str(decision["passed"]), "gate_reason": decision["reason"], "student_uri": plan.student_uri,
+                tracking.SCORE_TAG: f"{score:.6f}",
+                **({"teacher_retained": f"{retained:.6f}"} if retained is not None else {}),
+                **({"champion_before": f"v{decision['champion_version']}"} if decision["champion_version"] else {}),
+            },
         )
-        if passed:
-            tracking.set_model_alias(cfg.registry.model_name, cfg.registry.alias, version)
-        decision.update(registered=True, model_name=cfg.registry.model_name, version=version,
-                        alias=cfg.registry.alias if passed else None)
+        if decision["passed"]:
+            tracking.set_model_alias(reg.model_name, reg.alias, version)
+        decision.update(
+            registered=True, model_name=reg.model_name, version=version, alias=reg.alias if decision["passed"] else None,
+            version_url=tracking.model_version_url(reg.model_name, version),
+        )
         tracking.log_dict(run_id, decision, "decision.json")
-        tracking.set_tags(run_id, {"mydistill.gate": "passed" if passed else "failed", "mydistill.gate_reason": reason})
+        tracking.set_tags(run_id, {
+            "mydistill.gate": "passed" if decision["passed"] else "failed", "mydistill.gate_reason": decision["reason"],
+            "mydistill.model_version": f"{reg.model_name}/{version}",
+        })
     return decision

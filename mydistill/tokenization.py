@@ -55,7 +55,10 @@ def tokenize_example(tokenizer: Any, prompt: str, response: str, max_length: int
     exact. Overlong examples lose the end of the response (the prompt is kept whole); an example
     whose prompt alone fills ``max_length`` keeps no response tokens and is rejected.
     """
-    prompt_ids = tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    # A chat template writes its own BOS (if any) into the text; a plain prompt gets the
+    # tokenizer's usual special tokens, as at generation time (mydistill.generation.base).
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    prompt_ids = tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=not has_template)["input_ids"]
     response_ids = tokenizer(format_response(tokenizer, prompt, response), add_special_tokens=False)["input_ids"]
     if len(prompt_ids) >= max_length:
         raise ValueError(

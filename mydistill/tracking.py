@@ -12,6 +12,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import mlflow
 from mlflow import MlflowClient
@@ -19,7 +20,7 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 
 from mydistill.config import REPO_ROOT
 
-SECRET_MARKERS = ("key", "secret", "token", "password", "credential")
+SECRET_WORDS = frozenset({"key", "apikey", "secret", "token", "password", "passwd", "credential", "credentials"})
 MASK = "***"
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -48,6 +49,10 @@ def configure(tracking_uri: str | None = None) -> str:
     return uri
 
 
+def current_uri() -> str:
+    return mlflow.get_tracking_uri()
+
+
 def client() -> MlflowClient:
     return MlflowClient()
 
@@ -58,7 +63,11 @@ def experiment_id(name: str) -> str:
     if exp is not None:
         return exp.experiment_id
     try:
-        return c.create_experiment(name, artifact_location=_default_artifact_location(name))
+        # the MLflow UI opens "Model training" views (not GenAI ones) for experiments of this kind
+        return c.create_experiment(
+            name, artifact_location=_default_artifact_location(name),
+            tags={"mlflow.experimentKind": "custom_model_development"},
+        )
     except mlflow.exceptions.MlflowException:
         # created concurrently by another process
         return c.get_experiment_by_name(name).experiment_id
@@ -76,14 +85,17 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def mask_secrets(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Replace values of secret-looking keys (``*key*``, ``*token*`` …) by ``***``.
+    """Replace values of secret-looking keys by ``***``: a key whose last part has a word such as
+    ``key``, ``secret``, ``token`` or ``password`` (``api_key``, ``hf_token``, ``secret_access_key``).
 
-    ``api_key_env`` names an environment variable, not a secret, and is kept.
+    Whole words only, so ``max_new_tokens`` and ``tokenizer_uri`` are kept; so is ``api_key_env``,
+    which names an environment variable rather than holding a secret.
     """
     out = {}
     for k, v in params.items():
         leaf = k.rsplit(".", 1)[-1].lower()
-        secret = any(m in leaf for m in SECRET_MARKERS) and not leaf.endswith("_env") and v not in (None, "")
+        words = set(leaf.replace("-", "_").split("_"))
+        secret = bool(words & SECRET_WORDS) and not leaf.endswith("_env") and v not in (None, "")
         out[k] = MASK if secret else v
     return out
 
@@ -156,6 +168,10 @@ def log_artifacts(run_id: str, local_dir: str, artifact_path: str | None = None)
     client().log_artifacts(run_id, local_dir, artifact_path)
 
 
+def log_artifact(run_id: str, local_path: str, artifact_path: str | None = None) -> None:
+    client().log_artifact(run_id, local_path, artifact_path)
+
+
 def log_history(run_id: str, history: Sequence[Mapping[str, float]]) -> None:
     """Log a training history (list of ``{"step": s, metric: value}``) as step metrics in one batch."""
     now = int(time.time() * 1000)
@@ -206,3 +222,82 @@ def register_model_version(run_id: str, artifact_path: str, name: str, tags: Map
 
 def set_model_alias(name: str, alias: str, version: str) -> None:
     client().set_registered_model_alias(name, alias, version)
+
+
+# ----------------------------------------------------------------------------------------------
+# the registry's quality gate, and links people click
+
+SCORE_TAG = "mydistill.score"
+SCORE_METRIC = "student_exact_match"
+UI_URL_ENV = "MYDISTILL_MLFLOW_UI_URL"
+_NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
+def alias_holder(name: str, alias: str) -> dict[str, Any] | None:
+    """The version ``alias`` points to in registered model ``name`` and its recorded score.
+
+    The score is the version's ``mydistill.score`` tag, else its run's ``student_exact_match``
+    metric, else None. No such model or alias: None. Any other error (e.g. the server is down)
+    is raised: the gate must not take "could not ask" for "no champion".
+    """
+    c = client()
+    try:
+        version = c.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException as e:
+        if e.error_code in _NOT_FOUND:
+            return None
+        raise
+    score: float | None = None
+    if SCORE_TAG in version.tags:
+        score = float(version.tags[SCORE_TAG])
+    elif version.run_id:
+        score = c.get_run(version.run_id).data.metrics.get(SCORE_METRIC)
+    return {"version": str(version.version), "score": score, "run_id": version.run_id}
+
+
+def set_model_version_tags(name: str, version: str, tags: Mapping[str, Any]) -> None:
+    c = client()
+    for key, value in tags.items():
+        c.set_model_version_tag(name, version, key, str(value))
+
+
+def display_uri(uri: str) -> str:
+    """``uri`` with any password replaced by ``***`` (tracking URIs may carry basic-auth credentials)."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = f"{parts.username}:{MASK}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def ui_base_url() -> str | None:
+    """Where people open the MLflow UI: ``$MYDISTILL_MLFLOW_UI_URL``, else the tracking server.
+
+    None for a local store (sqlite, a folder): there is no server to link to.
+    """
+    override = os.environ.get(UI_URL_ENV)
+    if override:
+        return override.rstrip("/")
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        parts = urlsplit(uri)
+        netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc)).rstrip("/")
+    return None
+
+
+def run_reference(run_id: str) -> dict[str, Any]:
+    """What a person needs to find run ``run_id``: its ids, and its UI address when there is a server."""
+    experiment = client().get_run(run_id).info.experiment_id
+    base = ui_base_url()
+    return {
+        "run_id": run_id,
+        "experiment_id": experiment,
+        "url": f"{base}/#/experiments/{experiment}/runs/{run_id}" if base else None,
+        "tracking_uri": display_uri(mlflow.get_tracking_uri()),
+    }
+
+
+def model_version_url(name: str, version: str) -> str | None:
+    base = ui_base_url()
+    return f"{base}/#/models/{quote(name, safe='')}/versions/{version}" if base else None

@@ -4,13 +4,17 @@ setup → train → save, top to bottom. Stage 1 (``distill``) learns from the f
 signal through :class:`mydistill.losses.DistillObjective`; stage 2 (``finetune``), the baseline
 and the demo teacher's own bootstrap use the same loop with cross-entropy only.
 
-The student is prepared in one place (:func:`prepare_student`) and only rank 0 logs and saves, so
-the loop is ready for a distributed launcher.
+One process, or one process per device under a launcher (``torchrun`` / ``deepspeed``; see
+:mod:`mydistill.launch`). With a DeepSpeed config the student is sharded by ZeRO-3; the frozen
+teacher is loaded before the engine exists, so it is never partitioned by accident. Only rank 0
+logs and writes the final model. Periodic checkpoints hold the engine, optimizer, scheduler, data
+position and RNG, and a run started again on the same output resumes from the latest one.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -19,19 +23,21 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 
 from mydistill import io
-from mydistill.config import DistillConfig, TrainConfig
+from mydistill.config import REPO_ROOT, RUN_ONLY_FIELDS, DistillConfig, TrainConfig
 from mydistill.losses import DistillObjective, LossConfig
 from mydistill.models import build_model, check_same_vocabulary, count_parameters, load_model, load_tokenizer
 from mydistill.tokenization import IGNORE_INDEX, TokenizedExample, collate, shift_labels, tokenize_example
 
 Stage = Literal["distill", "finetune", "baseline", "teacher"]
 MetricsCallback = Callable[[dict[str, float], int], None]
+CHECKPOINTS_SUFFIX = ".checkpoints"
 
 
 class TrainingError(RuntimeError):
@@ -52,24 +58,98 @@ class TrainJob:
     arch: dict[str, Any] | None = None
     teacher_uri: str | None = None
     mlflow_run_id: str | None = None
+    checkpoint_dir: str | None = None
     inputs: dict[str, Any] = field(default_factory=dict)
 
     def train_config(self) -> TrainConfig:
         return (DistillConfig if self.stage == "distill" else TrainConfig).model_validate(self.train)
 
+    def checkpoints(self) -> str:
+        """Where periodic checkpoints go: beside a local output, or a local cache for a remote one."""
+        if self.checkpoint_dir:
+            return self.checkpoint_dir
+        if io.is_remote(self.output_uri):
+            key = io.sha256_of(self.output_uri)[:16]
+            return os.path.join(os.path.expanduser("~"), ".cache", "mydistill", "checkpoints", key)
+        return self.output_uri.rstrip("/") + CHECKPOINTS_SUFFIX
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
 
 # ----------------------------------------------------------------------------------------------
-# setup
+# processes
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def is_main_process() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+    return world()[0] == 0
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(name)
+
+
+def init_distributed(device: torch.device, use_deepspeed: bool) -> None:
+    """Join the process group a launcher set up (``WORLD_SIZE`` > 1); gloo on CPU, nccl on GPUs."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if use_deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend)
+    else:
+        dist.init_process_group(backend=backend)
+
+
+def _import_deepspeed():
+    try:
+        import deepspeed
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("DeepSpeed is not installed: run `make setup` (or `pip install deepspeed`)") from e
+    if not torch.cuda.is_available():
+        # the shared-memory comm op is JIT-compiled on first use and needs a compiler toolchain;
+        # on CPU the gloo backend does the same job
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
+def deepspeed_config(path_or_dict: str | dict[str, Any], cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """A DeepSpeed config from a file in ``deploy/deepspeed/`` with its ``"auto"`` values filled in."""
+    if isinstance(path_or_dict, str) and not io.exists(path_or_dict) and (REPO_ROOT / path_or_dict).exists():
+        path_or_dict = str(REPO_ROOT / path_or_dict)  # presets name configs relative to the repository
+    config = dict(path_or_dict) if isinstance(path_or_dict, dict) else io.read_json(path_or_dict)
+    if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    config.pop("train_batch_size", None)
+    if config.get("gradient_clipping", "auto") == "auto":
+        config["gradient_clipping"] = cfg.grad_clip
+    bf16 = config.get("bf16", {})
+    if bf16.get("enabled") == "auto":
+        bf16["enabled"] = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        config["bf16"] = bf16
+    if config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu":
+        # we bring torch's AdamW; DeepSpeed's CPU Adam would be compiled first (minutes)
+        config.setdefault("zero_force_ds_cpu_optimizer", False)
+    config.setdefault("zero_allow_untested_optimizer", True)
+    return config
+
+
+# ----------------------------------------------------------------------------------------------
+# data
 
 
 def load_examples(uri: str, tokenizer: Any, max_length: int) -> list[TokenizedExample]:
@@ -84,13 +164,30 @@ def load_examples(uri: str, tokenizer: Any, max_length: int) -> list[TokenizedEx
     return examples
 
 
-def batches(examples: list[TokenizedExample], batch_size: int, pad_token_id: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless shuffled batches, reshuffled each epoch from ``seed`` (so a run is reproducible)."""
+def batch_indices(num_examples: int, batch_size: int, seed: int, *, start_step: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[list[int]]:
+    """Example indices of this rank's share of each global batch, from step ``start_step`` on.
+
+    One seeded permutation per epoch; global batch s is ``world_size * batch_size`` consecutive
+    indices of it, and rank r takes the r-th slice. Resuming at step k replays only the
+    permutations (no tokenizing or collating), so the data position is exactly where it was.
+    """
+    global_batch = batch_size * world_size
+    per_epoch = max(1, num_examples // global_batch)
     generator = torch.Generator().manual_seed(seed)
+    epoch = 0
+    order = torch.randperm(num_examples, generator=generator).tolist()
+    step = 0
     while True:
-        order = torch.randperm(len(examples), generator=generator).tolist()
-        for start in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
-            yield collate([examples[i] for i in order[start : start + batch_size]], pad_token_id)
+        if step // per_epoch > epoch:
+            epoch += 1
+            order = torch.randperm(num_examples, generator=generator).tolist()
+        if step >= start_step:
+            start = (step % per_epoch) * global_batch + rank * batch_size
+            chunk = order[start : start + batch_size]
+            if len(chunk) < batch_size:  # fewer examples than one global batch: wrap around
+                chunk = [order[(start + i) % num_examples] for i in range(batch_size)]
+            yield chunk
+        step += 1
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -103,14 +200,6 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return schedule
 
 
-def prepare_student(student: torch.nn.Module, objective: torch.nn.Module, cfg: TrainConfig):
-    """The one place the student is wrapped for training: optimizer and schedule (DeepSpeed later)."""
-    params = [p for p in list(student.parameters()) + list(objective.parameters()) if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    return optimizer, scheduler
-
-
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -119,31 +208,157 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
+# the trained module and its engines
+
+
+class StudentObjective(torch.nn.Module):
+    """The student and the objective's learned parts as one module, so one engine wraps both.
+
+    The forward never materialises full-vocabulary logits: the objective projects the final
+    hidden states chunk by chunk (full (B, T, V) logits dominate peak memory at real vocabulary
+    sizes). Under ZeRO-3 the output projection is used outside its own module's forward, so it
+    is registered as an external parameter of this module and gathered for the whole forward.
+    """
+
+    def __init__(self, student: Any, objective: DistillObjective):
+        super().__init__()
+        self.student = student
+        self.objective = objective
+
+    def forward(self, batch: dict[str, torch.Tensor], teacher_signal: dict[str, Any]) -> Any:
+        hidden = self.student.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        return self.objective(
+            student_hidden=hidden,
+            student_head_weight=self.student.lm_head.weight,
+            labels=shift_labels(batch["labels"]),
+            attention_mask=batch["attention_mask"],
+            **teacher_signal,
+        )
+
+
+class PlainEngine:
+    """One process, or plain DDP-free data parallel: AdamW, warmup + cosine, clipping, checkpoints."""
+
+    def __init__(self, module: StudentObjective, cfg: TrainConfig):
+        self.module = module
+        self.cfg = cfg
+        # several processes without DeepSpeed: plain data parallel (gradients all-reduced)
+        self.forward_module = torch.nn.parallel.DistributedDataParallel(module) if world()[1] > 1 else module
+        params = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+
+    def __call__(self, *args: Any) -> Any:
+        return self.forward_module(*args)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save_checkpoint(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
+        if not is_main_process():  # every rank holds the same replica
+            return
+        state = {
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "client_state": client_state,
+        }
+        os.makedirs(os.path.join(directory, tag), exist_ok=True)
+        with io.atomic_open(os.path.join(directory, tag, "state.pt"), "wb") as f:
+            torch.save(state, f)
+        io.write_text(os.path.join(directory, "latest"), tag)
+
+    def load_checkpoint(self, directory: str) -> dict[str, Any] | None:
+        tag = _latest_tag(directory)
+        if tag is None:
+            return None
+        state = torch.load(os.path.join(directory, tag, "state.pt"), weights_only=False)
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        return state["client_state"]
+
+    def student_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.student.state_dict()
+
+
+class DeepSpeedEngine:
+    """The same interface over a DeepSpeed engine (ZeRO-3: parameters, gradients and optimizer
+    state sharded across processes; optionally offloaded to CPU)."""
+
+    def __init__(self, module: StudentObjective, cfg: TrainConfig, ds_config: dict[str, Any]):
+        deepspeed = _import_deepspeed()
+        deepspeed.zero.register_external_parameter(module, module.student.lm_head.weight)
+        params = [p for p in module.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
+        self.module = module
+
+    def __call__(self, *args: Any) -> Any:
+        return self.engine(*args)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> float:
+        self.engine.step()  # clips (gradient_clipping), steps the optimizer and the scheduler
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def save_checkpoint(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
+        self.engine.save_checkpoint(directory, tag=tag, client_state=client_state)
+
+    def load_checkpoint(self, directory: str) -> dict[str, Any] | None:
+        if _latest_tag(directory) is None:
+            return None
+        _, client_state = self.engine.load_checkpoint(directory)
+        return client_state
+
+    def student_state_dict(self) -> dict[str, torch.Tensor]:
+        """The consolidated (gathered) 16-bit student weights; complete on rank 0 only."""
+        full = self.engine._zero3_consolidated_16bit_state_dict() or {}
+        prefix = "student."
+        return {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
+
+
+def _latest_tag(directory: str) -> str | None:
+    latest = os.path.join(directory, "latest")
+    return open(latest).read().strip() if os.path.exists(latest) else None
+
+
+# ----------------------------------------------------------------------------------------------
 # one step
 
 
-def forward_loss(
-    student: Any, objective: DistillObjective, batch: dict[str, torch.Tensor], teacher: Any | None
-) -> Any:
-    """Loss for one batch. Neither model materialises full-vocabulary logits here: the objective
-    projects hidden states chunk by chunk (full (B, T, V) logits dominate peak memory at real
-    vocabulary sizes)."""
-    labels = shift_labels(batch["labels"])
-    hidden = student.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    kwargs: dict[str, Any] = {}
-    if teacher is not None:
-        with torch.no_grad():
-            kwargs["teacher_hidden"] = teacher.model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).last_hidden_state
-        kwargs["teacher_head_weight"] = teacher.lm_head.weight
-    return objective(
-        student_hidden=hidden,
-        student_head_weight=student.lm_head.weight,
-        labels=labels,
-        attention_mask=batch["attention_mask"],
-        **kwargs,
-    )
+def teacher_signal(teacher: Any, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The frozen teacher's signal for a batch: its final hidden states and output projection
+    (the objective computes teacher logits chunk by chunk, like the student's)."""
+    if teacher is None:
+        return {}
+    with torch.no_grad():
+        hidden = teacher.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    return {"teacher_hidden": hidden, "teacher_head_weight": teacher.lm_head.weight}
+
+
+def forward_loss(engine: Any, batch: dict[str, torch.Tensor], teacher: Any | None) -> Any:
+    """Loss for one batch: the teacher's signal, then the student and objective under the engine."""
+    return engine(batch, teacher_signal(teacher, batch))
 
 
 @torch.no_grad()
@@ -162,6 +377,14 @@ def validation_loss(student: Any, examples: list[TokenizedExample], pad_token_id
     return total / max(count, 1)
 
 
+def _global_sum(value: float, device: torch.device) -> float:
+    if world()[1] == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
 # ----------------------------------------------------------------------------------------------
 # the run
 
@@ -169,32 +392,34 @@ def validation_loss(student: Any, examples: list[TokenizedExample], pad_token_id
 def run_training(job: TrainJob, on_metrics: MetricsCallback | None = None, progress: bool = False) -> dict[str, Any]:
     """Train as ``job`` says and save a Hugging Face folder (safetensors + tokenizer) at ``job.output_uri``.
 
-    Returns the output's manifest. A finished output made from the same inputs is reused.
+    Returns the output's manifest. A finished output made from the same inputs is reused; an
+    unfinished one with checkpoints resumes from the latest.
     """
     cfg = job.train_config()
-    inputs = {**job.inputs, "stage": job.stage, "train": cfg.model_dump(), "init_uri": job.init_uri,
-              "arch": job.arch, "teacher_uri": job.teacher_uri}
+    inputs = {**job.inputs, "stage": job.stage, "train": cfg.model_dump(exclude=RUN_ONLY_FIELDS),
+              "init_uri": job.init_uri, "arch": job.arch, "teacher_uri": job.teacher_uri}
     done = io.manifest_matches(job.output_uri, inputs)
     if done:
         return done
 
     # ---- setup
-    torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    # The frozen teacher is loaded first, before anything that could partition parameters.
-    teacher = None
+    use_deepspeed = cfg.deepspeed is not None
+    init_distributed(device, use_deepspeed)
+    rank, world_size = world()
+    torch.manual_seed(cfg.seed)
+    # The frozen teacher is loaded first, before any ZeRO-3 config exists, so it is never
+    # partitioned by accident.
     tokenizer = load_tokenizer(job.tokenizer_uri)
+    teacher = None
     if job.teacher_uri:
         teacher = load_model(job.teacher_uri, device=device).eval().requires_grad_(False)
         check_same_vocabulary(load_tokenizer(job.teacher_uri), tokenizer)
-    if job.init_uri:
-        student = load_model(job.init_uri, device=device)
-    elif job.arch:
-        student = build_model(job.arch, tokenizer, seed=cfg.seed).to(device)
-    else:
-        raise ValueError("a training job needs init_uri (a checkpoint) or arch (build from config)")
+    ds_config = deepspeed_config(cfg.deepspeed, cfg, device) if use_deepspeed else None
+    zero3_loading = _zero3_loading(ds_config) if ds_config and job.init_uri else None  # noqa: F841 (kept alive)
+    student = _load_student(job, cfg, tokenizer, device)
     student.train()
     loss_cfg = cfg.loss if isinstance(cfg, DistillConfig) else LossConfig(alpha=0.0)
     objective = DistillObjective(
@@ -206,29 +431,41 @@ def run_training(job: TrainJob, on_metrics: MetricsCallback | None = None, progr
     ).to(device)
     examples = load_examples(job.data_uri, tokenizer, cfg.max_length)
     val_examples = load_examples(job.val_uri, tokenizer, cfg.max_length) if job.val_uri else []
-    optimizer, scheduler = prepare_student(student, objective, cfg)
-    data = batches(examples, cfg.batch_size, tokenizer.pad_token_id, cfg.seed)
     n_params = count_parameters(student)
+    module = StudentObjective(student, objective)
+    engine = DeepSpeedEngine(module, cfg, ds_config) if ds_config else PlainEngine(module, cfg)
+
+    checkpoint_dir = job.checkpoints()
+    start_step, history = 0, []
+    client_state = engine.load_checkpoint(checkpoint_dir) if cfg.resume else None
+    if client_state and client_state.get("inputs_sha256") != io.sha256_of(inputs):
+        raise TrainingError(
+            f"{checkpoint_dir} holds checkpoints of a run with other inputs; delete it or set a new output"
+        )
+    if client_state:
+        start_step, history = client_state["step"], client_state["history"]
+        torch.set_rng_state(client_state["rng"])
+        if is_main_process():
+            print(f"[mydistill] {job.stage}: resumed from step {start_step} ({checkpoint_dir})", flush=True)
+    order = batch_indices(len(examples), cfg.batch_size, cfg.seed, start_step=start_step, rank=rank, world_size=world_size)
 
     # ---- train
-    history: list[dict[str, float]] = []
-    window_tokens, window_start = 0, time.perf_counter()
-    bar = _progress_bar(progress, f"{job.stage}", cfg.steps)
-    for step in range(1, cfg.steps + 1):
+    window_tokens, window_start = 0.0, time.perf_counter()
+    bar = _progress_bar(progress and is_main_process(), job.stage, cfg.steps, start_step)
+    for step in range(start_step + 1, cfg.steps + 1):
         step_start = time.perf_counter()
-        batch = {k: v.to(device) for k, v in next(data).items()}
-        out = forward_loss(student, objective, batch, teacher)
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in next(order)], tokenizer.pad_token_id).items()}
+        out = forward_loss(engine, batch, teacher)
         if not torch.isfinite(out.loss):
+            last = _latest_tag(checkpoint_dir)
             raise TrainingError(
-                f"{job.stage}: loss is {out.loss.item()} at step {step}; stopping. Lower the learning "
-                f"rate (now {cfg.lr}) or check the data at {job.data_uri}"
+                f"{job.stage}: loss is {out.loss.item()} at step {step}; stopping. "
+                + (f"The last good checkpoint ({last}) is kept in {checkpoint_dir}. " if last else "")
+                + f"Lower the learning rate (now {cfg.lr}) or check the data at {job.data_uri}"
             )
-        out.loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        window_tokens += int(batch["attention_mask"].sum())
+        engine.backward(out.loss)
+        grad_norm = engine.step()
+        window_tokens += float(batch["attention_mask"].sum())
         if bar is not None:
             bar[0].update(bar[1], advance=1, description=f"{job.stage} loss={out.loss.item():.3f}")
         if step % cfg.log_every == 0 or step == cfg.steps:
@@ -236,40 +473,79 @@ def run_training(job: TrainJob, on_metrics: MetricsCallback | None = None, progr
             metrics = {
                 "loss": out.loss.item(),
                 **{k: float(v) for k, v in out.metrics.items()},
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
-                "tokens_per_s": window_tokens / elapsed,
+                "lr": engine.lr(),
+                "grad_norm": grad_norm,
+                "tokens_per_s": _global_sum(window_tokens, device) / elapsed,
                 "step_time_s": time.perf_counter() - step_start,
                 "peak_memory_mb": peak_memory_mb(device),
             }
-            if val_examples and (step % cfg.eval_every == 0 or step == cfg.steps):
+            if val_examples and (step % cfg.eval_every == 0 or step == cfg.steps) and not use_deepspeed:
                 metrics["val_loss"] = validation_loss(student, val_examples, tokenizer.pad_token_id, device)
             history.append({"step": step, **metrics})
             if on_metrics is not None and is_main_process():
                 on_metrics(metrics, step)
-            window_tokens, window_start = 0, time.perf_counter()
+            window_tokens, window_start = 0.0, time.perf_counter()
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+            engine.save_checkpoint(checkpoint_dir, f"step{step}", {"step": step, "history": history, "rng": torch.get_rng_state(), "inputs_sha256": io.sha256_of(inputs)})
+            _prune_checkpoints(checkpoint_dir, keep=2)
     if bar is not None:
         bar[0].stop()
 
     # ---- save
-    final = history[-1]
+    state_dict = engine.student_state_dict()  # a collective under ZeRO-3: every rank takes part
     manifest: dict[str, Any] = {}
     if is_main_process():
         manifest = save_checkpoint(
-            student, tokenizer, job.output_uri, stage=job.stage, inputs=inputs,
-            final_metrics=final, parameters=n_params, history=history,
+            student, tokenizer, job.output_uri, stage=job.stage, inputs=inputs, state_dict=state_dict,
+            final_metrics=history[-1], parameters=n_params, history=history, world_size=world_size,
+            deepspeed=bool(use_deepspeed),
         )
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    if world_size > 1:
+        dist.barrier()
     return manifest
 
 
-def save_checkpoint(student: Any, tokenizer: Any, output_uri: str, *, stage: str, inputs: dict[str, Any], **content: Any) -> dict[str, Any]:
+def _zero3_loading(ds_config: dict[str, Any]) -> Any:
+    """While the returned object lives, transformers' from_pretrained loads a model straight
+    into its ZeRO-3 shards instead of whole on every process (what a 7B student needs)."""
+    _import_deepspeed()
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_config)
+
+
+def _load_student(job: TrainJob, cfg: TrainConfig, tokenizer: Any, device: torch.device) -> Any:
+    if job.init_uri:
+        return load_model(job.init_uri, device=device)
+    if job.arch:
+        # Built whole on each process from the same seed; deepspeed.initialize then partitions it.
+        return build_model(job.arch, tokenizer, seed=cfg.seed).to(device)
+    raise ValueError("a training job needs init_uri (a checkpoint) or arch (build from config)")
+
+
+def _prune_checkpoints(directory: str, keep: int) -> None:
+    if not is_main_process():
+        return
+    tags = sorted(
+        (d for d in os.listdir(directory) if d.startswith("step") and os.path.isdir(os.path.join(directory, d))),
+        key=lambda d: int(d.removeprefix("step")),
+    )
+    for tag in tags[:-keep]:
+        shutil.rmtree(os.path.join(directory, tag), ignore_errors=True)
+
+
+def save_checkpoint(
+    student: Any, tokenizer: Any, output_uri: str, *, stage: str, inputs: dict[str, Any],
+    state_dict: dict[str, torch.Tensor] | None = None, **content: Any,
+) -> dict[str, Any]:
     """Write the student as a Hugging Face folder (safetensors + tokenizer), then its manifest.
 
     The folder is assembled locally and moved (or uploaded) into place before the manifest is
     written, so a reader never takes a half-written checkpoint for a finished one.
     """
     with tempfile.TemporaryDirectory(prefix="mydistill-ckpt-") as tmp:
-        student.save_pretrained(tmp, safe_serialization=True)
+        student.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         files = sorted(os.listdir(tmp))
         if io.is_remote(output_uri):
@@ -285,33 +561,43 @@ def save_checkpoint(student: Any, tokenizer: Any, output_uri: str, *, stage: str
     return io.write_manifest(output_uri, stage=stage, inputs=inputs, files=files, **content)
 
 
-def _progress_bar(enabled: bool, label: str, total: int):
+def _progress_bar(enabled: bool, label: str, total: int, completed: int = 0):
     if not enabled:
         return None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     progress.start()
-    return progress, progress.add_task(label, total=total)
+    return progress, progress.add_task(label, total=total, completed=completed)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run one mydistill training job (either stage).")
     parser.add_argument("--job", required=True, help="Path or URI of a TrainJob JSON file.")
     parser.add_argument("--progress", action="store_true", help="Show a progress bar.")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = parser.parse_args(argv)
     job = TrainJob(**io.read_json(args.job))
     on_metrics = None
-    if job.mlflow_run_id:
+    if job.mlflow_run_id and is_main_process_env():
         from mydistill.tracking import metrics_logger
 
         on_metrics = metrics_logger(job.mlflow_run_id)
     manifest = run_training(job, on_metrics=on_metrics, progress=args.progress)
-    print(json.dumps({"output_uri": job.output_uri, "final": manifest.get("final_metrics", {})}))
+    if is_main_process():
+        print(f"[mydistill] done: {json.dumps({'output_uri': job.output_uri, 'final': manifest.get('final_metrics', {})})}", flush=True)
+    with contextlib.suppress(Exception):
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def is_main_process_env() -> bool:
+    """Rank 0 as the launcher announced it, before the process group exists."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 if __name__ == "__main__":
     main()
 
 
-__all__ = ["TrainJob", "TrainingError", "run_training", "save_checkpoint"]
+__all__ = ["TrainJob", "TrainingError", "run_training", "save_checkpoint", "batch_indices"]

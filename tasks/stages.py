@@ -8,12 +8,14 @@ Prefect's cache, and :func:`fresh_unless_done` makes a stage run again when its 
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 from typing import Any
 
 from prefect import Task, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 
 from mydistill import io, stages, tracking
 from mydistill.config import PipelineConfig
@@ -35,6 +37,48 @@ def fresh_unless_done(stage_task: Task, output_uri: str) -> Task:
     result was deleted, the stage must run again instead of handing on a URI to nothing.
     """
     return stage_task.with_options(refresh_cache=io.read_manifest(output_uri) is None)
+
+
+CREDENTIALS_BLOCK_ENV = "MYDISTILL_CREDENTIALS_BLOCK"
+DEFAULT_CREDENTIALS_BLOCK = "mydistill-credentials"
+_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+
+
+@task(name="load-credentials", task_run_name="load-credentials", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def load_credentials() -> list[str]:
+    """Put the variables of a Prefect ``Secret`` block into this flow run's environment.
+
+    The block (named by ``$MYDISTILL_CREDENTIALS_BLOCK``, default ``mydistill-credentials``) holds
+    a JSON object of environment variables, e.g. ``{"AWS_ACCESS_KEY_ID": …, "AWS_SECRET_ACCESS_KEY":
+    …}``; s3fs, MLflow and launched training processes read them from the environment. No such
+    block: the environment the worker gave this run is used as it is. Only the variables' names
+    are logged and returned, never their values.
+    """
+    logger = get_run_logger()
+    name = os.environ.get(CREDENTIALS_BLOCK_ENV, DEFAULT_CREDENTIALS_BLOCK)
+    if not name:
+        return []
+    from prefect.blocks.system import Secret
+
+    try:
+        block = Secret.load(name)
+    except ValueError:
+        logger.info("no Secret block %r: credentials come from the worker's environment", name)
+        return []
+    values = block.get()
+    if not isinstance(values, dict) or not all(isinstance(k, str) and _ENV_NAME.fullmatch(k) for k in values):
+        raise ValueError(
+            f"Secret block {name!r} must hold a JSON object of environment variables, e.g. "
+            '{"AWS_ACCESS_KEY_ID": "...", "AWS_SECRET_ACCESS_KEY": "..."}'
+        )
+    os.environ.update({k: str(v) for k, v in values.items()})
+    # s3fs keeps one filesystem per set of options, with the credentials it found when made:
+    # drop those, so the next S3 access signs with these
+    from s3fs import S3FileSystem
+
+    S3FileSystem.clear_instance_cache()
+    logger.info("credentials from Secret block %r: %s", name, ", ".join(sorted(values)))
+    return sorted(values)
 
 
 @task(name="prepare-demo", task_run_name="prepare-demo", retries=1, retry_delay_seconds=5)
@@ -64,7 +108,7 @@ def mix(config: PipelineConfig, plan: StagePlan, output_uri: str, parent_run_id:
 
 @task(name="train", task_run_name="{stage}", cache_policy=ARTIFACT_CACHE, persist_result=True)
 def train(config: PipelineConfig, plan: StagePlan, stage: str, output_uri: str, parent_run_id: str | None = None) -> str:
-    manifest = stages.train(config, plan, stage, parent_run_id, progress=_interactive())
+    manifest = stages.train(config, plan, stage, parent_run_id, progress=_interactive(), on_line=get_run_logger().info)
     final = manifest.get("final_metrics", {})
     get_run_logger().info("%s done → %s (loss %.4f, %.0f tokens/s)", stage, output_uri, final.get("loss", float("nan")), final.get("tokens_per_s", 0))
     return output_uri
@@ -73,7 +117,8 @@ def train(config: PipelineConfig, plan: StagePlan, stage: str, output_uri: str, 
 @task(name="evaluate", task_run_name="evaluate", cache_policy=ARTIFACT_CACHE, persist_result=True)
 def evaluate(config: PipelineConfig, plan: StagePlan, output_uri: str, parent_run_id: str | None = None) -> dict[str, Any]:
     report = stages.evaluate(config, plan, parent_run_id)
-    create_markdown_artifact(markdown=report_markdown(report), key="evaluation", description="Student vs teacher vs baseline")
+    mlflow_run = tracking.run_reference(parent_run_id) if parent_run_id else None
+    create_markdown_artifact(markdown=report_markdown(report, mlflow_run), key="evaluation", description="Student vs teacher vs baseline")
     get_run_logger().info("evaluation: %s", {m: round(v["exact_match"], 3) for m, v in report["models"].items()})
     return report
 
@@ -82,6 +127,8 @@ def evaluate(config: PipelineConfig, plan: StagePlan, output_uri: str, parent_ru
 def register(config: PipelineConfig, plan: StagePlan, report: dict[str, Any], parent_run_id: str | None = None) -> dict[str, Any]:
     decision = stages.register(config, plan, report, parent_run_id)
     get_run_logger().info("quality gate %s: %s", "passed" if decision["passed"] else "failed", decision["reason"])
+    if decision.get("registered"):
+        create_markdown_artifact(markdown=decision_markdown(decision), key="registration", description="Model registry and quality gate")
     return decision
 
 
@@ -97,7 +144,7 @@ def open_pipeline_run(config: PipelineConfig, plan: StagePlan) -> str:
     tracking.log_params(run_id, config.model_dump())
     tracking.log_dict(run_id, config.model_dump(mode="json"), "config.json")
     tracking.log_dict(run_id, plan.as_dict(), "plan.json")
-    get_run_logger().info("MLflow run %s at %s", run_id, tracking.default_tracking_uri() if not config.tracking.tracking_uri else config.tracking.tracking_uri)
+    get_run_logger().info("MLflow run %s at %s", run_id, tracking.display_uri(tracking.current_uri()))
     return run_id
 
 
@@ -110,7 +157,8 @@ def close_pipeline_run(run_id: str, report: dict[str, Any] | None, decision: dic
     tracking.end_run(run_id, "FAILED" if failed else "FINISHED")
 
 
-def report_markdown(report: dict[str, Any]) -> str:
+def report_markdown(report: dict[str, Any], mlflow_run: dict[str, Any] | None = None) -> str:
+    """The evaluation table, and where the MLflow run is (a link with a server, the run id with a local store)."""
     lines = [
         "| model | exact match | % of teacher | perplexity | KL to teacher | top-1 agreement | parameters |",
         "|---|---|---|---|---|---|---|",
@@ -120,4 +168,21 @@ def report_markdown(report: dict[str, Any]) -> str:
         kl = f"{m['kl_to_teacher']:.3f}" if "kl_to_teacher" in m else "—"
         agree = f"{m['top1_agreement']:.1%}" if "top1_agreement" in m else "—"
         lines.append(f"| {name} | {m['exact_match']:.1%} | {retained} | {m['perplexity']:.3f} | {kl} | {agree} | {m['parameters']:,} |")
+    if mlflow_run:
+        if mlflow_run.get("url"):
+            where = f"[run {mlflow_run['run_id']}]({mlflow_run['url']}) (experiment {mlflow_run['experiment_id']})"
+        else:
+            where = f"run `{mlflow_run['run_id']}` in `{mlflow_run['tracking_uri']}`"
+        lines += ["", f"**MLflow:** {where}: parameters, training curves, plots and samples."]
     return "\n".join(lines)
+
+
+def decision_markdown(decision: dict[str, Any]) -> str:
+    version = f"{decision['model_name']} v{decision['version']}"
+    if decision.get("version_url"):
+        version = f"[{version}]({decision['version_url']})"
+    outcome = f"alias `{decision['alias']}` moved to it" if decision["passed"] else "alias left where it was"
+    return (
+        f"**Quality gate {'passed' if decision['passed'] else 'failed'}**: {decision['reason']}.\n\n"
+        f"Registered {version}; {outcome}."
+    )

@@ -124,11 +124,11 @@ class ChatFormatter:
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
 
     def format(self, message: str) -> str:
-        if self.has_template:
-            return self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": message}], add_generation_prompt=True, tokenize=False
-            )
-        return message
+        # the same text the student is trained on (mydistill.tokenization), so prompts at
+        # generation and training time never differ
+        from mydistill.tokenization import format_prompt
+
+        return format_prompt(self.tokenizer, message)
 
     def encode(self, text: str) -> list[int]:
         # A chat template writes its own BOS (if any) into the text; a raw prompt gets the

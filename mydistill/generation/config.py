@@ -111,7 +111,8 @@ class GenerateConfig(BaseModel):
     concurrency: int = Field(8, description="Most API requests in flight at once (>= 1).")
     timeout_s: float = Field(60.0, description="Timeout of one API request in seconds (> 0).")
     max_retries: int = Field(
-        5, description="Retries of one API request on 429, 5xx, timeouts and connection errors (>= 0)."
+        5,
+        description="Retries of one API request on 429, 408, 409, 500, 502-504, timeouts and connection errors (>= 0).",
     )
     backoff_s: float = Field(
         1.0,

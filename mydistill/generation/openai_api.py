@@ -1,12 +1,12 @@
 """Teacher behind an OpenAI-compatible chat completions API (hosted, or a vLLM / TGI server).
 
 Requests run concurrently (asyncio + httpx, at most ``concurrency`` in flight). Rate limits
-(429), server errors (5xx), timeouts and connection errors are retried with exponential backoff
-and jitter; a ``Retry-After`` header from the server sets the delay instead. Errors that retrying
-cannot fix stop the run with a message saying what to check (401/403: the key, 404: the model or
-URL); errors that concern one prompt (400/413/422, e.g. a prompt over the context length) mark
-that record 'failed' and the run goes on — unless every request of a shard fails with the same
-error, which means the request itself is wrong, so the run stops.
+(429), server errors (500, 502, 503, 504), timeouts and connection errors are retried with
+exponential backoff and jitter; a ``Retry-After`` header from the server sets the delay instead.
+Errors that retrying cannot fix stop the run with a message saying what to check (401/403: the
+key, 404: the model or URL); errors that concern one prompt (400/413/422, e.g. a prompt over the
+context length) mark that record 'failed' and the run goes on — unless every request of a shard
+fails with the same error, which means the request itself is wrong, so the run stops.
 
 The API key is read from the environment variable named by ``api_key_env`` when the backend is
 built and goes only into the Authorization header: never into a config, record, manifest or log.

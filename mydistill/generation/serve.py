@@ -301,7 +301,7 @@ def make_handler(
                     {
                         "index": i,
                         "message": {"role": "assistant", "content": c.text},
-                        "finish_reason": c.finish_reason if c.finish_reason != "error" else "error",
+                        "finish_reason": c.finish_reason,
                     }
                     for i, c in enumerate(completions)
                 ],

@@ -14,8 +14,9 @@ that is ~8 GiB per tensor. Here the student's output projection is fused into th
 * the custom :class:`torch.autograd.Function` therefore does all the work in forward; its backward
   only scales the stored gradients by the incoming one.
 
-Peak extra memory is four or five ``(chunk_size, V)`` fp32 work buffers (reused across chunks,
-so the allocator is not hit per chunk) plus the gradients the caller gets anyway. Tokens marked
+Peak extra memory is three to six ``(chunk_size, V)`` fp32 work buffers (four for forward KL; one
+more for JSD/skew, one more when the CE term is on; reused across chunks, so the allocator is not
+hit per chunk) plus the gradients the caller gets anyway. Tokens marked
 invalid (``labels == ignore_index`` / ``mask`` false) never reach the vocabulary projection.
 
 Every divergence of :data:`~mydistill.losses.divergences.DIVERGENCES` is supported, plus the
@@ -392,7 +393,8 @@ def _run_chunks(
                 lse = _softmax_lse(logits, soft)
                 stats[1] += (lse - logits.gather(-1, labels_c)).sum()
                 if need_grad and ce_w != 0.0:
-                    grad = torch.mul(soft, ce_w, out=ws.get("g", c))  # d CE / d s = softmax - onehot
+                    # d CE / d s = softmax - onehot; the KD term below reuses "s", so then it needs a copy
+                    grad = torch.mul(soft, ce_w, out=ws.get("g", c)) if plan.has_teacher else soft.mul_(ce_w)
                     grad.scatter_add_(-1, labels_c, torch.full_like(labels_c, -ce_w, dtype=grad.dtype))
 
             if plan.has_teacher:
@@ -619,7 +621,7 @@ def chunked_distill_loss(
         teacher_topk: a sparse :class:`TopKTeacher` with ``(N, k)`` ids/log-probs.
         teacher_weights: ensemble weights, one per teacher (normalised).
         divergence, temperature, alpha, beta, skew_alpha: as in ``distill_loss``.
-        chunk_size: valid tokens per chunk; work memory is about 5 x chunk_size x V x 4 bytes.
+        chunk_size: valid tokens per chunk; work memory is 3-6 buffers of chunk_size x V x 4 bytes.
         compute_agreement: also count student/teacher top-1 agreement (two argmax passes per chunk).
 
     The teacher is a constant: no gradient flows to its logits, hidden states or head.

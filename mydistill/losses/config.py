@@ -132,7 +132,7 @@ class LossConfig(BaseModel):
         description="skew_kl / skew_reverse_kl mixing alpha in [0, 1] (DistiLLM uses 0.1).",
     )
     chunk_size: int = Field(
-        1024, gt=0, description="Tokens per chunk in the fused loss; work memory is about 5 * chunk_size * V * 4 bytes."
+        1024, gt=0, description="Tokens per chunk in the fused loss; work memory is 3-6 x chunk_size x V x 4 bytes."
     )
     chunked: bool = Field(
         True,

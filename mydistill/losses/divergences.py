@@ -10,8 +10,8 @@ Shapes: ``student_logits`` is ``(N, V)`` (any leading dimensions are flattened, 
 with ``(N, k)`` ids/log-probs, or a :class:`~mydistill.losses.teacher.TeacherEnsemble` of dense
 teachers; ``mask`` and ``labels`` are ``(N,)``. A token is valid when ``mask`` is true (if given) and
 ``labels != ignore_index`` (if given); invalid rows are dropped before any vocabulary-sized work.
-Everything is computed in fp32 whatever the input dtype (fp64 inputs stay fp64), the teacher is treated as a constant,
-and zero valid tokens give a loss of 0 (with zero gradients), never NaN.
+Everything is computed in fp32 whatever the input dtype (fp64 inputs stay fp64), the teacher is
+detached (a constant), and zero valid tokens give a loss of 0 (with zero gradients), never NaN.
 
 These functions materialise ``(N, V)`` fp32 tensors; :mod:`mydistill.losses.chunked` computes the
 same values and gradients from hidden states chunk by chunk, and the tests hold the two equal.
@@ -108,21 +108,26 @@ def _check_rows(what: str, rows: int, n_tokens: int) -> None:
 
 
 def _dense_teacher_rows(teacher: Teacher, vocab: int, n_tokens: int) -> Teacher:
-    """Flatten and check a teacher against the student's ``N`` and ``V``."""
+    """Flatten, detach and check a teacher against the student's ``N`` and ``V``."""
     if isinstance(teacher, Tensor):
-        flat = _flat(teacher, "teacher_logits")
+        flat = _flat(teacher.detach(), "teacher_logits")
         check_vocab(vocab, flat.shape[-1])
         _check_rows("teacher_logits", flat.shape[0], n_tokens)
         return flat
     if isinstance(teacher, TopKTeacher):
         flat_topk = teacher.flatten()
+        flat_topk = TopKTeacher(
+            flat_topk.token_ids,
+            flat_topk.log_probs.detach(),
+            None if flat_topk.residual is None else flat_topk.residual.detach(),
+        )
         _check_rows("the top-k teacher", flat_topk.token_ids.shape[0], n_tokens)
         if flat_topk.k > vocab:
             raise ValueError(f"the top-k teacher lists k={flat_topk.k} tokens but the student vocabulary has {vocab}")
         return flat_topk
     flats = []
     for i, logits in enumerate(teacher.logits):
-        flat = _flat(logits, f"teacher {i} logits")
+        flat = _flat(logits.detach(), f"teacher {i} logits")
         check_vocab(vocab, flat.shape[-1], which=f"teacher {i} of the ensemble")
         _check_rows(f"teacher {i} logits", flat.shape[0], n_tokens)
         flats.append(flat)

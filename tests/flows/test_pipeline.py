@@ -21,6 +21,8 @@ SHRUNKEN = [
     "student.arch.num_attention_heads=2", "student.arch.intermediate_size=32",
     "generate.max_new_tokens=8", "generate.shard_size=64",
     "distill.steps=8", "distill.batch_size=16", "distill.log_every=4", "distill.eval_every=4",
+    # stage 1 runs as production does: launched workers under ZeRO-3 (2 CPU processes, gloo)
+    "distill.launcher=torchrun", "distill.num_processes=2", "distill.deepspeed=deploy/deepspeed/zero3.json", "distill.threads=1",
     "finetune.steps=4", "finetune.batch_size=16", "finetune.log_every=2",
     "evaluate.max_new_tokens=8", "registry.model_name=test-student", "registry.min_teacher_retained=0.0",
     "tracking.experiment=pipeline-test",
@@ -48,6 +50,15 @@ def task_states(flow_run_id) -> dict[str, str]:
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     return {r.name: r.state.name for r in runs}
+
+
+def flow_run_logs(flow_run_id) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return [log.message for log in logs]
 
 
 def run_pipeline(config):
@@ -84,7 +95,9 @@ def test_pipeline_runs_end_to_end_and_tracks_everything(harness, config):
     distill = by_stage["distill"]
     curve = client.get_metric_history(distill.info.run_id, "loss")
     assert [m.step for m in curve] == [4, 8]
-    assert {"kd", "ce", "tokens_per_s", "val_loss"} <= set(distill.data.metrics)
+    assert {"kd", "ce", "tokens_per_s", "peak_memory_mb"} <= set(distill.data.metrics)
+    assert "val_loss" in by_stage["finetune"].data.metrics
+    assert any("[mydistill] done" in line for line in flow_run_logs(flow_run_id))  # worker output streamed
     assert {a.path for a in client.list_artifacts(distill.info.run_id, "model")} >= {"model/model.safetensors", "model/tokenizer.json"}
     mix_inputs = {d.dataset.name for d in by_stage["mix"].inputs.dataset_inputs}
     assert {"train", "val", "task_train"} <= mix_inputs

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -96,7 +98,7 @@ def test_teacher_with_another_vocabulary_is_refused(tmp_path, task_data, tiny_mo
     assert not (tmp_path / "out").exists()
 
 
-def test_non_finite_loss_stops_with_a_clear_message_and_no_checkpoint(tmp_path, task_data, tiny_model_dir, monkeypatch):
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, task_data, tiny_model_dir, monkeypatch):
     import mydistill.train as train_module
 
     real = train_module.forward_loss
@@ -105,14 +107,23 @@ def test_non_finite_loss_stops_with_a_clear_message_and_no_checkpoint(tmp_path, 
     def poisoned(*args, **kwargs):
         out = real(*args, **kwargs)
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 5:
             out.loss = out.loss * torch.tensor(float("nan"))
         return out
 
     monkeypatch.setattr(train_module, "forward_loss", poisoned)
-    with pytest.raises(TrainingError, match="loss is nan at step 3"):
-        run_training(job(tmp_path, task_data, tiny_model_dir, arch=TINY_ARCH, steps=10))
+    the_job = job(tmp_path, task_data, tiny_model_dir, arch=TINY_ARCH, steps=10)
+    the_job.train["save_every"] = 2
+    with pytest.raises(TrainingError, match=r"loss is nan at step 5; stopping. The last good checkpoint \(step4\) is kept"):
+        run_training(the_job)
     assert not (tmp_path / "out").exists()
+    assert sorted(os.listdir(tmp_path / "out.checkpoints")) == ["latest", "step2", "step4"]
+
+    # the run resumes from there once the cause is gone
+    monkeypatch.setattr(train_module, "forward_loss", real)
+    manifest = run_training(the_job)
+    assert manifest["history"][-1]["step"] == 10
+    assert not (tmp_path / "out.checkpoints").exists()
 
 
 def test_bad_training_data_names_file_and_record(tmp_path, tiny_model_dir):

@@ -1,0 +1,128 @@
+"""Launch a training job on worker processes and follow it.
+
+The Prefect task calls :func:`launch_training`: it writes the job as JSON, starts
+``python -m mydistill.train --job …`` under ``torchrun`` or the DeepSpeed launcher (one process
+per GPU, or per CPU worker with gloo), streams every output line to a callback (the Prefect log),
+fails with the worker's own error when a worker exits non-zero, and returns the checkpoint's
+manifest. ``launcher="none"`` runs the job in this process instead.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+from mydistill import io
+from mydistill.train import MetricsCallback, TrainJob, run_training
+
+LineCallback = Callable[[str], None]
+
+
+class WorkerFailed(RuntimeError):
+    """A training worker exited with an error; the message carries the worker's last output."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(job_path: str, *, launcher: str, num_processes: int, hostfile: str | None = None, master_port: int | None = None) -> list[str]:
+    """The command line that starts ``num_processes`` workers for the job at ``job_path``."""
+    port = str(master_port or free_port())
+    entry = ["-m", "mydistill.train", "--job", job_path]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(num_processes),
+                "--master_addr", "127.0.0.1", "--master_port", port, *entry]
+    if launcher == "deepspeed":
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", port]
+        if hostfile:
+            # multi-node: the hostfile lists `host slots=N` lines; DeepSpeed reaches the hosts over ssh
+            cmd += ["--hostfile", hostfile]
+        else:
+            cmd += ["--num_gpus", str(num_processes)]
+        return [*cmd, "--module", "mydistill.train", "--job", job_path]
+    raise ValueError(f"unknown launcher {launcher!r}; expected none, torchrun or deepspeed")
+
+
+def launch_training(
+    job: TrainJob,
+    *,
+    on_line: LineCallback | None = None,
+    on_metrics: MetricsCallback | None = None,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Run ``job`` as its config says (in process, or on launched workers); returns its manifest.
+
+    Workers log metrics to MLflow themselves (rank 0, into ``job.mlflow_run_id``); in process,
+    ``on_metrics`` receives them.
+    """
+    cfg = job.train_config()
+    if cfg.launcher == "none":
+        return run_training(job, on_metrics=on_metrics)
+    with tempfile.TemporaryDirectory(prefix="mydistill-job-") as tmp:
+        job_path = os.path.join(tmp, "job.json")
+        io.write_text(job_path, job.to_json())
+        cmd = launch_command(job_path, launcher=cfg.launcher, num_processes=cfg.num_processes, hostfile=cfg.hostfile)
+        run_workers(cmd, on_line=on_line, env=env)
+    manifest = io.read_manifest(job.output_uri)
+    if manifest is None:
+        raise WorkerFailed(f"workers exited cleanly but wrote no model at {job.output_uri}")
+    return manifest
+
+
+def run_workers(cmd: list[str], *, on_line: LineCallback | None = None, env: dict[str, str] | None = None, tail_lines: int = 400) -> None:
+    """Run the launcher, streaming its output; raise :class:`WorkerFailed` on a non-zero exit.
+
+    The launcher runs in its own process group, so stopping this process (a cancelled flow run)
+    stops every worker too.
+    """
+    full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.rstrip("\n")
+            tail.append(line)
+            if on_line is not None:
+                on_line(line)
+        code = proc.wait()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        raise
+    if code != 0:
+        error, trace = worker_error(list(tail))
+        raise WorkerFailed(f"training workers exited with code {code}: {error}\n" + "\n".join(trace))
+
+
+def worker_error(lines: list[str]) -> tuple[str, list[str]]:
+    """The failing worker's last error line and its traceback, from the launcher's output.
+
+    torchrun prefixes a worker's traceback with ``[rankN]:``; the launcher prints its own
+    traceback after it, which says only that a child failed.
+    """
+    for prefix_pattern in ("[rank", ""):
+        starts = [i for i, line in enumerate(lines) if line.startswith(prefix_pattern) and "Traceback (most recent call last)" in line]
+        if not starts:
+            continue
+        start = starts[0]
+        prefix = lines[start].split("Traceback")[0]
+        block = [line for line in lines[start:] if line.startswith(prefix)]
+        trace = [line[len(prefix) :] for line in block]
+        error = next((t for t in reversed(trace) if t and not t.startswith(" ")), trace[-1])
+        return error, trace
+    return (lines[-1] if lines else "no output"), lines[-40:]

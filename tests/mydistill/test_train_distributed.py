@@ -1,0 +1,129 @@
+"""Real ZeRO-3 on 2 CPU processes (gloo), launched as the Prefect task launches it.
+
+Each worker process costs seconds of imports, so these tests are few and marked slow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+import torch
+
+from mydistill import io
+from mydistill.config import DistillConfig, TrainConfig
+from mydistill.launch import WorkerFailed, launch_command, launch_training
+from mydistill.models import load_model
+from mydistill.train import TrainJob
+
+from tests.conftest import TINY_ARCH
+
+pytestmark = pytest.mark.slow
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ZERO3 = os.path.join(REPO, "deploy", "deepspeed", "zero3.json")
+ZERO3_OFFLOAD = os.path.join(REPO, "deploy", "deepspeed", "zero3_offload.json")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from mydistill.demo.task import make_examples
+
+    uri = str(tmp_path_factory.mktemp("data") / "train.jsonl")
+    io.write_records(uri, [{"prompt": e["prompt"], "response": e["answer"]} for e in make_examples(96, seed=4)])
+    return uri
+
+
+def make_job(out, data, tokenizer_dir, *, stage="distill", teacher=None, **train):
+    cls = DistillConfig if stage == "distill" else TrainConfig
+    cfg = cls(batch_size=8, lr=3e-3, warmup_steps=2, log_every=5, launcher="torchrun", num_processes=2, threads=1, **train)
+    return TrainJob(stage=stage, data_uri=data, output_uri=str(out), tokenizer_uri=tokenizer_dir, arch=TINY_ARCH,
+                    teacher_uri=teacher, train=cfg.model_dump())
+
+
+def test_zero3_distillation_on_two_processes(tmp_path, data, tiny_model_dir):
+    lines: list[str] = []
+    job = make_job(tmp_path / "student", data, tiny_model_dir, teacher=tiny_model_dir, steps=12, deepspeed=ZERO3)
+    manifest = launch_training(job, on_line=lines.append)
+    assert manifest["world_size"] == 2 and manifest["deepspeed"] is True
+    history = manifest["history"]
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert {"kd", "ce", "tokens_per_s", "peak_memory_mb"} <= set(history[-1])
+    assert any("[mydistill] done" in line for line in lines)  # worker output reached the caller
+    # the consolidated model is whole (not a shard) and trained away from its initialisation
+    from mydistill.models import build_model, load_tokenizer
+
+    trained = load_model(str(tmp_path / "student"))
+    init = build_model(TINY_ARCH, load_tokenizer(tiny_model_dir), seed=0)
+    for name, p in init.state_dict().items():
+        assert trained.state_dict()[name].shape == p.shape
+    emb = "model.embed_tokens.weight"
+    assert not torch.allclose(trained.state_dict()[emb], init.state_dict()[emb])
+    assert not os.path.exists(str(tmp_path / "student") + ".checkpoints")
+
+
+def test_zero3_with_cpu_offload_finetunes(tmp_path, data, tiny_model_dir):
+    job = make_job(tmp_path / "ft", data, tiny_model_dir, stage="finetune", steps=6, deepspeed=ZERO3_OFFLOAD)
+    manifest = launch_training(job)
+    assert manifest["deepspeed"] and manifest["history"][-1]["ce"] > 0
+    load_model(str(tmp_path / "ft"))
+
+
+def test_a_worker_error_fails_the_launch_with_the_workers_message(tmp_path, data, tiny_model_dir):
+    job = make_job(tmp_path / "bad", data, tiny_model_dir, steps=4, deepspeed=ZERO3)
+    job.data_uri = str(tmp_path / "missing.jsonl")
+    with pytest.raises(WorkerFailed, match="missing.jsonl: dataset not found"):
+        launch_training(job)
+    assert not (tmp_path / "bad").exists()
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL the launcher and every worker at once, as a lost node would (workers run in
+    sessions of their own, so killing the launcher's process group is not enough)."""
+    import psutil
+
+    parent = psutil.Process(pid)
+    for p in [parent, *parent.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+
+
+def test_sigkill_mid_training_resumes_from_the_last_checkpoint(tmp_path, data, tiny_model_dir):
+    steps, every = 40, 10
+    job = make_job(tmp_path / "killed", data, tiny_model_dir, steps=steps, save_every=every, deepspeed=ZERO3, teacher=tiny_model_dir)
+    checkpoints = job.checkpoints()
+    with tempfile.TemporaryDirectory() as tmp:
+        job_path = os.path.join(tmp, "job.json")
+        io.write_text(job_path, job.to_json())
+        cmd = launch_command(job_path, launcher="torchrun", num_processes=2)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, cwd=REPO)
+        deadline = time.time() + 240
+        latest = os.path.join(checkpoints, "latest")
+        while time.time() < deadline and proc.poll() is None:
+            if os.path.exists(latest) and open(latest).read().strip() == f"step{every}":
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "training finished before it could be killed"
+        kill_tree(proc.pid)
+        proc.wait()
+    assert not (tmp_path / "killed" / "manifest.json").exists()
+
+    lines: list[str] = []
+    manifest = launch_training(job, on_line=lines.append)  # what a re-run of the flow does
+    resumed = [line for line in lines if "resumed from step" in line]
+    assert resumed and int(resumed[0].split("resumed from step ")[1].split()[0]) >= every
+    steps_logged = [h["step"] for h in manifest["history"]]
+    assert steps_logged == sorted(set(steps_logged)) and steps_logged[-1] == steps
+
+    # same data position, optimizer and schedule: the result matches an uninterrupted run
+    reference = make_job(tmp_path / "reference", data, tiny_model_dir, steps=steps, save_every=every, deepspeed=ZERO3, teacher=tiny_model_dir)
+    launch_training(reference)
+    a = load_model(str(tmp_path / "killed")).state_dict()
+    b = load_model(str(tmp_path / "reference")).state_dict()
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
