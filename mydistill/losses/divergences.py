@@ -346,8 +346,8 @@ def reverse_kl(
 ) -> Tensor:
     """Reverse KL ``KL(q || p) = sum_v q_v (log q_v - log p_v)``, mean over valid tokens.
 
-    The mode-seeking divergence used by MiniLLM (Gu et al. 2024, arXiv 2306.08543, Eq. 1 applied
-    per token). Shapes and arguments as in :func:`forward_kl`.
+    The mode-seeking divergence MiniLLM minimises (Gu et al. 2024, arXiv 2306.08543), here applied
+    per token. Shapes and arguments as in :func:`forward_kl`.
     """
     return _mean_divergence(
         "reverse_kl",
@@ -398,10 +398,10 @@ def generalized_jsd(
     """Generalized Jensen-Shannon divergence JSD(β) of GKD (Agarwal et al. 2024, arXiv 2306.13649, Eq. 1).
 
     ``JSD(β) = β KL(p || m) + (1 - β) KL(q || m)`` with ``m = β p + (1 - β) q``, p the teacher and q
-    the student. Convention (as GKD's reference code and TRL's ``generalized_jsd_loss``): the end
-    points are special-cased to the named KLs, ``β = 0`` is exactly :func:`forward_kl` and ``β = 1``
-    exactly :func:`reverse_kl` (the formula itself tends to 0 at both ends; ``JSD(β) / β`` tends to
-    the forward KL as β -> 0). ``β = 0.5`` is the symmetric JSD.
+    the student. Convention (as TRL's ``generalized_jsd_loss``, the widely used GKD implementation):
+    the end points are special-cased to the named KLs, ``β = 0`` is exactly :func:`forward_kl` and
+    ``β = 1`` exactly :func:`reverse_kl` (the formula itself tends to 0 at both ends; ``JSD(β) / β``
+    tends to the forward KL as β -> 0). ``β = 0.5`` is the symmetric JSD.
 
     Args:
         beta: interpolation in [0, 1].
