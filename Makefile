@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test clean stack-up stack-down
 
 setup:
 	@bash scripts/setup.sh
@@ -17,3 +17,11 @@ test: setup
 
 clean:
 	rm -rf runs .prefect .mlflow .pytest_cache
+
+# The operations stack on loopback (Prefect server + worker, MLflow server, S3 via moto) with the
+# deployments registered; see docs/operations.md. Pass options with ARGS="--timezone Europe/Berlin".
+stack-up: setup
+	$(PY) scripts/stack.py up $(ARGS)
+
+stack-down:
+	$(PY) scripts/stack.py down

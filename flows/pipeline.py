@@ -1,4 +1,4 @@
-"""The distillation pipeline: generate → mix → distill → finetune → evaluate → register."""
+"""The distillation pipeline: generate → mix → (signal) → distill → finetune → evaluate → register."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ def distill_pipeline(config: PipelineConfig = load_config("demo")) -> dict[str, 
     try:
         t.fresh_unless_done(t.generate, plan.generate_uri)(config, plan, plan.generate_uri, parent)
         t.fresh_unless_done(t.mix, plan.mix_uri)(config, plan, plan.mix_uri, parent)
+        if plan.signal_uri:
+            t.fresh_unless_done(t.teacher_signal, plan.signal_uri)(config, plan, plan.signal_uri, parent)
         t.fresh_unless_done(t.train, plan.distill_uri)(config, plan, "distill", plan.distill_uri, parent)
         if plan.finetune_uri:
             t.fresh_unless_done(t.train, plan.finetune_uri)(config, plan, "finetune", plan.finetune_uri, parent)

@@ -12,6 +12,7 @@ from tasks import stages as t
 
 
 def _tracked(config: PipelineConfig, stage: str, run):
+    t.load_credentials()
     plan = make_plan(config)
     parent = t.open_pipeline_run(config.model_copy(update={"name": f"{config.name}-{stage}"}), plan)
     try:

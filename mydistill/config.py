@@ -12,8 +12,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from mydistill.cross_tokenizer import CrossTokenizerConfig
 from mydistill.generation.config import GenerateConfig
 from mydistill.losses.config import LossConfig
+from mydistill.on_policy import OnPolicyConfig
+from mydistill.signal.config import SignalConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESETS_DIR = REPO_ROOT / "configs"
@@ -137,6 +140,29 @@ RUN_ONLY_FIELDS = {"log_every", "eval_every", "save_every", "device", "threads",
 
 class DistillConfig(TrainConfig):
     loss: LossConfig = Field(default_factory=LossConfig, description="Distillation loss (see docs/losses.md).")
+    on_policy: OnPolicyConfig = Field(
+        default_factory=OnPolicyConfig,
+        description="On-policy distillation (GKD): a fraction of batches sampled from the student and scored by "
+        "the teacher (see docs/teacher_signal.md).",
+    )
+    cross_tokenizer: CrossTokenizerConfig = Field(
+        default_factory=CrossTokenizerConfig,
+        description="A teacher with another tokenizer: 'none' refuses it, 'sequence' or 'uld' distil across "
+        "(see docs/teacher_signal.md).",
+    )
+
+    @model_validator(mode="after")
+    def _on_policy_needs_one_tokenizer(self) -> DistillConfig:
+        if self.on_policy.fraction > 0 and self.cross_tokenizer.method != "none":
+            raise ValueError(
+                f"on_policy.fraction > 0 needs the teacher to score the student's own token ids, so it cannot be "
+                f"combined with cross_tokenizer.method={self.cross_tokenizer.method!r}; set one of them off"
+            )
+        return self
+
+
+# DistillConfig's sections that only stage 1 knows (a baseline run with stage 1's settings drops them)
+DISTILL_ONLY_FIELDS = {"loss", "on_policy", "cross_tokenizer"}
 
 
 class FinetuneConfig(TrainConfig):
@@ -188,6 +214,11 @@ class PipelineConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig, description="Input datasets.")
     generate: GenerateConfig = Field(default_factory=GenerateConfig, description="Teacher generation (see docs/generation.md).")
     mix: MixConfig = Field(default_factory=MixConfig, description="Mixing teacher and real data.")
+    signal: SignalConfig = Field(
+        default_factory=SignalConfig,
+        description="Optional stage between mix and distill: the teacher's top-k signal computed once and stored "
+        "(see docs/teacher_signal.md).",
+    )
     distill: DistillConfig = Field(default_factory=DistillConfig, description="Stage 1: distillation.")
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="Stage 2: fine-tuning on task data.")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Evaluation.")
@@ -209,6 +240,35 @@ class PipelineConfig(_Section):
             ]
             if missing:
                 raise ValueError(f"without `demo`, these must be set: {', '.join(missing)}")
+        return self
+
+    @model_validator(mode="after")
+    def _signal_fits_distill(self) -> PipelineConfig:
+        sig, loss = self.signal, self.distill.loss
+        if not sig.enabled:
+            if sig.extra_uris:
+                raise ValueError("signal.extra_uris are read only with signal.enabled: true")
+            return self
+        problems = []
+        if self.distill.cross_tokenizer.method != "none":
+            problems.append(
+                "a teacher-signal store holds token ids of the teacher's tokenizer, so it needs "
+                "distill.cross_tokenizer.method: none (one shared tokenizer)"
+            )
+        if loss.hidden is not None:
+            problems.append("distill.loss.hidden needs the online teacher's hidden states, which a store does not hold")
+        if sig.mode == "sampled" and loss.divergence != "forward_kl":
+            problems.append(
+                f"signal.mode: sampled is unbiased only for distill.loss.divergence: forward_kl (got {loss.divergence!r})"
+            )
+        stores = 1 + len(sig.extra_uris)
+        if loss.teacher_weights is not None and len(loss.teacher_weights) != stores:
+            problems.append(
+                f"distill.loss.teacher_weights has {len(loss.teacher_weights)} weights for {stores} teacher-signal "
+                "stores (this run's, then signal.extra_uris)"
+            )
+        if problems:
+            raise ValueError("signal.enabled: " + "; ".join(problems))
         return self
 
 

@@ -112,13 +112,12 @@ def loss_curves_figure(histories: dict[str, list[dict[str, float]]]) -> Any:
     so the validation panel (CE on held-out real data, the same for every stage) is the one to
     compare.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a Figure outside pyplot: nothing to close, freed with its last reference
+    from matplotlib.figure import Figure
 
     colors = {"distill": "#4c72b0", "finetune": "#55a868", "baseline": "#c44e52"}
-    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(9, 3.2), dpi=100)
+    fig = Figure(figsize=(9, 3.2), dpi=100)
+    ax_train, ax_val = fig.subplots(1, 2)
     offset = 0
     for stage, rows in histories.items():
         if not rows:
@@ -128,8 +127,8 @@ def loss_curves_figure(histories: dict[str, list[dict[str, float]]]) -> Any:
         style = {"color": colors.get(stage), "linestyle": "-" if chained else "--", "label": stage}
         train = [(start + r["step"], r["loss"]) for r in rows if "loss" in r]
         val = [(start + r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-        if train:
-            ax_train.plot(*zip(*train, strict=True), **style)
+        if train:  # markers where there are few points, so a short stage still shows
+            ax_train.plot(*zip(*train, strict=True), marker="o" if len(train) < 20 else None, markersize=3, **style)
         if val:
             ax_val.plot(*zip(*val, strict=True), marker="o", markersize=3, **style)
         if chained:

@@ -30,6 +30,7 @@ class StagePlan:
     finetune_uri: str | None
     baseline_uri: str | None
     evaluate_uri: str
+    signal_uri: str | None = None  # the teacher-signal store (signal.enabled), between mix and distill
 
     @property
     def student_uri(self) -> str:
@@ -69,7 +70,11 @@ def make_plan(cfg: PipelineConfig) -> StagePlan:
 
     generate = _key("generate", teacher_uri, prompts_uri, cfg.generate.content_params())
     mix = _key("mix", generate, real_uri, cfg.data.model_dump(), cfg.mix.model_dump())
-    distill = _key("distill", mix, teacher_uri, student, _training(cfg.distill), cfg.distill.loss.model_dump())
+    signal = _key("signal", mix, teacher_uri, _signal_content(cfg), cfg.distill.max_length) if cfg.signal.enabled else None
+    distill = _key(
+        "distill", mix, teacher_uri, student, _training(cfg.distill), cfg.distill.loss.model_dump(),
+        *([signal, cfg.signal.extra_uris] if signal else []),
+    )
     finetune = _key("finetune", distill, _training(cfg.finetune)) if cfg.finetune.enabled else None
     baseline = (
         _key("baseline", mix, student, _training(cfg.distill), baseline_steps(cfg)) if cfg.evaluate.baseline else None
@@ -88,7 +93,19 @@ def make_plan(cfg: PipelineConfig) -> StagePlan:
         finetune_uri=io.join(root, f"finetune-{finetune}") if finetune else None,
         baseline_uri=io.join(root, f"baseline-{baseline}") if baseline else None,
         evaluate_uri=io.join(root, f"evaluate-{evaluate}"),
+        signal_uri=io.join(root, f"signal-{signal}") if signal else None,
     )
+
+
+def _signal_content(cfg: PipelineConfig) -> dict[str, Any]:
+    # what the store holds; batch sizes, shard size and device only change how it is computed
+    content = cfg.signal.model_dump(include={"k", "mode", "sampled_tokens", "seed"})
+    return {**content, "temperature": signal_temperature(cfg)}
+
+
+def signal_temperature(cfg: PipelineConfig) -> float:
+    """The store's temperature: ``signal.temperature``, or the distill loss temperature when empty."""
+    return cfg.signal.temperature if cfg.signal.temperature is not None else cfg.distill.loss.temperature
 
 
 def baseline_steps(cfg: PipelineConfig) -> int:

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 from mydistill import io, tracking
-from mydistill.config import PipelineConfig
+from mydistill.config import DISTILL_ONLY_FIELDS, PipelineConfig
 from mydistill.data import TASK_TRAIN_FILE, TRAIN_FILE, VAL_FILE, run_mix
-from mydistill.pipeline import StagePlan, baseline_steps
+from mydistill.pipeline import StagePlan, baseline_steps, signal_temperature
 from mydistill.launch import launch_training
 from mydistill.train import TrainJob, run_training
 
@@ -66,6 +66,26 @@ def mix(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None = None) 
     return manifest
 
 
+def teacher_signal(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None = None) -> dict[str, Any]:
+    """The optional signal stage: the teacher's top-k (or sampled) signal over the mix's training
+    records, stored once for the distill stage (see docs/teacher_signal.md); returns the manifest."""
+    from mydistill.signal import compute_teacher_signal
+
+    require_done(plan.mix_uri, "mix")
+    if not plan.signal_uri:
+        raise ValueError("the signal stage runs only with signal.enabled: true")
+    data_uri = io.join(plan.mix_uri, TRAIN_FILE)
+    with tracking.stage_run(parent_run_id, "signal", cfg.tracking.experiment) as run_id:
+        manifest = compute_teacher_signal(
+            data_uri, plan.teacher_uri, plan.signal_uri, max_length=cfg.distill.max_length, teacher_id=plan.teacher_id,
+            cfg=cfg.signal.model_copy(update={"temperature": signal_temperature(cfg)}),
+        )
+        if run_id:
+            tracking.log_params(run_id, {"signal": cfg.signal.model_dump(), "teacher": plan.teacher_uri, "output_uri": plan.signal_uri})
+            tracking.log_metrics(run_id, {**_numbers(manifest["counts"]), "bytes_per_token": manifest["bytes_per_token"]})
+    return manifest
+
+
 def train_job(cfg: PipelineConfig, plan: StagePlan, stage: str) -> TrainJob:
     """The training job for ``stage`` in this plan: ``distill``, ``finetune`` or ``baseline``."""
     init = {"init_uri": cfg.student.init_uri, "arch": None if cfg.student.init_uri else cfg.student.arch.model_dump()}
@@ -74,7 +94,8 @@ def train_job(cfg: PipelineConfig, plan: StagePlan, stage: str) -> TrainJob:
         return TrainJob(
             stage="distill", data_uri=io.join(plan.mix_uri, TRAIN_FILE), val_uri=io.join(plan.mix_uri, VAL_FILE),
             output_uri=plan.distill_uri, tokenizer_uri=tokenizer_uri, teacher_uri=plan.teacher_uri,
-            train=cfg.distill.model_dump(), inputs=_data_inputs(plan, TRAIN_FILE), **init,
+            signal_uris=_signal_uris(cfg, plan), train=cfg.distill.model_dump(),
+            inputs={**_data_inputs(plan, TRAIN_FILE), **_signal_inputs(cfg, plan)}, **init,
         )
     if stage == "finetune":
         assert plan.finetune_uri
@@ -86,7 +107,7 @@ def train_job(cfg: PipelineConfig, plan: StagePlan, stage: str) -> TrainJob:
         )
     if stage == "baseline":
         assert plan.baseline_uri
-        train = cfg.distill.model_dump(exclude={"loss"})
+        train = cfg.distill.model_dump(exclude=DISTILL_ONLY_FIELDS)
         train["steps"] = baseline_steps(cfg)
         return TrainJob(
             stage="baseline", data_uri=io.join(plan.mix_uri, TASK_TRAIN_FILE), val_uri=io.join(plan.mix_uri, VAL_FILE),
@@ -106,6 +127,8 @@ def train(
     output lines go to ``on_line``; rank 0 logs metrics into this stage's MLflow run.
     """
     require_done(plan.mix_uri, "mix")
+    if stage == "distill":
+        require_done(plan.signal_uri, "signal")
     if stage == "finetune":
         require_done(plan.distill_uri, "distill")
     job = train_job(cfg, plan, stage)
@@ -165,9 +188,6 @@ def evaluate(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None = N
             for target in (run_id, parent_run_id):
                 tracking.log_figure(target, curves, "plots/loss_curves.png")
                 tracking.log_artifact(target, os.path.join(evaluation, PLOT_FILE), "plots")
-            import matplotlib.pyplot as plt
-
-            plt.close(curves)
     return report
 
 
@@ -184,6 +204,16 @@ def require_done(uri: str | None, stage: str) -> None:
 
 def _numbers(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return {f"{prefix}{k}": float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _signal_uris(cfg: PipelineConfig, plan: StagePlan) -> list[str]:
+    """The stores the distill stage reads: this run's, then ``signal.extra_uris`` (other teachers)."""
+    return [plan.signal_uri, *cfg.signal.extra_uris] if plan.signal_uri else []
+
+
+def _signal_inputs(cfg: PipelineConfig, plan: StagePlan) -> dict[str, Any]:
+    uris = _signal_uris(cfg, plan)
+    return {"signal": [(io.read_manifest(u) or {}).get("inputs_sha256") for u in uris]} if uris else {}
 
 
 def _data_inputs(plan: StagePlan, name: str) -> dict[str, Any]:

@@ -6,6 +6,8 @@ gets label ``IGNORE_INDEX``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -91,3 +93,22 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     shifted = torch.full_like(labels, IGNORE_INDEX)
     shifted[..., :-1] = labels[..., 1:]
     return shifted
+
+
+def tokenizer_sha256(tokenizer: Any) -> str:
+    """A hash of what decides token ids: vocabulary, merges, normalizer and pre-tokenizer, added and
+    special tokens, and the chat template (which decides what text is tokenized).
+
+    Padding/truncation settings are left out: they do not change which id a string gets. Stable
+    across ``save_pretrained`` / ``from_pretrained``.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec: dict[str, Any] = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+    else:
+        spec = {"vocab": sorted(tokenizer.get_vocab().items())}
+    special = {name: str(getattr(tokenizer, name, None)) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    content = {"tokenizer": spec, "special": special, "chat_template": getattr(tokenizer, "chat_template", None)}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()

@@ -31,8 +31,11 @@ import torch.distributed as dist
 
 from mydistill import io
 from mydistill.config import REPO_ROOT, RUN_ONLY_FIELDS, DistillConfig, TrainConfig
-from mydistill.losses import DistillObjective, LossConfig
-from mydistill.models import build_model, check_same_vocabulary, count_parameters, load_model, load_tokenizer
+from mydistill.cross_tokenizer import ULDObjective, ULDTeacher, check_tokenizers_agree
+from mydistill.losses import DistillObjective, LossConfig, LossOutput
+from mydistill.models import build_model, count_parameters, load_model, load_tokenizer
+from mydistill.on_policy import OnPolicyMixer, eos_ids_of
+from mydistill.signal.source import TeacherSource, online_signal
 from mydistill.tokenization import IGNORE_INDEX, TokenizedExample, collate, shift_labels, tokenize_example
 
 Stage = Literal["distill", "finetune", "baseline", "teacher"]
@@ -57,6 +60,7 @@ class TrainJob:
     init_uri: str | None = None
     arch: dict[str, Any] | None = None
     teacher_uri: str | None = None
+    signal_uris: list[str] = field(default_factory=list)  # teacher-signal stores read instead of the teacher
     mlflow_run_id: str | None = None
     checkpoint_dir: str | None = None
     inputs: dict[str, Any] = field(default_factory=dict)
@@ -217,7 +221,9 @@ class StudentObjective(torch.nn.Module):
     The forward never materialises full-vocabulary logits: the objective projects the final
     hidden states chunk by chunk (full (B, T, V) logits dominate peak memory at real vocabulary
     sizes). Under ZeRO-3 the output projection is used outside its own module's forward, so it
-    is registered as an external parameter of this module and gathered for the whole forward.
+    is registered as an external parameter of this module; the forward returns the loss as a
+    plain tensor (with the metrics beside it) so that ZeRO-3 hooks it and gathers that parameter
+    again for the backward pass, where the fused loss hands over its gradient.
     """
 
     def __init__(self, student: Any, objective: DistillObjective):
@@ -225,15 +231,16 @@ class StudentObjective(torch.nn.Module):
         self.student = student
         self.objective = objective
 
-    def forward(self, batch: dict[str, torch.Tensor], teacher_signal: dict[str, Any]) -> Any:
+    def forward(self, batch: dict[str, torch.Tensor], teacher_signal: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         hidden = self.student.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        return self.objective(
+        out = self.objective(
             student_hidden=hidden,
             student_head_weight=self.student.lm_head.weight,
             labels=shift_labels(batch["labels"]),
             attention_mask=batch["attention_mask"],
             **teacher_signal,
         )
+        return out.loss, out.metrics
 
 
 class PlainEngine:
@@ -346,19 +353,20 @@ def _latest_tag(directory: str) -> str | None:
 # one step
 
 
-def teacher_signal(teacher: Any, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+def teacher_signal(teacher: Any, batch: dict[str, torch.Tensor], indices: list[int] | None = None) -> dict[str, Any]:
     """The frozen teacher's signal for a batch: its final hidden states and output projection
-    (the objective computes teacher logits chunk by chunk, like the student's)."""
-    if teacher is None:
-        return {}
-    with torch.no_grad():
-        hidden = teacher.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    return {"teacher_hidden": hidden, "teacher_head_weight": teacher.lm_head.weight}
+    (the objective computes teacher logits chunk by chunk, like the student's), or, from a
+    :class:`~mydistill.signal.source.TeacherSource`, a stored top-k teacher or a ULD signal for
+    the examples at ``indices``."""
+    if isinstance(teacher, TeacherSource):
+        return teacher.signal(batch, indices)
+    return online_signal(teacher, batch)
 
 
-def forward_loss(engine: Any, batch: dict[str, torch.Tensor], teacher: Any | None) -> Any:
+def forward_loss(engine: Any, batch: dict[str, torch.Tensor], teacher: Any | None, indices: list[int] | None = None) -> Any:
     """Loss for one batch: the teacher's signal, then the student and objective under the engine."""
-    return engine(batch, teacher_signal(teacher, batch))
+    loss, metrics = engine(batch, teacher_signal(teacher, batch, indices))
+    return LossOutput(loss, metrics)
 
 
 @torch.no_grad()
@@ -397,7 +405,8 @@ def run_training(job: TrainJob, on_metrics: MetricsCallback | None = None, progr
     """
     cfg = job.train_config()
     inputs = {**job.inputs, "stage": job.stage, "train": cfg.model_dump(exclude=RUN_ONLY_FIELDS),
-              "init_uri": job.init_uri, "arch": job.arch, "teacher_uri": job.teacher_uri}
+              "init_uri": job.init_uri, "arch": job.arch, "teacher_uri": job.teacher_uri,
+              **({"signal_uris": job.signal_uris} if job.signal_uris else {})}
     done = io.manifest_matches(job.output_uri, inputs)
     if done:
         return done
@@ -413,10 +422,16 @@ def run_training(job: TrainJob, on_metrics: MetricsCallback | None = None, progr
     # The frozen teacher is loaded first, before any ZeRO-3 config exists, so it is never
     # partitioned by accident.
     tokenizer = load_tokenizer(job.tokenizer_uri)
-    teacher = None
+    distill = cfg if isinstance(cfg, DistillConfig) else None
+    method = distill.cross_tokenizer.method if distill else "none"
+    teacher = teacher_tokenizer = None
     if job.teacher_uri:
-        teacher = load_model(job.teacher_uri, device=device).eval().requires_grad_(False)
-        check_same_vocabulary(load_tokenizer(job.teacher_uri), tokenizer)
+        # before anything heavy: the same ids must mean the same strings, unless a cross-tokenizer method is set
+        teacher_tokenizer = load_tokenizer(job.teacher_uri)
+        check_tokenizers_agree(teacher_tokenizer, tokenizer, method=method)
+        if _needs_teacher_model(job, distill):
+            teacher = load_model(job.teacher_uri, device=device).eval().requires_grad_(False)
+    source = _teacher_source(job, distill, teacher, teacher_tokenizer, tokenizer)
     ds_config = deepspeed_config(cfg.deepspeed, cfg, device) if use_deepspeed else None
     zero3_loading = _zero3_loading(ds_config) if ds_config and job.init_uri else None  # noqa: F841 (kept alive)
     student = _load_student(job, cfg, tokenizer, device)
@@ -426,13 +441,14 @@ def run_training(job: TrainJob, on_metrics: MetricsCallback | None = None, progr
         loss_cfg,
         student_hidden_size=student.config.hidden_size,
         student_num_layers=student.config.num_hidden_layers,
-        teacher_hidden_size=teacher.config.hidden_size if teacher is not None else None,
-        teacher_num_layers=teacher.config.num_hidden_layers if teacher is not None else None,
+        teacher_hidden_size=teacher.config.hidden_size if teacher is not None and method == "none" else None,
+        teacher_num_layers=teacher.config.num_hidden_layers if teacher is not None and method == "none" else None,
     ).to(device)
+    trained_objective = ULDObjective(objective, distill.cross_tokenizer) if distill and method == "uld" else objective
     examples = load_examples(job.data_uri, tokenizer, cfg.max_length)
     val_examples = load_examples(job.val_uri, tokenizer, cfg.max_length) if job.val_uri else []
     n_params = count_parameters(student)
-    module = StudentObjective(student, objective)
+    module = StudentObjective(student, trained_objective)
     engine = DeepSpeedEngine(module, cfg, ds_config) if ds_config else PlainEngine(module, cfg)
 
     checkpoint_dir = job.checkpoints()
@@ -448,14 +464,27 @@ def run_training(job: TrainJob, on_metrics: MetricsCallback | None = None, progr
         if is_main_process():
             print(f"[mydistill] {job.stage}: resumed from step {start_step} ({checkpoint_dir})", flush=True)
     order = batch_indices(len(examples), cfg.batch_size, cfg.seed, start_step=start_step, rank=rank, world_size=world_size)
+    on_policy = None
+    if distill is not None and distill.on_policy.fraction > 0:
+        if teacher is None:
+            raise ValueError("distill.on_policy.fraction > 0 needs the online teacher to score the student's samples (teacher_uri)")
+        on_policy = OnPolicyMixer(distill.on_policy, tokenizer=tokenizer, eos_token_ids=eos_ids_of(student, tokenizer))
+        on_policy.skip(start_step)  # a resumed run makes the same on-policy choices as an uninterrupted one
 
     # ---- train
     window_tokens, window_start = 0.0, time.perf_counter()
     bar = _progress_bar(progress and is_main_process(), job.stage, cfg.steps, start_step)
     for step in range(start_step + 1, cfg.steps + 1):
         step_start = time.perf_counter()
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in next(order)], tokenizer.pad_token_id).items()}
-        out = forward_loss(engine, batch, teacher)
+        indices = next(order)
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in indices], tokenizer.pad_token_id).items()}
+        if on_policy is not None and on_policy.draw():
+            # GKD: the student answers these prompts itself; the online teacher scores its tokens
+            batch = on_policy.replace(batch, student, step, synced_gpus=use_deepspeed and world_size > 1)
+            with on_policy.active(objective):
+                out = forward_loss(engine, batch, teacher)
+        else:
+            out = forward_loss(engine, batch, source, indices)
         if not torch.isfinite(out.loss):
             last = _latest_tag(checkpoint_dir)
             raise TrainingError(
@@ -478,6 +507,7 @@ def run_training(job: TrainJob, on_metrics: MetricsCallback | None = None, progr
                 "tokens_per_s": _global_sum(window_tokens, device) / elapsed,
                 "step_time_s": time.perf_counter() - step_start,
                 "peak_memory_mb": peak_memory_mb(device),
+                **({"on_policy_batches": float(on_policy.sampled_batches)} if on_policy is not None else {}),
             }
             if val_examples and (step % cfg.eval_every == 0 or step == cfg.steps) and not use_deepspeed:
                 metrics["val_loss"] = validation_loss(student, val_examples, tokenizer.pad_token_id, device)
@@ -513,6 +543,45 @@ def _zero3_loading(ds_config: dict[str, Any]) -> Any:
     from transformers.integrations import HfDeepSpeedConfig
 
     return HfDeepSpeedConfig(ds_config)
+
+
+def _needs_teacher_model(job: TrainJob, distill: DistillConfig | None) -> bool:
+    """Whether the teacher's weights must be in memory: not when every batch's signal comes from
+    stores (unless on-policy batches need scoring), nor for sequence-level KD (CE on its text)."""
+    if distill is None:
+        return True
+    if distill.cross_tokenizer.method == "sequence":
+        return False
+    return not job.signal_uris or distill.on_policy.fraction > 0
+
+
+def _teacher_source(
+    job: TrainJob, distill: DistillConfig | None, teacher: Any, teacher_tokenizer: Any, tokenizer: Any
+) -> Any:
+    """What the objective learns from each batch: the online teacher (or none), or a
+    :class:`~mydistill.signal.source.TeacherSource` over stores or the ULD teacher. Stores are
+    checked against this run's tokenizer, data and vocabulary here, before any training."""
+    if distill is None or not (job.signal_uris or distill.cross_tokenizer.method == "uld"):
+        return teacher
+    records = io.read_records(job.data_uri)
+    if job.signal_uris:
+        from mydistill.signal.teacher import StoreTeacher
+
+        loss = distill.loss
+        store = StoreTeacher(
+            job.signal_uris, records=records, tokenizer=tokenizer, vocab_size=_student_vocab_size(job, tokenizer),
+            weights=loss.teacher_weights, temperature=loss.temperature, divergence=loss.divergence,
+        )
+        return TeacherSource(teacher=teacher, store=store)
+    return TeacherSource(teacher=teacher, uld=ULDTeacher(teacher, teacher_tokenizer, records, distill.max_length))
+
+
+def _student_vocab_size(job: TrainJob, tokenizer: Any) -> int:
+    """The student's output vocabulary, read before the student is loaded (a store is checked first)."""
+    if job.init_uri:
+        config = io.read_json(io.join(job.init_uri, "config.json"))
+        return int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size") or len(tokenizer))
+    return len(tokenizer)  # build_model sizes the vocabulary from the tokenizer
 
 
 def _load_student(job: TrainJob, cfg: TrainConfig, tokenizer: Any, device: torch.device) -> Any:

@@ -44,7 +44,21 @@ DEFAULT_CREDENTIALS_BLOCK = "mydistill-credentials"
 _ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 
 
-@task(name="load-credentials", task_run_name="load-credentials", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def _io_error(task: Task, task_run: Any, state: Any) -> bool:
+    """Retry when reaching the API failed, not when the block holds the wrong thing."""
+    try:
+        state.result()
+    except ValueError:
+        return False
+    except Exception:  # noqa: BLE001 - anything else (connection, timeout) may pass on a retry
+        return True
+    return True
+
+
+@task(
+    name="load-credentials", task_run_name="load-credentials", retries=2, retry_delay_seconds=5,
+    retry_condition_fn=_io_error, cache_policy=NO_CACHE,
+)
 def load_credentials() -> list[str]:
     """Put the variables of a Prefect ``Secret`` block into this flow run's environment.
 
@@ -66,10 +80,12 @@ def load_credentials() -> list[str]:
         logger.info("no Secret block %r: credentials come from the worker's environment", name)
         return []
     values = block.get()
-    if not isinstance(values, dict) or not all(isinstance(k, str) and _ENV_NAME.fullmatch(k) for k in values):
+    bad = [k for k in values if not (isinstance(k, str) and _ENV_NAME.fullmatch(k))] if isinstance(values, dict) else None
+    if bad is None or bad:
         raise ValueError(
             f"Secret block {name!r} must hold a JSON object of environment variables, e.g. "
             '{"AWS_ACCESS_KEY_ID": "...", "AWS_SECRET_ACCESS_KEY": "..."}'
+            + (f"; these names are not upper-case variable names: {', '.join(map(repr, bad))}" if bad else "")
         )
     os.environ.update({k: str(v) for k, v in values.items()})
     # s3fs keeps one filesystem per set of options, with the credentials it found when made:
@@ -106,6 +122,17 @@ def mix(config: PipelineConfig, plan: StagePlan, output_uri: str, parent_run_id:
     return output_uri
 
 
+@task(name="signal", task_run_name="signal", cache_policy=ARTIFACT_CACHE, persist_result=True)
+def teacher_signal(config: PipelineConfig, plan: StagePlan, output_uri: str, parent_run_id: str | None = None) -> str:
+    manifest = stages.teacher_signal(config, plan, parent_run_id)
+    counts = manifest["counts"]
+    get_run_logger().info(
+        "teacher signal: %d examples, %d tokens, %.1f bytes/token (k=%d, %s) → %s",
+        counts["examples"], counts["tokens"], manifest["bytes_per_token"], manifest["k"], manifest["mode"], output_uri,
+    )
+    return output_uri
+
+
 @task(name="train", task_run_name="{stage}", cache_policy=ARTIFACT_CACHE, persist_result=True)
 def train(config: PipelineConfig, plan: StagePlan, stage: str, output_uri: str, parent_run_id: str | None = None) -> str:
     manifest = stages.train(config, plan, stage, parent_run_id, progress=_interactive(), on_line=get_run_logger().info)
@@ -123,7 +150,8 @@ def evaluate(config: PipelineConfig, plan: StagePlan, output_uri: str, parent_ru
     return report
 
 
-@task(name="register", task_run_name="register", retries=2, retry_delay_seconds=5)
+# no retries: a retry after the version was created would register a duplicate version
+@task(name="register", task_run_name="register")
 def register(config: PipelineConfig, plan: StagePlan, report: dict[str, Any], parent_run_id: str | None = None) -> dict[str, Any]:
     decision = stages.register(config, plan, report, parent_run_id)
     get_run_logger().info("quality gate %s: %s", "passed" if decision["passed"] else "failed", decision["reason"])

@@ -3,7 +3,7 @@
 Plain reference functions (``fn(student_logits, teacher_logits, **params)`` on ``(N, V)``) live in
 :mod:`.divergences`; the memory-efficient path from hidden states in :mod:`.chunked`; layer-wise
 distillation in :mod:`.hidden`; the config section and the trainer-facing module in :mod:`.config`
-and :mod:`.objective`. See docs/losses.md.
+and :mod:`.objective`; the cross-tokenizer ULD loss in :mod:`.uld`. See docs/losses.md.
 """
 
 from mydistill.losses.chunked import (
@@ -38,6 +38,7 @@ from mydistill.losses.hidden import (
 from mydistill.losses.multitask import step_by_step_loss
 from mydistill.losses.objective import DistillObjective, LossOutput
 from mydistill.losses.teacher import TeacherEnsemble, TopKTeacher, VocabSizeMismatch
+from mydistill.losses.uld import uld_loss
 
 __all__ = [
     "DIVERGENCES",
@@ -70,5 +71,6 @@ __all__ = [
     "step_by_step_loss",
     "symmetric_kl",
     "tvd",
+    "uld_loss",
     "uniform_layer_map",
 ]

@@ -1,0 +1,83 @@
+"""deploy/prefect.yaml and what scripts/stack.py makes of it (quick: no server, no browser)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+STAGE_FLOWS = {"generate": "generate_flow", "mix": "mix_flow", "distill": "distill_flow", "finetune": "finetune_flow", "evaluate": "evaluate_flow"}
+
+
+def _spec() -> dict:
+    return yaml.safe_load((REPO / "deploy" / "prefect.yaml").read_text())
+
+
+def _stack_module():
+    spec = importlib.util.spec_from_file_location("stack", REPO / "scripts" / "stack.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_deployment_for_the_pipeline_and_for_each_stage():
+    deployments = {d["name"]: d for d in _spec()["deployments"]}
+    assert deployments["nightly"]["entrypoint"] == "flows/pipeline.py:distill_pipeline"
+    for stage, flow in STAGE_FLOWS.items():
+        assert deployments[stage]["entrypoint"] == f"flows/stages.py:{flow}"
+    for d in deployments.values():
+        path, func = d["entrypoint"].split(":")
+        assert f"def {func}(" in (REPO / path).read_text()
+        assert d["parameters"] == {}  # the flows' default: configs/demo.yaml
+
+
+def test_training_stages_go_to_the_gpu_pool_the_rest_to_the_cpu_pool():
+    pools = {d["name"]: d["work_pool"]["name"] for d in _spec()["deployments"]}
+    assert pools == {
+        "nightly": "mydistill-cpu", "generate": "mydistill-cpu", "mix": "mydistill-cpu",
+        "distill": "mydistill-gpu", "finetune": "mydistill-gpu", "evaluate": "mydistill-cpu",
+    }
+
+
+def test_the_pipeline_runs_nightly():
+    (schedule,) = {d["name"]: d for d in _spec()["deployments"]}["nightly"]["schedules"]
+    assert schedule == {"cron": "0 2 * * *", "timezone": "UTC", "active": True}
+
+
+def test_the_parameter_form_carries_the_config_descriptions():
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.pipeline import distill_pipeline
+
+    schema = parameter_schema(distill_pipeline).model_dump_for_openapi()
+    definitions = schema["definitions"]
+    assert definitions["PipelineConfig"]["properties"]["work_dir"]["description"] == "Root for all artifacts (local path or s3://)."
+    assert "teacher responses" in definitions["MixConfig"]["properties"]["teacher_fraction"]["description"]
+    assert "the alias points to now" in definitions["RegisterConfig"]["properties"]["beat_champion"]["description"]
+    assert schema["properties"]["config"]["default"]["name"] == "demo"
+
+
+def test_stack_renders_time_zone_preset_and_pools(tmp_path):
+    stack = _stack_module()
+    args = argparse.Namespace(
+        preset="demo-tiny", set=["distill.steps=3"], work_dir="s3://bucket/runs", timezone="Europe/Berlin", cron=None,
+        no_schedule=False, cpu_pool="cpu-a", gpu_pool="gpu-b", pipeline_pool="gpu-b",
+    )
+    rendered = yaml.safe_load(stack.render_deployments(stack.Stack(tmp_path), args).read_text())
+    deployments = {d["name"]: d for d in rendered["deployments"]}
+    assert deployments["nightly"]["schedules"][0]["timezone"] == "Europe/Berlin"
+    assert deployments["nightly"]["work_pool"]["name"] == "gpu-b"
+    assert deployments["mix"]["work_pool"]["name"] == "cpu-a" and deployments["distill"]["work_pool"]["name"] == "gpu-b"
+    config = deployments["mix"]["parameters"]["config"]
+    assert config["name"] == "demo-tiny" and config["distill"]["steps"] == 3
+    assert config["work_dir"] == "s3://bucket/runs/demo-tiny"
+    assert "definitions" not in rendered and json.dumps(rendered)  # plain data, anchors resolved
+
+
+def test_stack_down_with_nothing_running_says_so(tmp_path, capsys):
+    assert _stack_module().main(["--state-dir", str(tmp_path), "down"]) == 0
+    assert "nothing recorded as running" in capsys.readouterr().out

@@ -1,0 +1,184 @@
+"""MLflow tracking helpers, links for people, and the model registry's quality gate (sqlite store)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+
+from mydistill import stages, tracking
+from mydistill.config import load_config
+from mydistill.pipeline import make_plan
+
+
+@pytest.fixture(autouse=True)
+def _configured(monkeypatch):
+    monkeypatch.delenv(tracking.UI_URL_ENV, raising=False)
+    tracking.configure()  # the test session's sqlite store (tests/conftest.py)
+
+
+# ----------------------------------------------------------------------------------------------
+# params and links
+
+
+def test_secret_looking_params_are_masked_by_whole_words():
+    params = {
+        "generate.api_key": "sk-123", "hub.hf_token": "hf_abc", "s3.secret_access_key": "xyz", "db.password": "pw",
+        "generate.api_key_env": "OPENAI_API_KEY", "evaluate.max_new_tokens": 16,
+        "generate.api_max_tokens_param": "max_tokens", "teacher.tokenizer_uri": "s3://b/t", "generate.api_key2": None,
+    }
+    masked = tracking.mask_secrets(params)
+    assert {k for k, v in masked.items() if v == tracking.MASK} == {
+        "generate.api_key", "hub.hf_token", "s3.secret_access_key", "db.password",
+    }
+    assert masked["evaluate.max_new_tokens"] == 16 and masked["generate.api_key_env"] == "OPENAI_API_KEY"
+
+
+def test_display_uri_hides_a_password():
+    assert tracking.display_uri("https://alice:hunter2@mlflow.example:8443/x") == "https://alice:***@mlflow.example:8443/x"
+    assert tracking.display_uri("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
+
+
+def test_run_reference_links_to_the_ui_only_with_a_server(monkeypatch):
+    run_id = tracking.start_run("tracking-test", "links")
+    ref = tracking.run_reference(run_id)
+    assert ref["run_id"] == run_id and ref["url"] is None and ref["tracking_uri"].startswith("sqlite:")
+    assert tracking.model_version_url("m", "3") is None
+
+    monkeypatch.setenv(tracking.UI_URL_ENV, "https://mlflow.example/")
+    ref = tracking.run_reference(run_id)
+    assert ref["url"] == f"https://mlflow.example/#/experiments/{ref['experiment_id']}/runs/{run_id}"
+    assert tracking.model_version_url("my model", "3") == "https://mlflow.example/#/models/my%20model/versions/3"
+
+
+def test_ui_base_url_of_a_tracking_server_drops_credentials(monkeypatch):
+    import mlflow
+
+    monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "http://bob:pw@127.0.0.1:5000/")
+    assert tracking.ui_base_url() == "http://127.0.0.1:5000"
+
+
+def test_new_experiments_open_as_model_training_in_the_ui():
+    name = f"kind-{uuid.uuid4().hex[:6]}"
+    experiment = tracking.client().get_experiment(tracking.experiment_id(name))
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+# ----------------------------------------------------------------------------------------------
+# the quality gate
+
+
+@pytest.mark.parametrize(
+    ("score", "retained", "champion", "passed", "reason"),
+    [
+        (0.9, 0.95, None, True, "keeps 95.0% of the teacher's exact match (at least the gate's 80%); no champion yet"),
+        (0.5, 0.60, None, False, "keeps 60.0% of the teacher's exact match (below the gate's 80%)"),
+        (0.9, 0.95, {"version": "2", "score": 0.8}, True, "beats champion v2 (0.900 > 0.800)"),
+        (0.8, 0.95, {"version": "2", "score": 0.8}, False, "does not beat champion v2 (0.800 ≤ 0.800)"),
+        (0.9, 0.95, {"version": "2", "score": None}, True, "champion v2 has no recorded score to beat"),
+        (0.9, None, None, False, "no teacher score to compare with"),
+    ],
+)
+def test_quality_gate(score, retained, champion, passed, reason):
+    decision = stages.quality_gate(score, retained, min_teacher_retained=0.8, champion=champion)
+    assert decision["passed"] is passed
+    assert reason in decision["reason"]
+
+
+def test_beating_the_champion_can_be_switched_off():
+    decision = stages.quality_gate(0.1, 0.9, min_teacher_retained=0.8, champion={"version": "1", "score": 0.9}, beat_champion=False)
+    assert decision["passed"] and "champion" not in decision["reason"]
+
+
+# ----------------------------------------------------------------------------------------------
+# registering: the alias moves only to a version that passes
+
+
+@pytest.fixture
+def registry(tmp_path):
+    """Register students with given scores under a fresh model name; returns ``register(score, retained)``."""
+    name = f"gate-test-{uuid.uuid4().hex[:6]}"
+    cfg = load_config("demo", [f"work_dir={tmp_path}", f"registry.model_name={name}", "tracking.experiment=registry-test"])
+    plan = make_plan(cfg)
+    student = tmp_path / plan.student_uri.rsplit("/", 1)[-1]
+    student.mkdir()
+    (student / "config.json").write_text("{}")
+
+    def register(score: float, retained: float | None = 1.0) -> tuple[dict, str]:
+        parent = tracking.start_run(cfg.tracking.experiment, "pipeline")
+        report = {"models": {"student": {"exact_match": score, **({"teacher_retained": retained} if retained is not None else {})}}}
+        return stages.register(cfg, plan, report, parent), name
+
+    return register
+
+
+def _champion(name: str) -> str:
+    return str(tracking.client().get_model_version_by_alias(name, "champion").version)
+
+
+def test_alias_moves_only_to_a_student_that_passes_and_beats_the_champion(registry):
+    first, name = registry(0.50)
+    assert first["passed"] and first["alias"] == "champion" and _champion(name) == first["version"]
+    assert "no champion yet" in first["reason"]
+
+    worse, _ = registry(0.40)
+    assert not worse["passed"] and worse["alias"] is None and worse["registered"]
+    assert _champion(name) == first["version"]
+    assert worse["champion_version"] == first["version"] and worse["champion_score"] == pytest.approx(0.5)
+
+    too_far_from_teacher, _ = registry(0.90, retained=0.5)
+    assert not too_far_from_teacher["passed"] and _champion(name) == first["version"]
+
+    better, _ = registry(0.60)
+    assert better["passed"] and _champion(name) == better["version"]
+    assert f"beats champion v{first['version']} (0.600 > 0.500)" in better["reason"]
+
+
+def test_the_decision_is_recorded_on_the_version_and_the_register_run(registry):
+    registry(0.5)
+    decision, name = registry(0.4)
+    c = tracking.client()
+    version = c.get_model_version(name, decision["version"])
+    assert version.tags["gate_passed"] == "False"
+    assert version.tags["gate_reason"] == decision["reason"]
+    assert version.tags[tracking.SCORE_TAG] == "0.400000"
+    assert version.tags["champion_before"] == f"v{decision['champion_version']}"
+    run = c.get_run(version.run_id)
+    assert run.data.tags["mydistill.gate"] == "failed" and run.data.tags["mydistill.gate_reason"] == decision["reason"]
+    assert run.data.metrics[tracking.SCORE_METRIC] == pytest.approx(0.4)
+    recorded = json.loads(Path(c.download_artifacts(run.info.run_id, "decision.json")).read_text())
+    assert recorded["passed"] is False and recorded["reason"] == decision["reason"]
+
+
+def test_a_champion_without_a_score_tag_is_read_from_its_run(registry):
+    first, name = registry(0.5)
+    tracking.client().delete_model_version_tag(name, first["version"], tracking.SCORE_TAG)
+    assert tracking.alias_holder(name, "champion") == {
+        "version": first["version"], "score": pytest.approx(0.5), "run_id": tracking.client().get_model_version(name, first["version"]).run_id,
+    }
+
+
+def test_no_model_or_no_alias_means_no_champion():
+    assert tracking.alias_holder(f"missing-{uuid.uuid4().hex[:6]}", "champion") is None
+    name = f"no-alias-{uuid.uuid4().hex[:6]}"
+    tracking.client().create_registered_model(name)
+    assert tracking.alias_holder(name, "champion") is None
+
+
+def test_an_unreachable_registry_is_not_taken_for_no_champion(monkeypatch):
+    import mlflow
+
+    def down(*args, **kwargs):
+        raise mlflow.exceptions.MlflowException("connection refused", error_code="TEMPORARILY_UNAVAILABLE")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "get_model_version_by_alias", down)
+    with pytest.raises(mlflow.exceptions.MlflowException, match="connection refused"):
+        tracking.alias_holder("any", "champion")
+
+
+def test_without_tracking_nothing_is_registered(registry, tmp_path):
+    cfg = load_config("demo", [f"work_dir={tmp_path}"])
+    decision = stages.register(cfg, make_plan(cfg), {"models": {"student": {"exact_match": 0.9, "teacher_retained": 0.95}}})
+    assert decision["passed"] and decision["registered"] is False

@@ -1,0 +1,101 @@
+"""The Prefect task layer's own logic: what people read in the Prefect UI, and credentials."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+
+from tasks import stages as t
+
+REPORT = {
+    "models": {
+        "teacher": {"exact_match": 0.9, "perplexity": 1.5, "parameters": 1_120_000},
+        "student": {"exact_match": 0.81, "perplexity": 1.9, "parameters": 150_000, "teacher_retained": 0.9,
+                    "kl_to_teacher": 0.12, "top1_agreement": 0.95},
+    }
+}
+
+
+def test_report_markdown_links_to_the_mlflow_run_on_a_server():
+    md = t.report_markdown(REPORT, {
+        "run_id": "abc123", "experiment_id": "7", "url": "http://127.0.0.1:5000/#/experiments/7/runs/abc123",
+        "tracking_uri": "http://127.0.0.1:5000",
+    })
+    assert "| student | 81.0% | 90.0% | 1.900 | 0.120 | 95.0% | 150,000 |" in md
+    assert "[run abc123](http://127.0.0.1:5000/#/experiments/7/runs/abc123) (experiment 7)" in md
+
+
+def test_report_markdown_names_the_run_in_a_local_store():
+    md = t.report_markdown(REPORT, {"run_id": "abc123", "experiment_id": "7", "url": None, "tracking_uri": "sqlite:///x.db"})
+    assert "run `abc123` in `sqlite:///x.db`" in md and "](" not in md
+    assert "MLflow" not in t.report_markdown(REPORT)
+
+
+def test_decision_markdown():
+    decision = {"passed": False, "reason": "does not beat champion v2 (0.800 ≤ 0.810)", "model_name": "m",
+                "version": "3", "alias": None, "version_url": "http://h/#/models/m/versions/3"}
+    md = t.decision_markdown(decision)
+    assert md.startswith("**Quality gate failed**: does not beat champion v2")
+    assert "[m v3](http://h/#/models/m/versions/3); alias left where it was." in md
+
+
+class _FakeSecret:
+    def __init__(self, value):
+        self.value = value
+
+    def get(self):
+        return self.value
+
+
+@pytest.fixture
+def secret_block(monkeypatch, caplog):
+    """``Secret.load`` answering from a dict of blocks; logs to caplog instead of a Prefect run."""
+    from prefect.blocks.system import Secret
+
+    blocks: dict[str, object] = {}
+
+    def load(name, *args, **kwargs):
+        if name not in blocks:
+            raise ValueError(f"Unable to find block document named {name} for block type secret")
+        return _FakeSecret(blocks[name])
+
+    monkeypatch.setattr(Secret, "load", load)
+    monkeypatch.setattr(t, "get_run_logger", lambda: logging.getLogger("test-credentials"))
+    monkeypatch.delenv(t.CREDENTIALS_BLOCK_ENV, raising=False)
+    caplog.set_level(logging.INFO, "test-credentials")
+    return blocks
+
+
+def test_credentials_from_a_block_go_into_the_environment_and_only_their_names_into_logs(secret_block, monkeypatch, caplog):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "from-the-worker")  # restored afterwards
+    monkeypatch.setenv("MYDISTILL_TEST_KEY_ID", "x")
+    secret_block["mydistill-credentials"] = {"AWS_SECRET_ACCESS_KEY": "sekrit-value", "MYDISTILL_TEST_KEY_ID": "id-value"}
+    assert t.load_credentials.fn() == ["AWS_SECRET_ACCESS_KEY", "MYDISTILL_TEST_KEY_ID"]
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] == "sekrit-value"  # the block wins over the worker's environment
+    assert "AWS_SECRET_ACCESS_KEY, MYDISTILL_TEST_KEY_ID" in caplog.text
+    assert "sekrit-value" not in caplog.text and "id-value" not in caplog.text
+
+
+def test_no_block_leaves_the_environment_as_it_is(secret_block, monkeypatch, caplog):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "from-the-worker")
+    assert t.load_credentials.fn() == []
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] == "from-the-worker"
+    assert "credentials come from the worker's environment" in caplog.text
+
+
+def test_the_block_name_comes_from_the_environment_and_empty_turns_it_off(secret_block, monkeypatch):
+    secret_block["team-s3"] = {"MYDISTILL_TEST_OTHER": "1"}
+    monkeypatch.setenv("MYDISTILL_TEST_OTHER", "0")
+    monkeypatch.setenv(t.CREDENTIALS_BLOCK_ENV, "team-s3")
+    assert t.load_credentials.fn() == ["MYDISTILL_TEST_OTHER"]
+    monkeypatch.setenv(t.CREDENTIALS_BLOCK_ENV, "")
+    assert t.load_credentials.fn() == []
+
+
+@pytest.mark.parametrize("value", ["just-a-string", ["AWS_ACCESS_KEY_ID"], {"not a name": "x"}, {"lower_case": "x"}])
+def test_a_block_that_is_not_a_mapping_of_variables_is_refused(secret_block, value):
+    secret_block["mydistill-credentials"] = value
+    with pytest.raises(ValueError, match="must hold a JSON object of environment variables"):
+        t.load_credentials.fn()
