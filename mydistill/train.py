@@ -436,6 +436,8 @@ def run_training(job: TrainJob, on_metrics: MetricsCallback | None = None, progr
     zero3_loading = _zero3_loading(ds_config) if ds_config and job.init_uri else None  # noqa: F841 (kept alive)
     student = _load_student(job, cfg, tokenizer, device)
     student.train()
+    if teacher is not None and method == "none":
+        _match_head_rows(teacher, student.config.vocab_size)
     loss_cfg = cfg.loss if isinstance(cfg, DistillConfig) else LossConfig(alpha=0.0)
     objective = DistillObjective(
         loss_cfg,
@@ -534,6 +536,18 @@ def run_training(job: TrainJob, on_metrics: MetricsCallback | None = None, progr
     if world_size > 1:
         dist.barrier()
     return manifest
+
+
+def _match_head_rows(teacher: Any, vocab_size: int) -> None:
+    """Drop padding rows of the teacher's output projection beyond the student's vocabulary.
+
+    Models of one family often pad their heads to different sizes (Qwen2.5-7B has 152,064 rows,
+    0.5B 151,936) while sharing one tokenizer, whose ids all lie below both sizes (checked before
+    this point), so the extra rows are never a real token's.
+    """
+    weight = teacher.lm_head.weight
+    if weight.shape[0] > vocab_size:
+        teacher.lm_head.weight = torch.nn.Parameter(weight[:vocab_size].detach(), requires_grad=False)
 
 
 def _zero3_loading(ds_config: dict[str, Any]) -> Any:

@@ -131,3 +131,17 @@ def test_bad_training_data_names_file_and_record(tmp_path, tiny_model_dir):
     io.write_records(uri, [{"prompt": "a", "response": "b"}, {"prompt": "c"}])
     with pytest.raises(io.DataError, match=r"bad.jsonl: record 2 needs 'prompt' and 'response'"):
         run_training(job(tmp_path, uri, tiny_model_dir, arch=TINY_ARCH))
+
+
+def test_teacher_head_padded_beyond_the_shared_vocabulary_is_accepted(tmp_path, task_data, tiny_model_dir, demo_tokenizer):
+    """Same tokenizer, teacher head with padding rows (as Qwen2.5-7B vs 0.5B): distillation works."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    padded = tmp_path / "padded-teacher"
+    config = LlamaConfig(vocab_size=len(demo_tokenizer) + 8, pad_token_id=demo_tokenizer.pad_token_id,
+                         **{k: v for k, v in TINY_ARCH.items() if k != "tie_word_embeddings"})
+    LlamaForCausalLM(config).save_pretrained(padded)
+    demo_tokenizer.save_pretrained(padded)
+    train = DistillConfig(steps=4, batch_size=8, warmup_steps=1, log_every=2).model_dump()
+    manifest = run_training(job(tmp_path, task_data, tiny_model_dir, stage="distill", arch=TINY_ARCH, teacher_uri=str(padded), train=train))
+    assert manifest["history"][-1]["kd"] > 0
