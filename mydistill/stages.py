@@ -20,15 +20,19 @@ from mydistill.launch import launch_training
 from mydistill.train import TrainJob, run_training
 
 
-def prepare_demo(cfg: PipelineConfig, plan: StagePlan, *, progress: bool = False) -> dict[str, str]:
-    """Write the demo datasets and make sure the demo teacher exists (trained once, then cached)."""
+def prepare_demo(
+    cfg: PipelineConfig, plan: StagePlan, *, progress: bool = False,
+    on_metrics: Callable[[dict[str, float], int], None] | None = None,
+) -> dict[str, str]:
+    """Write the demo datasets and make sure the demo teacher exists (trained once, then cached;
+    ``on_metrics`` follows that training)."""
     from mydistill.demo.bootstrap import ensure_teacher, write_demo_data
 
     if cfg.demo is None:
         raise ValueError("prepare_demo needs a config with a `demo` section")
     uris = write_demo_data(cfg.demo, plan.demo_data_uri) if plan.demo_data_uri else {}
     if not cfg.teacher.uri:
-        uris["teacher"] = ensure_teacher(cfg.demo, progress=progress)
+        uris["teacher"] = ensure_teacher(cfg.demo, progress=progress, on_metrics=on_metrics)
     return uris
 
 

@@ -99,7 +99,13 @@ def load_credentials() -> list[str]:
 
 @task(name="prepare-demo", task_run_name="prepare-demo", retries=1, retry_delay_seconds=5)
 def prepare_demo(config: PipelineConfig, plan: StagePlan) -> dict[str, str]:
-    uris = stages.prepare_demo(config, plan, progress=_interactive())
+    logger = get_run_logger()
+
+    def teacher_progress(metrics: dict[str, float], step: int) -> None:
+        # the first run trains the demo teacher (minutes on a CPU): say how it goes
+        logger.info("demo teacher step %d: loss %.4f, %.0f tokens/s", step, metrics["loss"], metrics["tokens_per_s"])
+
+    uris = stages.prepare_demo(config, plan, progress=_interactive(), on_metrics=teacher_progress)
     get_run_logger().info("demo data and teacher ready: %s", uris)
     return uris
 
