@@ -230,11 +230,17 @@ class StudentObjective(torch.nn.Module):
         super().__init__()
         self.student = student
         self.objective = objective
+        # layer-wise distillation (distill.loss.hidden) needs every layer's hidden states
+        self.wants_hidden_states = getattr(getattr(objective, "cfg", None), "hidden", None) is not None
 
     def forward(self, batch: dict[str, torch.Tensor], teacher_signal: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        hidden = self.student.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        student_out = self.student.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=self.wants_hidden_states
+        )
+        if self.wants_hidden_states:
+            teacher_signal = {**teacher_signal, "student_hidden_states": student_out.hidden_states}
         out = self.objective(
-            student_hidden=hidden,
+            student_hidden=student_out.last_hidden_state,
             student_head_weight=self.student.lm_head.weight,
             labels=shift_labels(batch["labels"]),
             attention_mask=batch["attention_mask"],
@@ -353,19 +359,22 @@ def _latest_tag(directory: str) -> str | None:
 # one step
 
 
-def teacher_signal(teacher: Any, batch: dict[str, torch.Tensor], indices: list[int] | None = None) -> dict[str, Any]:
+def teacher_signal(
+    teacher: Any, batch: dict[str, torch.Tensor], indices: list[int] | None = None, hidden_states: bool = False
+) -> dict[str, Any]:
     """The frozen teacher's signal for a batch: its final hidden states and output projection
     (the objective computes teacher logits chunk by chunk, like the student's), or, from a
     :class:`~mydistill.signal.source.TeacherSource`, a stored top-k teacher or a ULD signal for
     the examples at ``indices``."""
     if isinstance(teacher, TeacherSource):
         return teacher.signal(batch, indices)
-    return online_signal(teacher, batch)
+    return online_signal(teacher, batch, hidden_states=hidden_states)
 
 
 def forward_loss(engine: Any, batch: dict[str, torch.Tensor], teacher: Any | None, indices: list[int] | None = None) -> Any:
     """Loss for one batch: the teacher's signal, then the student and objective under the engine."""
-    loss, metrics = engine(batch, teacher_signal(teacher, batch, indices))
+    signal = teacher_signal(teacher, batch, indices, hidden_states=engine.module.wants_hidden_states)
+    loss, metrics = engine(batch, signal)
     return LossOutput(loss, metrics)
 
 

@@ -48,11 +48,15 @@ class TeacherSource:
         return online_signal(self.teacher, batch)
 
 
-def online_signal(teacher: Any, batch: dict[str, Tensor]) -> dict[str, Any]:
+def online_signal(teacher: Any, batch: dict[str, Tensor], hidden_states: bool = False) -> dict[str, Any]:
     """The frozen online teacher's final hidden states and output projection for ``batch``
-    (the objective computes its logits chunk by chunk, like the student's)."""
+    (the objective computes its logits chunk by chunk, like the student's); with
+    ``hidden_states`` also every layer's states, for layer-wise distillation."""
     if teacher is None:
         return {}
     with torch.no_grad():
-        hidden = teacher.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    return {"teacher_hidden": hidden, "teacher_head_weight": teacher.lm_head.weight}
+        out = teacher.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=hidden_states)
+    signal = {"teacher_hidden": out.last_hidden_state, "teacher_head_weight": teacher.lm_head.weight}
+    if hidden_states:
+        signal["teacher_hidden_states"] = out.hidden_states
+    return signal

@@ -145,3 +145,15 @@ def test_teacher_head_padded_beyond_the_shared_vocabulary_is_accepted(tmp_path, 
     train = DistillConfig(steps=4, batch_size=8, warmup_steps=1, log_every=2).model_dump()
     manifest = run_training(job(tmp_path, task_data, tiny_model_dir, stage="distill", arch=TINY_ARCH, teacher_uri=str(padded), train=train))
     assert manifest["history"][-1]["kd"] > 0
+
+
+def test_layer_wise_hidden_state_distillation_through_the_config(tmp_path, task_data, tiny_model_dir):
+    """distill.loss.hidden: per-layer states of both models, a learned projection (16 → 32 wide)."""
+    narrow = {**TINY_ARCH, "hidden_size": 16, "intermediate_size": 32}
+    train = DistillConfig(
+        steps=12, batch_size=8, warmup_steps=1, log_every=4,
+        loss={"hidden": {"weight": 1.0, "layer_map": "uniform", "loss": "mse"}},
+    ).model_dump()
+    manifest = run_training(job(tmp_path, task_data, tiny_model_dir, stage="distill", arch=narrow, teacher_uri=tiny_model_dir, train=train))
+    hidden = [h["hidden"] for h in manifest["history"]]
+    assert all(v > 0 for v in hidden) and hidden[-1] < hidden[0]
