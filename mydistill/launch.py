@@ -60,6 +60,7 @@ def launch_training(
     on_line: LineCallback | None = None,
     on_metrics: MetricsCallback | None = None,
     env: dict[str, str] | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Run ``job`` as its config says (in process, or on launched workers); returns its manifest.
 
@@ -68,7 +69,7 @@ def launch_training(
     """
     cfg = job.train_config()
     if cfg.launcher == "none":
-        return run_training(job, on_metrics=on_metrics)
+        return run_training(job, on_metrics=on_metrics, progress=progress)
     with tempfile.TemporaryDirectory(prefix="mydistill-job-") as tmp:
         job_path = os.path.join(tmp, "job.json")
         io.write_text(job_path, job.to_json())

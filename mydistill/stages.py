@@ -17,7 +17,7 @@ from mydistill.config import DISTILL_ONLY_FIELDS, PipelineConfig
 from mydistill.data import TASK_TRAIN_FILE, TRAIN_FILE, VAL_FILE, run_mix
 from mydistill.pipeline import StagePlan, baseline_steps, signal_temperature
 from mydistill.launch import launch_training
-from mydistill.train import TrainJob, run_training
+from mydistill.train import TrainJob
 
 
 def prepare_demo(
@@ -142,10 +142,10 @@ def train(
             tracking.log_dataset(run_id, io.read_records(job.data_uri), name=os.path.basename(job.data_uri).removesuffix(".jsonl"), source=job.data_uri, context="training")
         before = io.read_manifest(job.output_uri)
         job.mlflow_run_id = run_id
-        if job.train_config().launcher == "none":
-            manifest = run_training(job, on_metrics=tracking.metrics_logger(run_id) if run_id else None, progress=progress)
-        else:
-            manifest = launch_training(job, on_line=on_line, env={"MLFLOW_TRACKING_URI": tracking.current_uri()})
+        manifest = launch_training(
+            job, on_line=on_line, on_metrics=tracking.metrics_logger(run_id) if run_id else None, progress=progress,
+            env={"MLFLOW_TRACKING_URI": tracking.current_uri()},
+        )
         if run_id:
             if manifest == before:
                 # an earlier run made this checkpoint from the same inputs: show its curves here too

@@ -36,7 +36,7 @@ from mydistill.losses import DistillObjective, LossConfig, LossOutput
 from mydistill.models import build_model, count_parameters, load_model, load_tokenizer
 from mydistill.on_policy import OnPolicyMixer, eos_ids_of
 from mydistill.signal.source import TeacherSource, online_signal
-from mydistill.tokenization import IGNORE_INDEX, TokenizedExample, collate, shift_labels, tokenize_example
+from mydistill.tokenization import TokenizedExample, collate, shift_labels, tokenize_example
 
 Stage = Literal["distill", "finetune", "baseline", "teacher"]
 MetricsCallback = Callable[[dict[str, float], int], None]
@@ -381,15 +381,15 @@ def forward_loss(engine: Any, batch: dict[str, torch.Tensor], teacher: Any | Non
 @torch.no_grad()
 def validation_loss(student: Any, examples: list[TokenizedExample], pad_token_id: int, device: torch.device) -> float:
     """Mean next-token cross-entropy over response tokens of ``examples``."""
+    from mydistill.evaluate import response_logits
+
     student.eval()
     total, count = 0.0, 0
     for start in range(0, len(examples), 64):
         batch = {k: v.to(device) for k, v in collate(examples[start : start + 64], pad_token_id).items()}
-        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = shift_labels(batch["labels"])
-        mask = labels != IGNORE_INDEX
-        total += torch.nn.functional.cross_entropy(logits[mask].float(), labels[mask], reduction="sum").item()
-        count += int(mask.sum())
+        logits, labels = response_logits(student, batch)
+        total += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        count += labels.numel()
     student.train()
     return total / max(count, 1)
 

@@ -46,22 +46,17 @@ def resolve_dtype(dtype: str, device: str) -> Any:
 
 
 def load_tokenizer(teacher: str) -> Any:
-    from transformers import AutoTokenizer
+    from mydistill.models import load_tokenizer as load
 
-    from mydistill.io import localize
-
-    return AutoTokenizer.from_pretrained(localize(teacher))
+    return load(teacher)
 
 
 def load_teacher(teacher: str, *, device: str = "auto", dtype: str = "auto") -> Any:
     """The teacher model from a local or ``s3://`` folder written by ``save_pretrained``, in eval mode."""
-    from transformers import AutoModelForCausalLM
-
-    from mydistill.io import localize
+    from mydistill.models import load_model
 
     device = resolve_device(device)
-    model = AutoModelForCausalLM.from_pretrained(localize(teacher), dtype=resolve_dtype(dtype, device))
-    return model.to(device).eval()  # type: ignore[arg-type]
+    return load_model(teacher, dtype=resolve_dtype(dtype, device), device=device).eval()
 
 
 def _is_oom(error: BaseException) -> bool:
