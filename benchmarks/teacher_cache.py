@@ -5,21 +5,23 @@ is a real truncation), built and trained locally (no model hub):
 
 1. a teacher (Llama-style, 4 layers, width 128, untied head) is trained with cross-entropy;
 2. the signal stage writes its stores over the training mix, at the loss temperature as the
-   pipeline does (k = 64 top-k; k = 8; an unbiased "sampled" store with 32 exact + 32 sampled
-   slots) and one k = 64 store at T = 1 (re-tempered by the loss); we report bytes per stored
-   response token, counting everything on disk (shards, indexes, manifest), and the teacher mass
-   the top-64 leaves out;
+   pipeline does: the **default** store (``SignalConfig()``: ``k = 64`` entries per token,
+   ``mode: auto``, which is ``sampled`` for this forward-KL loss, so 32 exact top tokens +
+   ``sampled_tokens`` = 32 importance-sampled tail slots), a sampled store with more slots (64
+   exact + 32 sampled, k = 96), top-k stores with k = 64 and k = 8, and one k = 64 top-k store at
+   T = 1 (re-tempered by the loss); we report bytes per stored response token, counting
+   everything on disk (shards, indexes, manifest), and the teacher mass the top-64 leaves out;
 3. the same student (same init, same batches, same seed) is distilled for a fixed number of steps
    from the online teacher and from each store, with the default loss (forward KL, T = 2,
    alpha = 0.5);
 4. every final student is scored with the *same* yardstick: the distill loss against the dense
    online teacher (alpha * T² * KL + (1 - alpha) * CE) on held-out examples.
 
-``loss_gap = |loss(store) - loss(online)| / loss(online)``; the last line is for the k = 64 top-k
-store, the line before it for the sampled store with the same 64 slots.
+``loss_gap = |loss(store) - loss(online)| / loss(online)``. The last line is for the default
+store at k = 64 (32 exact + 32 sampled entries); the line before it is for top-k at k = 64.
 
 Usage: python benchmarks/teacher_cache.py [--steps 150] [--examples 3000] [--threads 2]
-The last line is ``bytes_per_token=<x> loss_gap=<|cache-online|/online>``.
+The last line is ``bytes_per_token=<x> loss_gap=<|store-online|/online>`` for the default store.
 """
 
 from __future__ import annotations
@@ -227,16 +229,24 @@ def main() -> None:
 
         stores: dict[str, dict] = {}
         t_loss = loss_cfg.temperature  # stores at the loss temperature (the pipeline's default), one at 1 to compare
-        half = args.k // 2
+        default_cfg = SignalConfig(k=args.k, temperature=t_loss, device="cpu", batch_size=64)  # mode: auto
+        mode = default_cfg.resolved_mode(loss_cfg.divergence)
+        exact = default_cfg.exact_tokens(mode)
+        default = f"default: {mode}-{exact}+{args.k - exact}" if mode == "sampled" else f"default: topk-{args.k}"
+        wide = args.k + default_cfg.sampled_tokens
         for name, cfg in (
-            (f"topk-{args.k}", SignalConfig(k=args.k, temperature=t_loss, device="cpu", batch_size=64)),
-            (f"topk-{args.k} at T=1", SignalConfig(k=args.k, temperature=1.0, device="cpu", batch_size=64)),
-            (f"sampled-{half}+{half}", SignalConfig(k=half, mode="sampled", sampled_tokens=half, temperature=t_loss, device="cpu", batch_size=64)),
-            ("topk-8", SignalConfig(k=8, temperature=t_loss, device="cpu", batch_size=64)),
+            (default, default_cfg),
+            (f"sampled-{args.k}+{wide - args.k}", SignalConfig(k=wide, mode="sampled", temperature=t_loss, device="cpu", batch_size=64)),
+            (f"topk-{args.k}", SignalConfig(k=args.k, mode="topk", temperature=t_loss, device="cpu", batch_size=64)),
+            (f"topk-{args.k} at T=1", SignalConfig(k=args.k, mode="topk", temperature=1.0, device="cpu", batch_size=64)),
+            ("topk-8", SignalConfig(k=8, mode="topk", temperature=t_loss, device="cpu", batch_size=64)),
         ):
-            uri = os.path.join(tmp, name.replace(" ", "-").replace("=", ""))
+            uri = os.path.join(tmp, name.replace(" ", "-").replace("=", "").replace(":", "").replace("+", "p"))
             t0 = time.perf_counter()
-            manifest = compute_teacher_signal(data_uri, teacher_dir, uri, cfg=cfg, max_length=MAX_LENGTH, teacher=teacher, tokenizer=tokenizer)
+            manifest = compute_teacher_signal(
+                data_uri, teacher_dir, uri, cfg=cfg, max_length=MAX_LENGTH, teacher=teacher, tokenizer=tokenizer,
+                divergence=loss_cfg.divergence,
+            )
             tokens = manifest["counts"]["tokens"]
             stores[name] = {
                 "uri": uri,
@@ -260,11 +270,11 @@ def main() -> None:
         residuals = torch.cat([torch.from_numpy(at_one.get(key).residual) for key in list(at_one.keys())[:500]])
         print(f"top-{args.k} of {vocab} at T=1: residual mass mean {residuals.mean():.4f}, median {residuals.median():.2e}")
         print()
-        print("| store | slots/token | bytes/token (blocks) | bytes/token (all files) | unique examples | tokens |")
-        print("|---|---|---|---|---|---|")
+        print("| store | mode | slots/token | bytes/token (blocks) | bytes/token (all files) | unique examples | tokens |")
+        print("|---|---|---|---|---|---|---|")
         for name, s in stores.items():
-            slots = SignalStore(s["uri"]).slots
-            print(f"| {name} | {slots} | {s['blocks']:.1f} | {s['total']:.1f} | {s['examples']} | {s['tokens']} |")
+            opened = SignalStore(s["uri"])
+            print(f"| {name} | {opened.mode} | {opened.slots} | {s['blocks']:.1f} | {s['total']:.1f} | {s['examples']} | {s['tokens']} |")
         print(f"(for scale: uint32 ids + fp16 log-probs at k={args.k} would be {args.k * 6} bytes/token, uint16 + fp16 {args.k * 4})")
         print()
 
@@ -286,12 +296,10 @@ def main() -> None:
             gap = abs(r["loss"] - base) / base
             print(f"| {name} | {r['loss']:.4f} | {gap:.2%} | {r['kd']:.4f} | {r['ce']:.4f} | {r['teacher_agreement']:.1%} |")
         print(f"\ntotal {time.perf_counter() - begin:.0f}s", flush=True)
-        sampled = f"sampled-{half}+{half}"
-        gap = abs(results[sampled]["loss"] - base) / base
-        print(f"{sampled}: bytes_per_token={stores[sampled]['total']:.1f} loss_gap={gap:.4f}")
-        key = f"topk-{args.k}"
-        gap = abs(results[key]["loss"] - base) / base
-        print(f"bytes_per_token={stores[key]['total']:.1f} loss_gap={gap:.4f}")
+        gap = abs(results[f"topk-{args.k}"]["loss"] - base) / base
+        print(f"topk-{args.k}: bytes_per_token={stores[f'topk-{args.k}']['total']:.1f} loss_gap={gap:.4f}")
+        gap = abs(results[default]["loss"] - base) / base
+        print(f"bytes_per_token={stores[default]['total']:.1f} loss_gap={gap:.4f}")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,19 @@ def mix_flow(config: PipelineConfig = load_config("demo")) -> str:
     return _tracked(config, "mix", lambda plan, parent: t.fresh_unless_done(t.mix, plan.mix_uri)(config, plan, plan.mix_uri, parent))
 
 
+@flow(name="signal")
+def signal_flow(config: PipelineConfig = load_config("demo")) -> str:
+    """The teacher's signal over the training mix, stored once for distill (needs the mix stage's
+    output and signal.enabled: true)."""
+
+    def run(plan, parent):
+        if not plan.signal_uri:
+            raise ValueError("signal.enabled is false in this config: there is no signal stage to run")
+        return t.fresh_unless_done(t.teacher_signal, plan.signal_uri)(config, plan, plan.signal_uri, parent)
+
+    return _tracked(config, "signal", run)
+
+
 @flow(name="distill")
 def distill_flow(config: PipelineConfig = load_config("demo")) -> str:
     """Stage 1: distil the student from the teacher (needs the mix stage's output)."""

@@ -216,8 +216,8 @@ class PipelineConfig(_Section):
     mix: MixConfig = Field(default_factory=MixConfig, description="Mixing teacher and real data.")
     signal: SignalConfig = Field(
         default_factory=SignalConfig,
-        description="Optional stage between mix and distill: the teacher's top-k signal computed once and stored "
-        "(see docs/teacher_signal.md).",
+        description="Optional stage between mix and distill: the teacher's sparse signal (sampled or top-k) "
+        "computed once and stored (see docs/teacher_signal.md).",
     )
     distill: DistillConfig = Field(default_factory=DistillConfig, description="Stage 1: distillation.")
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="Stage 2: fine-tuning on task data.")
@@ -257,6 +257,11 @@ class PipelineConfig(_Section):
             )
         if loss.hidden is not None:
             problems.append("distill.loss.hidden needs the online teacher's hidden states, which a store does not hold")
+        if sig.resolved_mode(loss.divergence) == "sampled" and sig.sampled_tokens >= sig.k:
+            problems.append(
+                f"signal.sampled_tokens ({sig.sampled_tokens}) must be below signal.k ({sig.k}) for a sampled store "
+                "(mode auto with forward_kl, or sampled): k counts exact and sampled entries together"
+            )
         if sig.mode == "sampled" and loss.divergence != "forward_kl":
             problems.append(
                 f"signal.mode: sampled is unbiased only for distill.loss.divergence: forward_kl (got {loss.divergence!r})"

@@ -13,24 +13,73 @@ are not labels, and cross-entropy on them would only reinforce the student's own
 divergence is ``distill.loss.divergence`` unless ``on_policy.divergence`` overrides it (GKD's
 paper favours ``generalized_jsd``; TRL's GKDTrainer defaults to β = 0.5).
 
-Sampling uses Hugging Face ``generate`` on the student (CPU or GPU), with the exact sampled token
-ids (no decode/re-encode round trip).
+Sampling uses Hugging Face ``generate`` on the student (``backend: hf``, CPU or GPU) or a vLLM
+engine colocated with training (``backend: vllm``, see :class:`VLLMStudentSampler`); both take the
+prompts as token ids and return the exact sampled token ids (no decode/re-encode round trip).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import random
+import tempfile
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
 from mydistill.losses.config import Divergence
 from mydistill.tokenization import IGNORE_INDEX, TokenizedExample, collate
+
+
+VLLM_INSTALL_HINT = (
+    "distill.on_policy.backend: vllm needs the vllm package (a CUDA build, on the training machine): "
+    "pip install vllm; or set distill.on_policy.backend: hf to sample with Hugging Face generate"
+)
+
+# what the sampler itself passes to vllm.LLM; engine_kwargs may not change these
+_VLLM_FIXED_ARGS = ("model", "tokenizer", "skip_tokenizer_init", "load_format", "distributed_executor_backend")
+
+
+class OnPolicyVLLMConfig(BaseModel):
+    """The colocated vLLM engine of ``distill.on_policy.backend: vllm``."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    gpu_memory_utilization: float = Field(
+        0.3,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="Fraction of the GPU's memory the engine may take (its copy of the student and its KV cache); "
+        "the rest is left to training on the same GPU.",
+    )
+    max_model_len: int | None = Field(
+        None, gt=0, description="Longest prompt + sampled response the engine plans its KV cache for; empty: the "
+        "student's max_position_embeddings.",
+    )
+    dtype: str = Field(
+        "auto", description="The engine's weight dtype ('auto': the student config's torch_dtype; e.g. 'bfloat16')."
+    )
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Further vllm.LLM arguments, e.g. {enforce_eager: true, max_num_seqs: 64}.",
+    )
+
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _fixed_args_stay(cls, value: dict[str, Any]) -> dict[str, Any]:
+        fixed = sorted(set(value) & set(_VLLM_FIXED_ARGS))
+        if fixed:
+            raise ValueError(
+                f"{', '.join(fixed)} cannot be set here: the sampler builds the engine from the student's config "
+                "with random weights and pushes the student's own weights into it before every sampling call"
+            )
+        return value
 
 
 class OnPolicyConfig(BaseModel):
@@ -52,6 +101,15 @@ class OnPolicyConfig(BaseModel):
         None, description="Divergence on student-sampled batches; null: distill.loss.divergence."
     )
     seed: int = Field(0, description="Seed of the λ draws and the student's sampling.")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="What samples the student's responses: 'hf' (Hugging Face generate on the training copy, "
+        "CPU or GPU) or 'vllm' (a vLLM engine on the same GPU, refreshed with the student's weights before "
+        "every on-policy batch; needs the vllm package).",
+    )
+    vllm: OnPolicyVLLMConfig = Field(
+        default_factory=OnPolicyVLLMConfig, description="The colocated vLLM engine (backend: vllm only)."
+    )
 
 
 def prompt_ids_of(batch: dict[str, Tensor]) -> list[list[int]]:
@@ -120,12 +178,143 @@ def sample_from_student(
             )
     finally:
         student.train(was_training)
+    return [cut_after_eos(row, eos_token_ids) for row in out[:, width:].tolist()]
+
+
+def cut_after_eos(token_ids: Sequence[int], eos_token_ids: Sequence[int]) -> list[int]:
+    """``token_ids`` up to and including its first eos (what follows is padding or noise)."""
     eos = set(eos_token_ids)
-    responses = []
-    for row in out[:, width:].tolist():
-        stop = next((i for i, t in enumerate(row) if t in eos), None)
-        responses.append(row if stop is None else row[: stop + 1])
-    return responses
+    stop = next((i for i, t in enumerate(token_ids) if t in eos), None)
+    return list(token_ids) if stop is None else list(token_ids[: stop + 1])
+
+
+def import_vllm() -> Any:
+    """The vllm module, or an ImportError that says how to install it (or to choose backend 'hf')."""
+    try:
+        import vllm
+    except ImportError as e:
+        raise ImportError(VLLM_INSTALL_HINT) from e
+    return vllm
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+
+
+def _is_zero3_partitioned(param: Tensor) -> bool:
+    # DeepSpeed ZeRO-3 marks the parameters it partitions; their .data is an empty placeholder until gathered
+    return hasattr(param, "ds_id")
+
+
+def _load_weights_in_worker(worker: Any, weights: list[tuple[str, Tensor]]) -> int:
+    """Run inside a vLLM worker process (``LLM.collective_rpc``): load ``weights`` into its model."""
+    runner = getattr(worker, "model_runner", None) or worker.worker.model_runner
+    runner.model.load_weights(weights)
+    return len(weights)
+
+
+class VLLMStudentSampler:
+    """A vLLM engine colocated with training that samples from the *current* student.
+
+    Made once per run. The engine is built from the student's config alone (``load_format:
+    dummy``: random weights, no checkpoint written) and runs inside this training process
+    (``distributed_executor_backend: external_launcher``, each rank its own engine on its own GPU,
+    as TRL's colocate mode does), so that before every :meth:`sample` the student's current
+    parameters are copied into it in place (under ZeRO-3 each one gathered first, one at a time,
+    so no rank ever holds the whole model twice). Prompts go in as token ids; the exact sampled
+    ids come back.
+
+    Weight loading uses the engine's in-process model
+    (``llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights``, vLLM's
+    engine when it runs in the calling process) and falls back to ``llm.collective_rpc`` (vLLM ≥
+    0.8's call into its worker processes) when the engine keeps its model in another process.
+    """
+
+    def __init__(self, cfg: OnPolicyConfig, student: Any, *, eos_token_ids: Sequence[int]) -> None:
+        vllm = import_vllm()
+        self.cfg = cfg
+        self.eos_token_ids = list(eos_token_ids)
+        self.weight_syncs = 0
+        # the architecture only: the weights come from the student at every sync. vLLM picks its
+        # model class by `architectures`, which a config built from scratch (not loaded) lacks
+        self._model_dir = tempfile.TemporaryDirectory(prefix="mydistill-vllm-student-")
+        config = copy.deepcopy(student.config)
+        config.architectures = config.architectures or [type(student).__name__]
+        config.save_pretrained(self._model_dir.name)
+        # external_launcher reads the torch.distributed environment a launcher sets; a lone process gets one of its own
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(key, value)
+        if "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(_free_port())
+        engine = cfg.vllm
+        self.llm = vllm.LLM(
+            model=self._model_dir.name,
+            skip_tokenizer_init=True,
+            load_format="dummy",
+            distributed_executor_backend="external_launcher",
+            gpu_memory_utilization=engine.gpu_memory_utilization,
+            dtype=engine.dtype,
+            seed=cfg.seed + _rank(),
+            **({"max_model_len": engine.max_model_len} if engine.max_model_len else {}),
+            **engine.engine_kwargs,
+        )
+
+    def push_weights(self, student: Any) -> None:
+        """Copy every parameter of ``student`` into the engine (a collective under ZeRO-3: every rank calls it)."""
+        params = list(student.named_parameters())
+        zero3 = any(_is_zero3_partitioned(p) for _, p in params)
+        if zero3:
+            import deepspeed
+        model = self._in_process_model()
+        for name, param in params:
+            # one parameter at a time: the gathered copy is freed before the next is gathered
+            with deepspeed.zero.GatheredParameters([param]) if zero3 else contextlib.nullcontext():
+                if model is not None:
+                    model.load_weights([(name, param.data)])
+                else:
+                    self.llm.collective_rpc(_load_weights_in_worker, args=([(name, param.data.detach().cpu())],))
+        if hasattr(self.llm, "reset_prefix_cache"):
+            self.llm.reset_prefix_cache()  # cached prompt states were computed with the old weights
+        self.weight_syncs += 1
+
+    def _in_process_model(self) -> Any:
+        try:
+            return self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+        except AttributeError:
+            return None
+
+    @torch.no_grad()
+    def sample(self, student: Any, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, seeds: Sequence[int]) -> list[list[int]]:
+        """One response per prompt from the student's current weights; each cut after its first eos (kept)."""
+        from vllm import SamplingParams
+
+        self.push_weights(student)
+        params = [
+            SamplingParams(
+                n=1, temperature=self.cfg.temperature, top_p=self.cfg.top_p, max_tokens=max_new_tokens,
+                stop_token_ids=self.eos_token_ids, seed=seed, detokenize=False,
+            )
+            for seed in seeds
+        ]
+        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids], params, use_tqdm=False)
+        responses = []
+        for output in outputs:
+            choice = output.outputs[0]
+            ids = cut_after_eos(choice.token_ids, self.eos_token_ids)
+            # a stop token is part of token_ids in the vLLM versions we know; keep it if one ever leaves it out
+            stop = getattr(choice, "stop_reason", None)
+            if choice.finish_reason == "stop" and stop in self.eos_token_ids and (not ids or ids[-1] != stop):
+                ids.append(stop)
+            responses.append(ids)
+        return responses
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def student_batch(prompt_ids: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_token_id: int) -> dict[str, Tensor]:
@@ -154,6 +343,9 @@ class OnPolicyMixer:
         self._rng = random.Random(cfg.seed)
         self._objectives: dict[int, Any] = {}
         self.sampled_batches = 0
+        self._vllm: VLLMStudentSampler | None = None  # made at the first on-policy batch (it needs the student)
+        if cfg.backend == "vllm" and cfg.fraction > 0:
+            import_vllm()  # before any training step: a missing package is a setup error, not a step-900 crash
 
     def draw(self) -> bool:
         return self.cfg.fraction > 0 and self._rng.random() < self.cfg.fraction
@@ -164,18 +356,29 @@ class OnPolicyMixer:
             self.draw()
 
     def replace(self, batch: dict[str, Tensor], student: Any, step: int, *, synced_gpus: bool = False) -> dict[str, Tensor]:
+        """``batch`` with its prompts kept and its responses sampled from ``student`` (labels on them only)."""
         prompts = prompt_ids_of(batch)
-        responses = sample_from_student(
-            student,
-            prompts,
-            max_new_tokens=self.cfg.max_new_tokens,
-            temperature=self.cfg.temperature,
-            top_p=self.cfg.top_p,
-            eos_token_ids=self.eos_token_ids,
-            pad_token_id=self.pad_token_id,
-            seed=self.cfg.seed * 1_000_003 + step,
-            synced_gpus=synced_gpus,
-        )
+        if self.cfg.backend == "vllm":
+            from mydistill.generation.base import stable_seed
+
+            if self._vllm is None:
+                self._vllm = VLLMStudentSampler(self.cfg, student, eos_token_ids=self.eos_token_ids)
+            responses = self._vllm.sample(
+                student, prompts, max_new_tokens=self.cfg.max_new_tokens,
+                seeds=[stable_seed(self.cfg.seed, step, _rank(), row) for row in range(len(prompts))],
+            )
+        else:
+            responses = sample_from_student(
+                student,
+                prompts,
+                max_new_tokens=self.cfg.max_new_tokens,
+                temperature=self.cfg.temperature,
+                top_p=self.cfg.top_p,
+                eos_token_ids=self.eos_token_ids,
+                pad_token_id=self.pad_token_id,
+                seed=self.cfg.seed * 1_000_003 + step,
+                synced_gpus=synced_gpus,
+            )
         self.sampled_batches += 1
         device = batch["input_ids"].device
         return {k: v.to(device) for k, v in student_batch(prompts, responses, self.pad_token_id).items()}

@@ -99,8 +99,13 @@ def make_plan(cfg: PipelineConfig) -> StagePlan:
 
 def _signal_content(cfg: PipelineConfig) -> dict[str, Any]:
     # what the store holds; batch sizes, shard size and device only change how it is computed
-    content = cfg.signal.model_dump(include={"k", "mode", "sampled_tokens", "seed"})
-    return {**content, "temperature": signal_temperature(cfg)}
+    content = cfg.signal.model_dump(include={"k", "sampled_tokens", "seed"})
+    return {**content, "mode": signal_mode(cfg), "temperature": signal_temperature(cfg)}
+
+
+def signal_mode(cfg: PipelineConfig) -> str:
+    """The store's concrete mode: ``signal.mode``, with 'auto' decided by ``distill.loss.divergence``."""
+    return cfg.signal.resolved_mode(cfg.distill.loss.divergence)
 
 
 def signal_temperature(cfg: PipelineConfig) -> float:

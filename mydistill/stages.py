@@ -15,7 +15,7 @@ from typing import Any
 from mydistill import io, tracking
 from mydistill.config import DISTILL_ONLY_FIELDS, PipelineConfig
 from mydistill.data import TASK_TRAIN_FILE, TRAIN_FILE, VAL_FILE, run_mix
-from mydistill.pipeline import StagePlan, baseline_steps, signal_temperature
+from mydistill.pipeline import StagePlan, baseline_steps, signal_mode, signal_temperature
 from mydistill.launch import launch_training
 from mydistill.train import TrainJob
 
@@ -79,13 +79,15 @@ def teacher_signal(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | No
     if not plan.signal_uri:
         raise ValueError("the signal stage runs only with signal.enabled: true")
     data_uri = io.join(plan.mix_uri, TRAIN_FILE)
+    # what the store is made with, concretely: the loss temperature and the mode 'auto' stands for
+    signal_cfg = cfg.signal.model_copy(update={"temperature": signal_temperature(cfg), "mode": signal_mode(cfg)})
     with tracking.stage_run(parent_run_id, "signal", cfg.tracking.experiment) as run_id:
         manifest = compute_teacher_signal(
             data_uri, plan.teacher_uri, plan.signal_uri, max_length=cfg.distill.max_length, teacher_id=plan.teacher_id,
-            cfg=cfg.signal.model_copy(update={"temperature": signal_temperature(cfg)}),
+            cfg=signal_cfg, divergence=cfg.distill.loss.divergence,
         )
         if run_id:
-            tracking.log_params(run_id, {"signal": cfg.signal.model_dump(), "teacher": plan.teacher_uri, "output_uri": plan.signal_uri})
+            tracking.log_params(run_id, {"signal": signal_cfg.model_dump(), "teacher": plan.teacher_uri, "output_uri": plan.signal_uri})
             tracking.log_metrics(run_id, {**_numbers(manifest["counts"]), "bytes_per_token": manifest["bytes_per_token"]})
     return manifest
 
@@ -138,7 +140,10 @@ def train(
     job = train_job(cfg, plan, stage)
     with tracking.stage_run(parent_run_id, stage, cfg.tracking.experiment) as run_id:
         if run_id:
-            tracking.log_params(run_id, {stage: job.train, "init_uri": job.init_uri, "teacher_uri": job.teacher_uri, "output_uri": job.output_uri})
+            tracking.log_params(run_id, {
+                stage: job.train, "init_uri": job.init_uri, "teacher_uri": job.teacher_uri, "output_uri": job.output_uri,
+                **({"signal_uris": job.signal_uris} if job.signal_uris else {}),  # the teacher signal came from these stores
+            })
             tracking.log_dataset(run_id, io.read_records(job.data_uri), name=os.path.basename(job.data_uri).removesuffix(".jsonl"), source=job.data_uri, context="training")
         before = io.read_manifest(job.output_uri)
         job.mlflow_run_id = run_id

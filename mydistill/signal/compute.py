@@ -76,13 +76,19 @@ def compute_teacher_signal(
     teacher_id: str | None = None,
     teacher: Any = None,
     tokenizer: Any = None,
+    divergence: str = "forward_kl",
 ) -> dict[str, Any]:
     """Write the teacher-signal store for the records at ``data_uri``; returns its manifest.
 
     ``teacher`` / ``tokenizer`` may be passed already loaded (tests, benchmarks); otherwise they are
-    loaded from ``teacher_uri``. A store already made from the same inputs is reused.
+    loaded from ``teacher_uri``. ``divergence``, that of the distill loss the store is made for,
+    decides ``cfg.mode == "auto"`` (:meth:`SignalConfig.resolved_mode`), and the store, its inputs
+    and its manifest only ever name the concrete mode. A store already made from the same inputs
+    is reused.
     """
     from mydistill.generation.hf import load_teacher, load_tokenizer, resolve_device
+
+    cfg = cfg.model_copy(update={"mode": cfg.resolved_mode(divergence)})
 
     records = io.read_records(data_uri)
     for i, r in enumerate(records):
@@ -111,7 +117,8 @@ def compute_teacher_signal(
     else:
         teacher = teacher.to(device).eval()
     vocab = teacher.get_output_embeddings().weight.shape[0]
-    slots = min(cfg.k, vocab) + (min(cfg.sampled_tokens, vocab - min(cfg.k, vocab)) if cfg.mode == "sampled" else 0)
+    exact = min(cfg.exact_tokens(cfg.mode), vocab)  # the k entries: exact top tokens (+ sampled tail slots)
+    slots = exact + (min(cfg.sampled_tokens, vocab - exact) if cfg.mode == "sampled" else 0)
     writer = SignalStoreWriter(output_uri, slots=slots, shard_bytes=cfg.shard_mb * 2**20)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -129,7 +136,7 @@ def compute_teacher_signal(
             chunks = [
                 sparsify(
                     head(rows[i : i + cfg.chunk_tokens]),
-                    cfg.k,
+                    exact,
                     mode=cfg.mode,
                     sampled_tokens=cfg.sampled_tokens,
                     temperature=store_temperature(cfg),
@@ -161,7 +168,7 @@ def compute_teacher_signal(
         data_uri=data_uri,
         records=len(records),
         vocab_size=vocab,
-        k=min(cfg.k, vocab),
+        k=exact,
         slots=slots,
         mode=cfg.mode,
         sampled_tokens=cfg.sampled_tokens if cfg.mode == "sampled" else 0,

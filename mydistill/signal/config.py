@@ -5,7 +5,7 @@ Example::
     signal:
       enabled: true
       k: 64
-      mode: topk            # or sampled (unbiased: k exact + sampled_tokens importance-sampled)
+      mode: auto            # sampled for forward_kl, else topk; or name one of them
       extra_uris: [s3://bucket/signal-other-teacher]   # combined per token, distill.loss.teacher_weights
 """
 
@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SignalMode = Literal["topk", "sampled"]
 
 
 class SignalConfig(BaseModel):
@@ -26,14 +28,25 @@ class SignalConfig(BaseModel):
         description="Compute the teacher-signal store between mix and distill; distill then reads it instead "
         "of running the teacher.",
     )
-    k: int = Field(64, gt=0, description="Top tokens kept exactly per response token.")
-    mode: Literal["topk", "sampled"] = Field(
-        "topk",
+    k: int = Field(
+        64,
+        gt=0,
+        description="Token entries stored per response token: in 'topk' mode the k most likely tokens; in "
+        "'sampled' mode the k - sampled_tokens most likely plus sampled_tokens draws from the rest.",
+    )
+    mode: Literal["auto", "topk", "sampled"] = Field(
+        "auto",
         description="'topk': the k most likely tokens and the residual mass (biased, any divergence). "
-        "'sampled': k exact plus `sampled_tokens` importance-sampled tail tokens (unbiased for forward_kl).",
+        "'sampled': k - sampled_tokens exact plus `sampled_tokens` importance-sampled tail tokens (unbiased for "
+        "forward_kl only). "
+        "'auto': 'sampled' when distill.loss.divergence is forward_kl, else 'topk' (the store's manifest "
+        "records which).",
     )
     sampled_tokens: int = Field(
-        32, gt=0, description="Tail slots drawn per token in 'sampled' mode (draws with replacement, m)."
+        32,
+        gt=0,
+        description="Of the k entries, the tail slots drawn per token in 'sampled' mode (draws with replacement, "
+        "m); must be below k.",
     )
     temperature: float | None = Field(
         None,
@@ -56,3 +69,30 @@ class SignalConfig(BaseModel):
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu' or 'cuda' for the teacher pass.")
     dtype: str = Field("auto", description="Teacher dtype: 'auto' (bf16/fp16 on GPU, fp32 on CPU) or a torch dtype name.")
     seed: int = Field(0, description="Seed of the tail draws in 'sampled' mode.")
+
+    @model_validator(mode="after")
+    def _room_for_exact_tokens(self) -> SignalConfig:
+        if self.mode == "sampled":
+            self.exact_tokens("sampled")
+        return self
+
+    def exact_tokens(self, mode: str) -> int:
+        """How many of the k entries are the exact top tokens in a store of concrete ``mode``."""
+        if mode != "sampled":
+            return self.k
+        if self.sampled_tokens >= self.k:
+            raise ValueError(
+                f"signal.sampled_tokens ({self.sampled_tokens}) must be below signal.k ({self.k}): a sampled store's "
+                "k entries per token are k - sampled_tokens exact top tokens plus sampled_tokens draws from the rest"
+            )
+        return self.k - self.sampled_tokens
+
+    def resolved_mode(self, divergence: str) -> SignalMode:
+        """The concrete mode of a store made for a distill loss with ``divergence``.
+
+        'auto' becomes 'sampled' for forward_kl, the one divergence a sampled store is unbiased for
+        (the loss is linear in the teacher's probabilities there), and 'topk' for every other one.
+        """
+        if self.mode != "auto":
+            return self.mode
+        return "sampled" if divergence == "forward_kl" else "topk"

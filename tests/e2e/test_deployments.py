@@ -10,7 +10,10 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-STAGE_FLOWS = {"generate": "generate_flow", "mix": "mix_flow", "distill": "distill_flow", "finetune": "finetune_flow", "evaluate": "evaluate_flow"}
+STAGE_FLOWS = {
+    "generate": "generate_flow", "mix": "mix_flow", "signal": "signal_flow", "distill": "distill_flow",
+    "finetune": "finetune_flow", "evaluate": "evaluate_flow",
+}
 
 
 def _spec() -> dict:
@@ -35,10 +38,20 @@ def test_a_deployment_for_the_pipeline_and_for_each_stage():
         assert d["parameters"] == {}  # the flows' default: configs/demo.yaml
 
 
-def test_training_stages_go_to_the_gpu_pool_the_rest_to_the_cpu_pool():
+def test_every_stage_flow_has_a_deployment():
+    import flows.stages
+    from prefect import Flow
+
+    defined = {name for name, obj in vars(flows.stages).items() if isinstance(obj, Flow)}
+    assert defined == set(STAGE_FLOWS.values())
+    deployed = {d["entrypoint"] for d in _spec()["deployments"]}
+    assert {f"flows/stages.py:{name}" for name in defined} <= deployed
+
+
+def test_teacher_and_training_stages_go_to_the_gpu_pool_the_rest_to_the_cpu_pool():
     pools = {d["name"]: d["work_pool"]["name"] for d in _spec()["deployments"]}
     assert pools == {
-        "nightly": "mydistill-cpu", "generate": "mydistill-cpu", "mix": "mydistill-cpu",
+        "nightly": "mydistill-cpu", "generate": "mydistill-cpu", "mix": "mydistill-cpu", "signal": "mydistill-gpu",
         "distill": "mydistill-gpu", "finetune": "mydistill-gpu", "evaluate": "mydistill-cpu",
     }
 

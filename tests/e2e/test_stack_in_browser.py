@@ -174,7 +174,7 @@ def _trigger_and_inspect(stack, page, shots) -> None:
 
     # --- the deployments, and the pipeline's nightly schedule in the configured time zone
     page.goto(f"{ui}/deployments")
-    for name in ("nightly", "generate", "mix", "distill", "finetune", "evaluate"):
+    for name in ("nightly", "generate", "mix", "signal", "distill", "finetune", "evaluate"):
         page.get_by_role("link", name=name, exact=True).first.wait_for()  # (stage flows share the name)
     page.get_by_text("At 02:00 AM every day").wait_for()
     page.screenshot(path=str(shots / "01-prefect-deployments.png"))
@@ -182,7 +182,7 @@ def _trigger_and_inspect(stack, page, shots) -> None:
     nightly = deployments["nightly"]
     assert nightly["schedules"][0]["schedule"]["timezone"] == "Europe/Berlin"
     assert nightly["schedules"][0]["active"]
-    assert {deployments[n]["work_pool_name"] for n in ("distill", "finetune")} == {"mydistill-gpu"}
+    assert {deployments[n]["work_pool_name"] for n in ("signal", "distill", "finetune")} == {"mydistill-gpu"}
     mix_schema = nightly["parameter_openapi_schema"]["definitions"]["MixConfig"]["properties"]
     assert "teacher responses" in mix_schema["teacher_fraction"]["description"]
 

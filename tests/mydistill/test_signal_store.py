@@ -147,7 +147,7 @@ def teacher_logits_at_responses(model, tokenizer, records, max_length=48):
 
 def test_signal_stage_stores_the_teachers_top_k_once_per_distinct_example(tmp_path, data_uri, mix_records, tiny_model_dir):
     out = str(tmp_path / "signal")
-    cfg = SignalConfig(k=16, batch_size=5, device="cpu")
+    cfg = SignalConfig(k=16, mode="topk", batch_size=5, device="cpu")
     manifest = compute_teacher_signal(data_uri, tiny_model_dir, out, cfg=cfg, max_length=48)
     assert manifest["counts"]["examples"] == 24 and manifest["records"] == 32
     assert manifest["k"] == 16 and manifest["slots"] == 16 and manifest["vocab_size"] == 261
@@ -181,7 +181,7 @@ def test_loss_from_the_store_matches_the_online_teacher(tmp_path, data_uri, mix_
 
     for k in (261, 32):
         out = str(tmp_path / f"signal-{k}")
-        compute_teacher_signal(data_uri, tiny_model_dir, out, cfg=SignalConfig(k=k, device="cpu"), max_length=48)
+        compute_teacher_signal(data_uri, tiny_model_dir, out, cfg=SignalConfig(k=k, mode="topk", device="cpu"), max_length=48)
         source = StoreTeacher([out], records=mix_records, tokenizer=tokenizer, vocab_size=261, temperature=2.0)
         from_store = kd(teacher_topk=source.batch_topk(rows, labels))
         online = kd(teacher_logits=logits) if k == 261 else kd(teacher_topk=TopKTeacher.from_logits(logits, k))
@@ -193,14 +193,14 @@ def test_store_for_other_data_or_tokenizer_is_refused(tmp_path, data_uri, mix_re
     from tests.mydistill.test_models import other_tokenizer
 
     out = str(tmp_path / "signal")
-    compute_teacher_signal(data_uri, tiny_model_dir, out, cfg=SignalConfig(k=8, device="cpu"), max_length=48)
+    compute_teacher_signal(data_uri, tiny_model_dir, out, cfg=SignalConfig(k=8, sampled_tokens=4, device="cpu"), max_length=48)
     tokenizer = load_tokenizer(tiny_model_dir)
     with pytest.raises(StoreMismatch, match="other training data"):
         StoreTeacher([out], records=mix_records[:-1], tokenizer=tokenizer, vocab_size=261)
     with pytest.raises(StoreMismatch, match="another tokenizer"):
         StoreTeacher([out], records=mix_records, tokenizer=other_tokenizer(), vocab_size=261)
     short = str(tmp_path / "short")
-    compute_teacher_signal(data_uri, tiny_model_dir, short, cfg=SignalConfig(k=8, device="cpu"), max_length=19)
+    compute_teacher_signal(data_uri, tiny_model_dir, short, cfg=SignalConfig(k=8, sampled_tokens=4, device="cpu"), max_length=19)
     source = StoreTeacher([short], records=mix_records, tokenizer=tokenizer, vocab_size=261)
     examples = [tokenize_example(tokenizer, r["prompt"], r["response"], 48) for r in mix_records[:4]]
     with pytest.raises(StoreMismatch, match="computed with max_length=19"):
@@ -209,7 +209,7 @@ def test_store_for_other_data_or_tokenizer_is_refused(tmp_path, data_uri, mix_re
 
 def test_sampled_store_refuses_divergences_it_is_not_unbiased_for(tmp_path, data_uri, mix_records, tiny_model_dir):
     out = str(tmp_path / "signal")
-    cfg = SignalConfig(k=8, mode="sampled", sampled_tokens=8, device="cpu")
+    cfg = SignalConfig(k=16, mode="sampled", sampled_tokens=8, device="cpu")
     manifest = compute_teacher_signal(data_uri, tiny_model_dir, out, cfg=cfg, max_length=48)
     assert manifest["slots"] == 16 and manifest["mode"] == "sampled"
     tokenizer = load_tokenizer(tiny_model_dir)
@@ -224,8 +224,8 @@ def test_two_stores_are_mixed_with_the_loss_weights(tmp_path, data_uri, mix_reco
     build_model(TINY_ARCH, tokenizer, seed=11).save_pretrained(other_dir)
     tokenizer.save_pretrained(other_dir)
     a, b = str(tmp_path / "sig-a"), str(tmp_path / "sig-b")
-    compute_teacher_signal(data_uri, tiny_model_dir, a, cfg=SignalConfig(k=8, device="cpu"), max_length=48)
-    compute_teacher_signal(data_uri, str(other_dir), b, cfg=SignalConfig(k=8, device="cpu"), max_length=48)
+    compute_teacher_signal(data_uri, tiny_model_dir, a, cfg=SignalConfig(k=8, mode="topk", device="cpu"), max_length=48)
+    compute_teacher_signal(data_uri, str(other_dir), b, cfg=SignalConfig(k=8, mode="topk", device="cpu"), max_length=48)
     examples = [tokenize_example(tokenizer, r["prompt"], r["response"], 48) for r in mix_records[:4]]
     labels = shift_labels(collate(examples, tokenizer.pad_token_id)["labels"])
     mixed = StoreTeacher([a, b], records=mix_records, tokenizer=tokenizer, vocab_size=261, weights=[3, 1], temperature=2.0)
@@ -245,7 +245,7 @@ def test_store_at_the_loss_temperature_matches_the_exact_tempered_teacher(tmp_pa
     model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
     batch, labels, logits = teacher_logits_at_responses(model, tokenizer, mix_records[:6])
     out = str(tmp_path / "signal-t2")
-    manifest = compute_teacher_signal(data_uri, tiny_model_dir, out, cfg=SignalConfig(k=16, temperature=2.0, device="cpu"), max_length=48)
+    manifest = compute_teacher_signal(data_uri, tiny_model_dir, out, cfg=SignalConfig(k=16, mode="topk", temperature=2.0, device="cpu"), max_length=48)
     assert manifest["temperature"] == 2.0
     source = StoreTeacher([out], records=mix_records, tokenizer=tokenizer, vocab_size=261, temperature=2.0)
     student = torch.randn(*logits.shape, generator=torch.Generator().manual_seed(0))

@@ -34,7 +34,7 @@ def test_distill_from_a_store_never_loads_the_teacher(tmp_path, mix_data, tiny_m
     import mydistill.train as train_module
 
     store = str(tmp_path / "signal")
-    compute_teacher_signal(mix_data, tiny_model_dir, store, cfg=SignalConfig(k=16, device="cpu"), max_length=48)
+    compute_teacher_signal(mix_data, tiny_model_dir, store, cfg=SignalConfig(k=16, sampled_tokens=8, device="cpu"), max_length=48)
     real_load = train_module.load_model
 
     def no_teacher(uri, **kwargs):
@@ -52,7 +52,7 @@ def test_a_store_for_other_data_stops_the_run_before_training(tmp_path, mix_data
     other = str(tmp_path / "other.jsonl")
     io.write_records(other, io.read_records(mix_data)[:20])
     store = str(tmp_path / "signal")
-    compute_teacher_signal(other, tiny_model_dir, store, cfg=SignalConfig(k=8, device="cpu"), max_length=48)
+    compute_teacher_signal(other, tiny_model_dir, store, cfg=SignalConfig(k=8, sampled_tokens=4, device="cpu"), max_length=48)
     with pytest.raises(StoreMismatch, match="other training data"):
         run_training(distill_job(tmp_path, mix_data, tiny_model_dir, tiny_model_dir, signal_uris=[store]))
     assert not (tmp_path / "out").exists()
@@ -96,7 +96,7 @@ def test_teacher_with_another_tokenizer_needs_a_method(tmp_path, mix_data, tiny_
 
 def test_the_plan_puts_the_signal_stage_between_mix_and_distill(tmp_path):
     off = load_config("demo", [f"work_dir={tmp_path}"])
-    on = load_config("demo", [f"work_dir={tmp_path}", "signal.enabled=true", "signal.k=32"])
+    on = load_config("demo", [f"work_dir={tmp_path}", "signal.enabled=true", "signal.k=48"])
     from mydistill.pipeline import make_plan
     from mydistill.stages import train_job
 
@@ -104,7 +104,7 @@ def test_the_plan_puts_the_signal_stage_between_mix_and_distill(tmp_path):
     assert plan_off.signal_uri is None and plan_on.signal_uri.startswith(f"{tmp_path}/signal-")
     assert plan_on.mix_uri == plan_off.mix_uri and plan_on.distill_uri != plan_off.distill_uri
     # only what the store holds names it: the batch size of the teacher pass does not
-    again = make_plan(load_config("demo", [f"work_dir={tmp_path}", "signal.enabled=true", "signal.k=32", "signal.batch_size=7"]))
+    again = make_plan(load_config("demo", [f"work_dir={tmp_path}", "signal.enabled=true", "signal.k=48", "signal.batch_size=7"]))
     assert again.signal_uri == plan_on.signal_uri
     assert train_job(on, plan_on, "distill").signal_uris == [plan_on.signal_uri]
     assert train_job(off, plan_off, "distill").signal_uris == []
@@ -118,15 +118,39 @@ def test_the_signal_stage_writes_the_store_the_distill_job_reads(tmp_path, tiny_
     from mydistill.pipeline import make_plan
     from mydistill.stages import teacher_signal
 
-    cfg = load_config("demo", [f"work_dir={tmp_path}", f"teacher.uri={tiny_model_dir}", "signal.enabled=true", "signal.k=8"])
+    cfg = load_config("demo", [f"work_dir={tmp_path}", f"teacher.uri={tiny_model_dir}", "signal.enabled=true", "signal.k=12", "signal.sampled_tokens=4"])
     plan = make_plan(cfg)
     rows = [{"id": e["id"], "prompt": e["prompt"], "response": e["answer"], "source": "teacher"} for e in make_examples(12, seed=8)]
     io.write_records(io.join(plan.mix_uri, TRAIN_FILE), rows)
     io.write_manifest(plan.mix_uri, stage="mix", inputs={})
     manifest = teacher_signal(cfg, plan)
+    # the default mode 'auto' with the default forward_kl loss: the manifest names the concrete mode,
+    # and its k = 12 entries are 8 exact top tokens (the manifest's k) + 4 sampled ones
     assert manifest["counts"]["examples"] == 12 and manifest["k"] == 8
+    assert cfg.signal.mode == "auto" and manifest["mode"] == "sampled" and manifest["slots"] == 8 + 4
     assert manifest["tokenizer_sha256"] and manifest["teacher"]["id"] == plan.teacher_id
     assert load_tokenizer(tiny_model_dir) is not None
+
+
+def test_auto_mode_is_sampled_for_forward_kl_and_top_k_otherwise(tmp_path):
+    from mydistill.pipeline import make_plan, signal_mode
+
+    assert SignalConfig().mode == "auto"
+    assert SignalConfig().resolved_mode("forward_kl") == "sampled"
+    assert SignalConfig().resolved_mode("generalized_jsd") == "topk"
+    assert SignalConfig(mode="topk").resolved_mode("forward_kl") == "topk"
+
+    def cfg(*extra):
+        return load_config("demo", [f"work_dir={tmp_path}", "signal.enabled=true", *extra])
+
+    assert signal_mode(cfg()) == "sampled"
+    assert signal_mode(cfg("distill.loss.divergence=reverse_kl")) == "topk"
+    # a store is named by what it holds: 'auto' and the mode it stands for are the same store
+    assert make_plan(cfg()).signal_uri == make_plan(cfg("signal.mode=sampled")).signal_uri
+    assert make_plan(cfg("distill.loss.divergence=reverse_kl")).signal_uri == make_plan(
+        cfg("distill.loss.divergence=reverse_kl", "signal.mode=topk")
+    ).signal_uri
+    assert make_plan(cfg()).signal_uri != make_plan(cfg("signal.mode=topk")).signal_uri
 
 
 def test_signal_config_errors_name_the_fields():
@@ -152,7 +176,7 @@ def test_store_and_on_policy_batches_under_zero3_on_two_processes(tmp_path, mix_
     from mydistill.launch import launch_training
 
     store = str(tmp_path / "signal")
-    compute_teacher_signal(mix_data, tiny_model_dir, store, cfg=SignalConfig(k=16, device="cpu"), max_length=48)
+    compute_teacher_signal(mix_data, tiny_model_dir, store, cfg=SignalConfig(k=16, sampled_tokens=8, device="cpu"), max_length=48)
     zero3 = os.path.join(os.path.dirname(__file__), "..", "..", "deploy", "deepspeed", "zero3.json")
     job = distill_job(
         tmp_path, mix_data, tiny_model_dir, tiny_model_dir, signal_uris=[store], launcher="torchrun", num_processes=2,
@@ -162,3 +186,15 @@ def test_store_and_on_policy_batches_under_zero3_on_two_processes(tmp_path, mix_
     assert manifest["world_size"] == 2 and manifest["deepspeed"] is True
     last = manifest["history"][-1]
     assert last["kd"] > 0 and 1 <= last["on_policy_batches"] <= 5
+
+
+def test_k_counts_exact_and_sampled_entries_together():
+    from mydistill.config import ConfigError
+
+    assert SignalConfig().exact_tokens("sampled") == 32 and SignalConfig().exact_tokens("topk") == 64
+    with pytest.raises(ValueError, match=r"signal.sampled_tokens \(32\) must be below signal.k \(16\)"):
+        SignalConfig(k=16, mode="sampled")
+    SignalConfig(k=16, mode="topk")  # top-k draws nothing
+    with pytest.raises(ConfigError, match=r"signal.sampled_tokens \(32\) must be below signal.k \(32\)"):
+        load_config("demo", ["signal.enabled=true", "signal.k=32"])  # auto + forward_kl: sampled
+    load_config("demo", ["signal.enabled=true", "signal.k=32", "distill.loss.divergence=reverse_kl"])  # auto: top-k
