@@ -131,11 +131,20 @@ class TrainConfig(_Section):
     )
     hostfile: str | None = Field(None, description="DeepSpeed hostfile for multi-node runs (launcher 'deepspeed').")
     resume: bool = Field(True, description="Resume from the latest checkpoint of an unfinished run on the same output.")
+    peak_tflops: float | None = Field(
+        None,
+        gt=0,
+        description="Peak dense TFLOP/s of one device for the `mfu` metric; empty: known GPUs (H100/H200, A100, "
+        "L40S, ...) are looked up by name, and no MFU is logged on other devices.",
+    )
 
 
 # How a run is carried out, not what it learns: left out of artifact hashes, so that e.g. a run
 # resumed with another logging cadence or launcher still finds its outputs.
-RUN_ONLY_FIELDS = {"log_every", "eval_every", "save_every", "device", "threads", "launcher", "hostfile", "resume"}
+RUN_ONLY_FIELDS = {
+    "log_every", "eval_every", "save_every", "device", "threads", "launcher", "hostfile", "resume", "peak_tflops",
+    "teacher_sharding",
+}
 
 
 class DistillConfig(TrainConfig):
@@ -150,6 +159,28 @@ class DistillConfig(TrainConfig):
         description="A teacher with another tokenizer: 'none' refuses it, 'sequence' or 'uld' distil across "
         "(see docs/teacher_signal.md).",
     )
+    extra_teachers: list[TeacherSpec] = Field(
+        default_factory=list,
+        description="More frozen online teachers beside `teacher` (which also generates), each sharing the "
+        "student's tokenizer; their signals are mixed per token with distill.loss.teacher_weights (main teacher "
+        "first). See docs/losses.md.",
+    )
+
+    teacher_sharding: Literal["none", "zero3"] = Field(
+        "none",
+        description="'zero3': partition the frozen teacher across the worker processes with ZeRO-3 inference "
+        "(no optimizer state) for a teacher too large for one device; needs `deepspeed`. 'none': every "
+        "process holds the whole teacher.",
+    )
+
+    @model_validator(mode="after")
+    def _teacher_sharding_needs_deepspeed(self) -> DistillConfig:
+        if self.teacher_sharding == "zero3" and self.deepspeed is None:
+            raise ValueError(
+                "teacher_sharding: zero3 partitions the teacher with DeepSpeed, so it needs `deepspeed` "
+                "(e.g. deploy/deepspeed/zero3.json) and launcher torchrun or deepspeed"
+            )
+        return self
 
     @model_validator(mode="after")
     def _on_policy_needs_one_tokenizer(self) -> DistillConfig:
@@ -160,9 +191,46 @@ class DistillConfig(TrainConfig):
             )
         return self
 
+    @model_validator(mode="after")
+    def _extra_teachers_fit(self) -> DistillConfig:
+        if not self.extra_teachers:
+            return self
+        problems = [f"extra_teachers[{i}].uri is empty; give the teacher's model folder"
+                    for i, t in enumerate(self.extra_teachers) if not t.uri]
+        weights = self.loss.teacher_weights
+        if weights is not None and len(weights) != 1 + len(self.extra_teachers):
+            problems.append(
+                f"loss.teacher_weights has {len(weights)} weights for {1 + len(self.extra_teachers)} online teachers "
+                "(the main teacher, then extra_teachers)"
+            )
+        if self.cross_tokenizer.method != "none":
+            problems.append(
+                "extra_teachers share the student's tokenizer, so they need cross_tokenizer.method: none "
+                f"(got {self.cross_tokenizer.method!r})"
+            )
+        if problems:
+            raise ValueError("distill.extra_teachers: " + "; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _step_by_step_fits(self) -> DistillConfig:
+        if self.loss.step_by_step is None:
+            return self
+        if self.cross_tokenizer.method == "uld":
+            raise ValueError(
+                "distill.loss.step_by_step builds new task-prefixed examples, which the ULD teacher (looked up per "
+                "training record) does not cover; use cross_tokenizer.method none or sequence, or remove step_by_step"
+            )
+        if self.on_policy.fraction > 0:
+            raise ValueError(
+                "distill.loss.step_by_step and distill.on_policy.fraction > 0 are not supported together yet; "
+                "set on_policy.fraction: 0 or remove step_by_step"
+            )
+        return self
+
 
 # DistillConfig's sections that only stage 1 knows (a baseline run with stage 1's settings drops them)
-DISTILL_ONLY_FIELDS = {"loss", "on_policy", "cross_tokenizer"}
+DISTILL_ONLY_FIELDS = {"loss", "on_policy", "cross_tokenizer", "teacher_sharding", "extra_teachers"}
 
 
 class FinetuneConfig(TrainConfig):
@@ -272,8 +340,34 @@ class PipelineConfig(_Section):
                 f"distill.loss.teacher_weights has {len(loss.teacher_weights)} weights for {stores} teacher-signal "
                 "stores (this run's, then signal.extra_uris)"
             )
+        if loss.teacher_weights is not None and 0 in loss.teacher_weights:
+            problems.append(
+                "distill.loss.teacher_weights of 0 leave out an online teacher; with stores leave the store out of "
+                "signal.extra_uris instead (store weights must be positive)"
+            )
+        if self.distill.extra_teachers:
+            problems.append(
+                "distill.extra_teachers are online teachers, but the distill stage reads the stores instead; give the "
+                "other teachers' stores as signal.extra_uris, or turn signal.enabled off"
+            )
+        if loss.step_by_step is not None:
+            problems.append(
+                "distill.loss.step_by_step trains on new task-prefixed examples (label and rationale tasks) that a "
+                "store, keyed by the mix's prompt + response, does not hold; turn signal.enabled off (the online "
+                "teacher scores both tasks) or remove distill.loss.step_by_step"
+            )
         if problems:
             raise ValueError("signal.enabled: " + "; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _online_teachers_fit_weights(self) -> PipelineConfig:
+        weights, teachers = self.distill.loss.teacher_weights, 1 + len(self.distill.extra_teachers)
+        if not self.signal.enabled and weights is not None and len(weights) != teachers:
+            raise ValueError(
+                f"distill.loss.teacher_weights has {len(weights)} weights for {teachers} online teacher(s) (teacher, "
+                "then distill.extra_teachers); add teachers to distill.extra_teachers or give one weight per teacher"
+            )
         return self
 
 

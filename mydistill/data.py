@@ -1,7 +1,8 @@
 """The mix stage: teacher responses + real labelled data → train / val / task-train datasets.
 
 Training records have the shape ``{"id", "prompt", "response", "source"}`` with source
-``"teacher"`` or ``"real"``.
+``"teacher"`` or ``"real"``; teacher records from the generate stage's rationale mode also keep
+their ``rationale`` and ``answer`` (for distilling step-by-step).
 """
 
 from __future__ import annotations
@@ -39,8 +40,18 @@ def _usable_teacher(records: Sequence[dict[str, Any]], source_uri: str, counts: 
         elif not isinstance(response, str) or not response.strip():
             counts["dropped_teacher_empty"] += 1
         else:
-            out.append({"id": str(r.get("id", "")), "prompt": r["prompt"], "response": response, "source": "teacher"})
+            record = {"id": str(r.get("id", "")), "prompt": r["prompt"], "response": response, "source": "teacher"}
+            if has_rationale(r):
+                # rationale mode: kept for distilling step-by-step (distill.loss.step_by_step)
+                record.update(rationale=r["rationale"], answer=str(r.get("answer") or ""))
+            out.append(record)
     return out
+
+
+def has_rationale(record: dict[str, Any]) -> bool:
+    """Whether a record carries a non-empty teacher rationale (the generate stage's rationale mode)."""
+    rationale = record.get("rationale")
+    return isinstance(rationale, str) and bool(rationale.strip())
 
 
 def _real_records(
@@ -181,6 +192,8 @@ def run_mix(
         dedup=dedup, seed=seed, prompt_field=prompt_field, answer_field=answer_field,
     )
     inputs = {"teacher_sha256": records_sha256(teacher), "real_sha256": records_sha256(real), **params}
+    if any(has_rationale(r) for r in teacher):
+        inputs["keeps_rationales"] = True  # a mix written before rationales were kept is made again
     done = manifest_matches(output_uri, inputs)
     if done:
         return done

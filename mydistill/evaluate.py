@@ -9,6 +9,10 @@ Every model is scored on the same held-out labelled data:
 - ``parameters``.
 
 ``teacher_retained`` is a model's exact match as a fraction of the teacher's.
+
+A student distilled step-by-step answers behind its label prefix (``prompt_prefix`` in its
+checkpoint's manifest); each model is prompted with its own prefix ('' for the others), and the
+teacher-forced metrics score the same response tokens for every model.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import torch.nn.functional as F
 
 from mydistill import io
 from mydistill.models import count_parameters, load_model, load_tokenizer
-from mydistill.tokenization import IGNORE_INDEX, collate, shift_labels, tokenize_example
+from mydistill.tokenization import (
+    IGNORE_INDEX, TokenizedExample, collate, prompt_prefix_of, shift_labels, tokenize_example, with_prefix,
+)
 
 METRICS_FILE = "metrics.json"
 SAMPLES_FILE = "samples.jsonl"
@@ -53,17 +59,36 @@ def response_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.T
     return logits[mask].float(), labels[mask]
 
 
+def _same_responses(examples: dict[str, list[TokenizedExample]]) -> None:
+    """Cut each example's response to the shortest among the prompt variants (a longer prompt may
+    leave less room under ``max_length``), so that every model is scored on the same tokens."""
+    variants = list(examples.values())
+    for i in range(len(variants[0])):
+        keep = min(sum(label != IGNORE_INDEX for label in v[i].labels) for v in variants)
+        for v in variants:
+            prompt_len = len(v[i].labels) - sum(label != IGNORE_INDEX for label in v[i].labels)
+            v[i] = TokenizedExample(v[i].input_ids[: prompt_len + keep], v[i].labels[: prompt_len + keep])
+
+
 @torch.no_grad()
 def teacher_forced_metrics(
-    models: dict[str, Any], teacher_name: str | None, tokenizer: Any, records: list[dict[str, Any]], max_length: int = 128
+    models: dict[str, Any], teacher_name: str | None, tokenizer: Any, records: list[dict[str, Any]], max_length: int = 128,
+    prompt_prefixes: dict[str, str] | None = None,
 ) -> dict[str, dict[str, float]]:
-    examples = [tokenize_example(tokenizer, r["prompt"], r["response"], max_length) for r in records]
+    prefixes = {name: (prompt_prefixes or {}).get(name, "") for name in models}
+    examples = {
+        prefix: [tokenize_example(tokenizer, with_prefix(prefix, r["prompt"]), r["response"], max_length) for r in records]
+        for prefix in sorted(set(prefixes.values()))
+    }
+    if len(examples) > 1:
+        _same_responses(examples)
     sums: dict[str, dict[str, float]] = {name: {"nll": 0.0, "kl": 0.0, "agree": 0.0} for name in models}
     count = 0
-    for start in range(0, len(examples), 64):
-        batch = collate(examples[start : start + 64], tokenizer.pad_token_id)
+    for start in range(0, len(records), 64):
+        batches = {prefix: collate(rows[start : start + 64], tokenizer.pad_token_id) for prefix, rows in examples.items()}
         outputs = {}
         for name, model in models.items():
+            batch = batches[prefixes[name]]
             outputs[name] = response_logits(model, {k: v.to(model.device) for k, v in batch.items()})
         targets = next(iter(outputs.values()))[1].cpu()
         count += targets.numel()
@@ -170,10 +195,12 @@ def evaluate_models(
         for name in (prompt_field, answer_field):
             if name not in r:
                 raise io.DataError(f"{eval_uri}: record {i + 1} has no {name!r} field")
+    prefixes = {name: prompt_prefix_of(uri) for name, uri in model_uris.items()}
     inputs = {
         "models": {name: (io.read_manifest(uri) or {}).get("inputs_sha256", uri) for name, uri in model_uris.items()},
         "eval_sha256": io.records_sha256(records),
         "max_new_tokens": max_new_tokens,
+        **({"prompt_prefixes": prefixes} if any(prefixes.values()) else {}),
     }
     done = io.manifest_matches(output_uri, inputs)
     if done:
@@ -184,14 +211,19 @@ def evaluate_models(
     tokenizer = load_tokenizer(next(iter(model_uris.values())))
     models = {name: load_model(uri, device=device).eval() for name, uri in model_uris.items()}
     answers = {
-        name: generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        name: generate_answers(
+            model, tokenizer, [with_prefix(prefixes[name], p) for p in prompts], max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+        )
         for name, model in models.items()
     }
     forced = teacher_forced_metrics(
         models, teacher_name if teacher_name in models else None, tokenizer,
-        [{"prompt": p, "response": a} for p, a in zip(prompts, references, strict=True)],
+        [{"prompt": p, "response": a} for p, a in zip(prompts, references, strict=True)], prompt_prefixes=prefixes,
     )
     report: dict[str, Any] = {"num_examples": len(records), "models": {}}
+    if any(prefixes.values()):
+        report["prompt_prefixes"] = {name: prefix for name, prefix in prefixes.items() if prefix}
     for name, model in models.items():
         correct = sum(normalise_answer(a) == normalise_answer(ref) for a, ref in zip(answers[name], references, strict=True))
         report["models"][name] = {

@@ -41,7 +41,8 @@ def build_model(arch: dict[str, Any], tokenizer: Any, *, seed: int = 0) -> Any:
 
 
 def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    # a ZeRO-3 partitioned parameter holds only this process's share; ds_numel is its full size
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
 class VocabularyMismatch(ValueError):

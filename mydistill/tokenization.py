@@ -15,6 +15,23 @@ from typing import Any
 import torch
 
 IGNORE_INDEX = -100
+# Manifest key of a checkpoint trained to answer prompts behind a task prefix (distilling
+# step-by-step's label prefix); training from it (fine-tuning) and evaluating it use the same prefix.
+PROMPT_PREFIX_KEY = "prompt_prefix"
+
+
+def with_prefix(prefix: str, prompt: str) -> str:
+    """The user message of a task-prefixed example: the prefix, then the prompt (inside the chat turn)."""
+    return prefix + prompt
+
+
+def prompt_prefix_of(model_uri: str | None) -> str:
+    """The task prefix the checkpoint at ``model_uri`` answers after ('' for any other model)."""
+    if not model_uri:
+        return ""
+    from mydistill import io
+
+    return str((io.read_manifest(model_uri) or {}).get(PROMPT_PREFIX_KEY) or "")
 
 
 def format_prompt(tokenizer: Any, prompt: str) -> str:

@@ -35,8 +35,12 @@ from mydistill.cross_tokenizer import ULDObjective, ULDTeacher, check_tokenizers
 from mydistill.losses import DistillObjective, LossConfig, LossOutput
 from mydistill.models import build_model, count_parameters, load_model, load_tokenizer
 from mydistill.on_policy import OnPolicyMixer, eos_ids_of
+from mydistill.online_teachers import OnlineTeachers, load_extra_teachers
 from mydistill.signal.source import TeacherSource, online_signal
-from mydistill.tokenization import TokenizedExample, collate, shift_labels, tokenize_example
+from mydistill.step_by_step import LABEL_ROWS, StepByStepObjective, step_by_step_examples
+from mydistill.tokenization import (
+    PROMPT_PREFIX_KEY, TokenizedExample, collate, prompt_prefix_of, shift_labels, tokenize_example, with_prefix,
+)
 
 Stage = Literal["distill", "finetune", "baseline", "teacher"]
 MetricsCallback = Callable[[dict[str, float], int], None]
@@ -112,9 +116,7 @@ def init_distributed(device: torch.device, use_deepspeed: bool) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if use_deepspeed:
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend=backend)
+        _import_deepspeed().init_distributed(dist_backend=backend)  # (with the CPU-only ops switched off)
     else:
         dist.init_process_group(backend=backend)
 
@@ -156,13 +158,14 @@ def deepspeed_config(path_or_dict: str | dict[str, Any], cfg: TrainConfig, devic
 # data
 
 
-def load_examples(uri: str, tokenizer: Any, max_length: int) -> list[TokenizedExample]:
+def load_examples(uri: str, tokenizer: Any, max_length: int, prompt_prefix: str = "") -> list[TokenizedExample]:
+    """Tokenized ``prompt``/``response`` records; ``prompt_prefix`` goes before every prompt (a task prefix)."""
     records = io.read_records(uri)
     examples = []
     for i, r in enumerate(records):
         if "prompt" not in r or "response" not in r:
             raise io.DataError(f"{uri}: record {i + 1} needs 'prompt' and 'response' fields (has {sorted(r)})")
-        examples.append(tokenize_example(tokenizer, r["prompt"], r["response"], max_length))
+        examples.append(tokenize_example(tokenizer, with_prefix(prompt_prefix, r["prompt"]), r["response"], max_length))
     if not examples:
         raise io.DataError(f"{uri}: no training records")
     return examples
@@ -202,6 +205,28 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return schedule
+
+
+# Dense bf16 peak TFLOP/s per device, matched against torch.cuda.get_device_name (first match wins)
+PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0), ("GH200", 989.0),
+                    ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0)]
+
+
+def peak_tflops(cfg: TrainConfig, device: torch.device) -> float:
+    """One device's peak TFLOP/s for MFU: ``train.peak_tflops``, else a known GPU's dense bf16
+    peak, else 0 (no MFU: CPUs and unknown GPUs)."""
+    if cfg.peak_tflops:
+        return cfg.peak_tflops
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((tflops for key, tflops in PEAK_BF16_TFLOPS if key in name), 0.0)
+
+
+def _teacher_parameters(teacher: Any) -> int:
+    if hasattr(teacher, "partition_stats"):
+        return int(teacher.partition_stats()["teacher_parameters"])
+    return count_parameters(teacher)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -365,15 +390,19 @@ def teacher_signal(
     """The frozen teacher's signal for a batch: its final hidden states and output projection
     (the objective computes teacher logits chunk by chunk, like the student's), or, from a
     :class:`~mydistill.signal.source.TeacherSource`, a stored top-k teacher or a ULD signal for
-    the examples at ``indices``."""
+    the examples at ``indices``. Several online teachers (:class:`OnlineTeachers`) give one entry each."""
     if isinstance(teacher, TeacherSource):
         return teacher.signal(batch, indices)
+    if isinstance(teacher, OnlineTeachers):
+        return teacher.signal(batch, hidden_states=hidden_states)
     return online_signal(teacher, batch, hidden_states=hidden_states)
 
 
 def forward_loss(engine: Any, batch: dict[str, torch.Tensor], teacher: Any | None, indices: list[int] | None = None) -> Any:
     """Loss for one batch: the teacher's signal, then the student and objective under the engine."""
     signal = teacher_signal(teacher, batch, indices, hidden_states=engine.module.wants_hidden_states)
+    if LABEL_ROWS in batch:  # distilling step-by-step: the objective splits the label and rationale rows
+        signal = {**signal, "label_rows": batch[LABEL_ROWS]}
     loss, metrics = engine(batch, signal)
     return LossOutput(loss, metrics)
 
@@ -432,6 +461,7 @@ def run_training(job: TrainJob, on_metrics: MetricsCallback | None = None, progr
     # partitioned by accident.
     tokenizer = load_tokenizer(job.tokenizer_uri)
     distill = cfg if isinstance(cfg, DistillConfig) else None
+    ds_config = deepspeed_config(cfg.deepspeed, cfg, device) if use_deepspeed else None
     method = distill.cross_tokenizer.method if distill else "none"
     teacher = teacher_tokenizer = None
     if job.teacher_uri:
@@ -439,14 +469,17 @@ def run_training(job: TrainJob, on_metrics: MetricsCallback | None = None, progr
         teacher_tokenizer = load_tokenizer(job.teacher_uri)
         check_tokenizers_agree(teacher_tokenizer, tokenizer, method=method)
         if _needs_teacher_model(job, distill):
-            teacher = load_model(job.teacher_uri, device=device).eval().requires_grad_(False)
-    source = _teacher_source(job, distill, teacher, teacher_tokenizer, tokenizer)
-    ds_config = deepspeed_config(cfg.deepspeed, cfg, device) if use_deepspeed else None
+            teacher = _load_teacher(job.teacher_uri, distill, ds_config, device)
+    extra_teachers = _load_extra_teachers(job, distill, teacher, tokenizer, ds_config, device)
+    online_teacher = OnlineTeachers([teacher, *extra_teachers]) if extra_teachers else teacher
+    source = online_teacher if extra_teachers else _teacher_source(job, distill, teacher, teacher_tokenizer, tokenizer)
     zero3_loading = _zero3_loading(ds_config) if ds_config and job.init_uri else None  # noqa: F841 (kept alive)
     student = _load_student(job, cfg, tokenizer, device)
     student.train()
     if teacher is not None and method == "none":
         _match_head_rows(teacher, student.config.vocab_size)
+    for extra in extra_teachers:
+        _match_head_rows(extra, student.config.vocab_size)
     loss_cfg = cfg.loss if isinstance(cfg, DistillConfig) else LossConfig(alpha=0.0)
     objective = DistillObjective(
         loss_cfg,
@@ -456,8 +489,16 @@ def run_training(job: TrainJob, on_metrics: MetricsCallback | None = None, progr
         teacher_num_layers=teacher.config.num_hidden_layers if teacher is not None and method == "none" else None,
     ).to(device)
     trained_objective = ULDObjective(objective, distill.cross_tokenizer) if distill and method == "uld" else objective
-    examples = load_examples(job.data_uri, tokenizer, cfg.max_length)
-    val_examples = load_examples(job.val_uri, tokenizer, cfg.max_length) if job.val_uri else []
+    # distilling step-by-step: a label and a rationale task per step; the student then answers behind
+    # the label prefix, which its checkpoint records (a stage trained from it inherits the prefix)
+    step_by_step = distill.loss.step_by_step if distill else None
+    prompt_prefix = step_by_step.label_prefix if step_by_step else prompt_prefix_of(job.init_uri)
+    tasks = None
+    if step_by_step is not None:
+        trained_objective = StepByStepObjective(trained_objective)
+        tasks = step_by_step_examples(io.read_records(job.data_uri), tokenizer, cfg.max_length, step_by_step, job.data_uri)
+    examples = tasks.label if tasks else load_examples(job.data_uri, tokenizer, cfg.max_length, prompt_prefix)
+    val_examples = load_examples(job.val_uri, tokenizer, cfg.max_length, prompt_prefix) if job.val_uri else []
     n_params = count_parameters(student)
     module = StudentObjective(student, trained_objective)
     engine = DeepSpeedEngine(module, cfg, ds_config) if ds_config else PlainEngine(module, cfg)
@@ -475,6 +516,10 @@ def run_training(job: TrainJob, on_metrics: MetricsCallback | None = None, progr
         if is_main_process():
             print(f"[mydistill] {job.stage}: resumed from step {start_step} ({checkpoint_dir})", flush=True)
     order = batch_indices(len(examples), cfg.batch_size, cfg.seed, start_step=start_step, rank=rank, world_size=world_size)
+    if tasks is not None:  # the rationale examples in their own seeded order, resumed like the label order
+        tasks.rationale_order = batch_indices(
+            len(tasks.rationale), cfg.batch_size, cfg.seed + 1, start_step=start_step, rank=rank, world_size=world_size
+        )
     on_policy = None
     if distill is not None and distill.on_policy.fraction > 0:
         if teacher is None:
@@ -482,18 +527,27 @@ def run_training(job: TrainJob, on_metrics: MetricsCallback | None = None, progr
         on_policy = OnPolicyMixer(distill.on_policy, tokenizer=tokenizer, eos_token_ids=eos_ids_of(student, tokenizer))
         on_policy.skip(start_step)  # a resumed run makes the same on-policy choices as an uninterrupted one
 
+    # MFU: model FLOPs (6 per parameter per token for the trained student, 2 for a teacher forward)
+    # against the devices' peak; logged where the peak is known (GPUs)
+    peak_flops = peak_tflops(cfg, device) * 1e12
+    teachers_run = [t for t in (teacher, *extra_teachers) if t is not None] if not job.signal_uris else []
+    teacher_parameters = sum(_teacher_parameters(t) for t in teachers_run)
+    flops_per_token = 6 * n_params + 2 * teacher_parameters
+
     # ---- train
     window_tokens, window_start = 0.0, time.perf_counter()
     bar = _progress_bar(progress and is_main_process(), job.stage, cfg.steps, start_step)
     for step in range(start_step + 1, cfg.steps + 1):
         step_start = time.perf_counter()
         indices = next(order)
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in indices], tokenizer.pad_token_id).items()}
+        rows = [examples[i] for i in indices]
+        batch = tasks.collate(rows, tokenizer.pad_token_id) if tasks else collate(rows, tokenizer.pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
         if on_policy is not None and on_policy.draw():
             # GKD: the student answers these prompts itself; the online teacher scores its tokens
             batch = on_policy.replace(batch, student, step, synced_gpus=use_deepspeed and world_size > 1)
             with on_policy.active(objective):
-                out = forward_loss(engine, batch, teacher)
+                out = forward_loss(engine, batch, online_teacher)
         else:
             out = forward_loss(engine, batch, source, indices)
         if not torch.isfinite(out.loss):
@@ -520,7 +574,10 @@ def run_training(job: TrainJob, on_metrics: MetricsCallback | None = None, progr
                 "peak_memory_mb": peak_memory_mb(device),
                 **({"on_policy_batches": float(on_policy.sampled_batches)} if on_policy is not None else {}),
             }
-            if val_examples and (step % cfg.eval_every == 0 or step == cfg.steps) and not use_deepspeed:
+            if peak_flops:
+                metrics["mfu"] = flops_per_token * metrics["tokens_per_s"] / (peak_flops * world_size)
+            if val_examples and (step % cfg.eval_every == 0 or step == cfg.steps):
+                # under ZeRO-3 every rank runs the same forward passes (each gathers the student's shards)
                 metrics["val_loss"] = validation_loss(student, val_examples, tokenizer.pad_token_id, device)
             history.append({"step": step, **metrics})
             if on_metrics is not None and is_main_process():
@@ -540,6 +597,8 @@ def run_training(job: TrainJob, on_metrics: MetricsCallback | None = None, progr
             student, tokenizer, job.output_uri, stage=job.stage, inputs=inputs, state_dict=state_dict,
             final_metrics=history[-1], parameters=n_params, history=history, world_size=world_size,
             deepspeed=bool(use_deepspeed),
+            **({"teacher_sharding": teacher.partition_stats()} if hasattr(teacher, "partition_stats") else {}),
+            **({PROMPT_PREFIX_KEY: prompt_prefix} if prompt_prefix else {}),
         )
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     if world_size > 1:
@@ -557,6 +616,37 @@ def _match_head_rows(teacher: Any, vocab_size: int) -> None:
     weight = teacher.lm_head.weight
     if weight.shape[0] > vocab_size:
         teacher.lm_head.weight = torch.nn.Parameter(weight[:vocab_size].detach(), requires_grad=False)
+
+
+def _load_teacher(uri: str, distill: DistillConfig | None, ds_config: dict[str, Any] | None, device: torch.device) -> Any:
+    """The frozen teacher: whole on every process, or (``distill.teacher_sharding: zero3``)
+    partitioned across them by ZeRO-3 inference, for a teacher too large for one device."""
+    if distill is not None and distill.teacher_sharding == "zero3":
+        if ds_config is None:
+            raise ValueError("distill.teacher_sharding: zero3 needs distill.deepspeed (a ZeRO-3 config)")
+        _import_deepspeed()
+        from mydistill.zero_inference import ShardedTeacher
+
+        return ShardedTeacher(uri, ds_config, device)
+    return load_model(uri, device=device).eval().requires_grad_(False)
+
+
+def _load_extra_teachers(
+    job: TrainJob, distill: DistillConfig | None, teacher: Any, tokenizer: Any, ds_config: dict[str, Any] | None,
+    device: torch.device,
+) -> list[Any]:
+    """``distill.extra_teachers``, loaded like the main teacher once their tokenizers are checked."""
+    if distill is None or not distill.extra_teachers:
+        return []
+    if job.signal_uris:
+        raise ValueError(
+            "distill.extra_teachers are online teachers, but this job reads teacher-signal stores; give the other "
+            "teachers' stores as signal.extra_uris instead"
+        )
+    if teacher is None:
+        raise ValueError("distill.extra_teachers are mixed with the main online teacher, so the job needs teacher_uri")
+    uris = [spec.uri for spec in distill.extra_teachers if spec.uri]
+    return load_extra_teachers(uris, tokenizer, load=lambda uri: _load_teacher(uri, distill, ds_config, device))
 
 
 def _zero3_loading(ds_config: dict[str, Any]) -> Any:

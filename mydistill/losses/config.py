@@ -85,12 +85,28 @@ class StepByStepConfig(BaseModel):
         allow_inf_nan=False,
         description="Weight of the loss on the rationale targets, the paper's lambda (>= 0).",
     )
+    label_prefix: str = Field(
+        "[label] ",
+        description="Task prefix put before the prompt of the label task (predict the answer). The distilled "
+        "student records it in its checkpoint, and fine-tuning and evaluation prompt it the same way; '' trains "
+        "the label task on the plain prompt.",
+    )
+    rationale_prefix: str = Field(
+        "[rationale] ",
+        min_length=1,
+        description="Task prefix put before the prompt of the rationale task (generate the teacher's rationale).",
+    )
 
     @model_validator(mode="after")
     def _not_both_zero(self) -> StepByStepConfig:
         if self.label_weight == 0 and self.rationale_weight == 0:
             raise ValueError(
                 "label_weight and rationale_weight are both 0, so nothing would be trained; make at least one positive"
+            )
+        if self.label_prefix == self.rationale_prefix:
+            raise ValueError(
+                f"label_prefix and rationale_prefix are both {self.label_prefix!r}, so the student cannot tell the "
+                "two tasks apart; give them different prefixes"
             )
         return self
 
@@ -139,14 +155,26 @@ class LossConfig(BaseModel):
         description="Use the chunked fused loss from hidden states; False uses the plain reference on full logits.",
     )
     ignore_index: int = Field(-100, description="Label value marking tokens that count for no loss term.")
-    teacher_weights: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]] | None = Field(
+    teacher_weights: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = Field(
         None,
         min_length=1,
-        description="Multi-teacher: one positive weight per teacher (normalised); null gives equal weights.",
+        description="Multi-teacher: one weight >= 0 per teacher (normalised; 0 leaves that teacher out), the main "
+        "teacher first; null gives equal weights.",
     )
     hidden: HiddenStateLossConfig | None = Field(
         None, description="Optional layer-wise hidden-state distillation; null disables it."
     )
     step_by_step: StepByStepConfig | None = Field(
-        None, description="Optional distilling step-by-step weights for label and rationale passes."
+        None,
+        description="Optional distilling step-by-step: train a label task and a rationale task (from the generate "
+        "stage's rationale mode) with these weights and task prefixes; null disables it.",
     )
+
+    @model_validator(mode="after")
+    def _some_teacher_weighted(self) -> LossConfig:
+        if self.teacher_weights is not None and not any(w > 0 for w in self.teacher_weights):
+            raise ValueError(
+                f"teacher_weights are all 0 ({self.teacher_weights}), so no teacher would be learned from; "
+                "make at least one positive"
+            )
+        return self

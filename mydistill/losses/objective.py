@@ -40,6 +40,30 @@ def _list(x: Tensor | Sequence[Tensor] | None) -> list[Tensor]:
     return [x] if isinstance(x, Tensor) else list(x)
 
 
+def _drop_unweighted(
+    weights: Sequence[float] | None, *per_teacher: Tensor | Sequence[Tensor | None] | None
+) -> tuple[list[float] | None, list[Tensor | Sequence[Tensor | None] | None]]:
+    """Leave out the teachers whose weight is 0 (``teacher_weights: [1, 0]`` is the first teacher alone).
+
+    ``per_teacher`` are the per-teacher arguments (logits, hidden states, heads, biases), each None,
+    one tensor, or a list with one entry per weight. Returns the positive weights and the arguments
+    with the same teachers kept, so a zero-weight teacher costs no vocabulary-sized work.
+    """
+    if weights is None or all(w > 0 for w in weights):
+        return (None if weights is None else list(weights)), list(per_teacher)
+    keep = [i for i, w in enumerate(weights) if w > 0]
+    kept: list[Tensor | Sequence[Tensor | None] | None] = []
+    for arg in per_teacher:
+        if arg is None:
+            kept.append(None)
+            continue
+        if isinstance(arg, Tensor) or len(arg) != len(weights):
+            n = 1 if isinstance(arg, Tensor) else len(arg)
+            raise ValueError(f"got {len(weights)} teacher weights (some 0) for {n} teacher signals; give one per teacher")
+        kept.append([arg[i] for i in keep])
+    return [weights[i] for i in keep], kept
+
+
 class DistillObjective(nn.Module):
     """Hinton soft/hard mix with any divergence, optional hidden-state term, chunked or plain.
 
@@ -115,6 +139,11 @@ class DistillObjective(nn.Module):
         cfg = self.cfg
         has_teacher = teacher_logits is not None or teacher_hidden is not None or teacher_topk is not None
         mask = attention_mask if labels is None else None
+        teacher_weights = cfg.teacher_weights
+        if teacher_topk is None:  # a store's top-k teacher arrives already combined
+            teacher_weights, (teacher_logits, teacher_hidden, teacher_head_weight, teacher_head_bias) = _drop_unweighted(
+                teacher_weights, teacher_logits, teacher_hidden, teacher_head_weight, teacher_head_bias
+            )
         if cfg.chunked:
             parts = chunked_distill_loss(
                 student_hidden,
@@ -127,7 +156,7 @@ class DistillObjective(nn.Module):
                 teacher_weight=teacher_head_weight,
                 teacher_bias=teacher_head_bias,
                 teacher_topk=teacher_topk,
-                teacher_weights=cfg.teacher_weights,
+                teacher_weights=teacher_weights,
                 divergence=cfg.divergence,
                 temperature=cfg.temperature,
                 alpha=cfg.alpha,
@@ -149,6 +178,7 @@ class DistillObjective(nn.Module):
                 teacher_head_weight,
                 teacher_head_bias,
                 teacher_topk,
+                teacher_weights,
             )
 
         loss = parts.loss
@@ -181,6 +211,7 @@ class DistillObjective(nn.Module):
         teacher_weight: Tensor | Sequence[Tensor] | None,
         teacher_bias: Tensor | Sequence[Tensor | None] | None,
         teacher_topk: TopKTeacher | None,
+        teacher_weights: Sequence[float] | None,
     ) -> DistillLossParts:
         cfg = self.cfg
         student_logits = F.linear(student_hidden, weight, bias)
@@ -213,7 +244,7 @@ class DistillObjective(nn.Module):
             beta=cfg.beta,
             skew_alpha=cfg.skew_alpha,
             ignore_index=cfg.ignore_index,
-            teacher_weights=cfg.teacher_weights if isinstance(teacher, list) else None,
+            teacher_weights=teacher_weights if isinstance(teacher, list) else None,
             compute_agreement=teacher is not None,
         )
 

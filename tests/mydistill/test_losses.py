@@ -357,8 +357,11 @@ def test_loss_config_errors_name_the_field_and_what_is_allowed(field, value, all
 def test_loss_config_rejects_unknown_and_inconsistent_fields():
     with pytest.raises(ValidationError, match="temprature"):
         LossConfig(temprature=2.0)
+    with pytest.raises(ValidationError, match="teacher_weights are all 0"):
+        LossConfig(teacher_weights=[0.0, 0.0])
     with pytest.raises(ValidationError, match="teacher_weights"):
-        LossConfig(teacher_weights=[1.0, 0.0])
+        LossConfig(teacher_weights=[1.0, -1.0])
+    assert LossConfig(teacher_weights=[1.0, 0.0]).teacher_weights == [1.0, 0.0]  # 0 leaves a teacher out
     with pytest.raises(ValidationError, match="filter_size is only used with projection='ted'"):
         LossConfig(hidden={"filter_size": 64})
     with pytest.raises(ValidationError, match="both 0"):

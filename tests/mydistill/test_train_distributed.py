@@ -44,7 +44,8 @@ UNTIED_ARCH = {**TINY_ARCH, "tie_word_embeddings": False}
 
 def make_job(out, data, tokenizer_dir, *, stage="distill", teacher=None, arch=TINY_ARCH, **train):
     cls = DistillConfig if stage == "distill" else TrainConfig
-    cfg = cls(batch_size=8, lr=3e-3, warmup_steps=2, log_every=5, launcher="torchrun", num_processes=2, threads=1, **train)
+    train = {"log_every": 5, **train}
+    cfg = cls(batch_size=8, lr=3e-3, warmup_steps=2, launcher="torchrun", num_processes=2, threads=1, **train)
     return TrainJob(stage=stage, data_uri=data, output_uri=str(out), tokenizer_uri=tokenizer_dir, arch=arch,
                     teacher_uri=teacher, train=cfg.model_dump())
 
@@ -69,6 +70,32 @@ def test_zero3_distillation_on_two_processes(tmp_path, data, tiny_model_dir):
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         assert not torch.allclose(trained.state_dict()[name], init.state_dict()[name]), name
     assert not os.path.exists(str(tmp_path / "student") + ".checkpoints")
+
+
+def test_a_zero3_sharded_teacher_trains_the_student_as_a_whole_teacher_does(tmp_path, data, tiny_model_dir):
+    """distill.teacher_sharding: zero3 keeps half the teacher on each of 2 processes, and the
+    student's losses (and the validation loss, computed through ZeRO-3) match a whole teacher's."""
+    from mydistill.demo.task import make_examples
+
+    config = io.read_json(ZERO3)
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even tiny tensors
+    ds_path = str(tmp_path / "zero3.json")
+    io.write_json(ds_path, config)
+    val = str(tmp_path / "val.jsonl")
+    io.write_records(val, [{"prompt": e["prompt"], "response": e["answer"]} for e in make_examples(16, seed=9)])
+    runs = {}
+    for sharding in ("none", "zero3"):
+        job = make_job(tmp_path / sharding, data, tiny_model_dir, teacher=tiny_model_dir, steps=4, log_every=2,
+                       eval_every=2, deepspeed=ds_path, arch=UNTIED_ARCH, teacher_sharding=sharding)
+        job.val_uri = val
+        runs[sharding] = launch_training(job)
+    stats = runs["zero3"]["teacher_sharding"]
+    assert "teacher_sharding" not in runs["none"]
+    assert stats["teacher_parameters"] == sum(p.numel() for p in load_model(tiny_model_dir).parameters())
+    assert 0.45 < stats["teacher_shard_fraction"] < 0.55  # this rank holds half of every tensor
+    for whole, sharded in zip(runs["none"]["history"], runs["zero3"]["history"], strict=True):
+        for key in ("loss", "kd", "ce", "val_loss"):
+            assert sharded[key] == pytest.approx(whole[key], rel=1e-4), (key, whole["step"])
 
 
 def test_zero3_with_cpu_offload_finetunes(tmp_path, data, tiny_model_dir):
