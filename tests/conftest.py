@@ -47,11 +47,15 @@ def demo_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, demo_tokenizer) -> str:
     """A 1-layer Llama with the demo tokenizer, saved as a Hugging Face folder (random weights)."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"), demo_tokenizer, seed=0)
+
+
+def save_tiny_model(path: Path | str, tokenizer, *, seed: int, arch: dict | None = None) -> str:
+    """A tiny Llama (``TINY_ARCH`` unless ``arch``) with ``tokenizer``, saved at ``path``; returns the path."""
     from mydistill.models import build_model
 
-    path = tmp_path_factory.mktemp("tiny-model")
-    build_model(TINY_ARCH, demo_tokenizer, seed=0).save_pretrained(path)
-    demo_tokenizer.save_pretrained(path)
+    build_model(arch or TINY_ARCH, tokenizer, seed=seed).save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return str(path)
 
 

@@ -10,18 +10,13 @@ from mydistill.config import ConfigError, DistillConfig, validate_config
 from mydistill.losses import DistillObjective, LossConfig
 from mydistill.train import TrainJob, run_training
 
-from tests.conftest import TINY_ARCH
+from tests.conftest import TINY_ARCH, save_tiny_model
 
 
 @pytest.fixture(scope="module")
 def second_teacher_dir(tmp_path_factory, demo_tokenizer) -> str:
     """Another tiny teacher with the student's tokenizer and other (random) weights."""
-    from mydistill.models import build_model
-
-    path = tmp_path_factory.mktemp("second-teacher")
-    build_model(TINY_ARCH, demo_tokenizer, seed=1).save_pretrained(path)
-    demo_tokenizer.save_pretrained(path)
-    return str(path)
+    return save_tiny_model(tmp_path_factory.mktemp("second-teacher"), demo_tokenizer, seed=1)
 
 
 @pytest.fixture
