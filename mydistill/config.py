@@ -180,6 +180,13 @@ class DistillConfig(TrainConfig):
                 "teacher_sharding: zero3 partitions the teacher with DeepSpeed, so it needs `deepspeed` "
                 "(e.g. deploy/deepspeed/zero3.json) and launcher torchrun or deepspeed"
             )
+        hidden = self.loss.hidden
+        if self.teacher_sharding == "zero3" and hidden is not None and hidden.teacher_filter_steps > 0:
+            raise ValueError(
+                "loss.hidden.teacher_filter_steps > 0 (TED stage 1) runs the teacher's own final norm and head "
+                "outside its forward pass, which teacher_sharding: zero3 keeps partitioned; train the filters "
+                "with teacher_sharding: none, or set teacher_filter_steps: 0"
+            )
         return self
 
     @model_validator(mode="after")

@@ -2,8 +2,8 @@
 
 Plain reference functions (``fn(student_logits, teacher_logits, **params)`` on ``(N, V)``) live in
 :mod:`.divergences`; the memory-efficient path from hidden states in :mod:`.chunked`; layer-wise
-distillation in :mod:`.hidden`; the config section and the trainer-facing module in :mod:`.config`
-and :mod:`.objective`; the cross-tokenizer ULD loss in :mod:`.uld`. See docs/losses.md.
+distillation in :mod:`.hidden` (TED's stage 1, training the teacher filters, in :mod:`.ted`); the
+config section and the trainer-facing module in :mod:`.config` and :mod:`.objective`; the cross-tokenizer ULD loss in :mod:`.uld`. See docs/losses.md.
 """
 
 from mydistill.losses.chunked import (
@@ -37,6 +37,7 @@ from mydistill.losses.hidden import (
 )
 from mydistill.losses.multitask import step_by_step_loss
 from mydistill.losses.objective import DistillObjective, LossOutput
+from mydistill.losses.ted import TeacherFilterFit, filter_task_loss, fit_teacher_filters
 from mydistill.losses.teacher import TeacherEnsemble, TopKTeacher, VocabSizeMismatch
 from mydistill.losses.uld import uld_loss
 
@@ -52,6 +53,7 @@ __all__ = [
     "LossOutput",
     "StepByStepConfig",
     "TeacherEnsemble",
+    "TeacherFilterFit",
     "TopKTeacher",
     "VocabSizeMismatch",
     "chunked_cross_entropy",
@@ -59,6 +61,8 @@ __all__ = [
     "chunked_divergence",
     "cross_entropy",
     "distill_loss",
+    "filter_task_loss",
+    "fit_teacher_filters",
     "forward_kl",
     "generalized_jsd",
     "hidden_cosine",

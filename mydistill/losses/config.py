@@ -55,13 +55,27 @@ class HiddenStateLossConfig(BaseModel):
     filter_size: int | None = Field(
         None, gt=0, description="Width of the TED filter space (projection='ted'); default: the teacher's hidden size."
     )
+    teacher_filter_steps: int = Field(
+        0,
+        ge=0,
+        description="TED stage 1 (projection='ted'): AdamW steps training the teacher filters on next-token CE of "
+        "the response tokens, the teacher frozen, before distillation starts; 0 keeps random orthogonal filters.",
+    )
+    teacher_filter_lr: float = Field(
+        1e-3, gt=0, allow_inf_nan=False, description="Learning rate of TED stage 1 (constant, AdamW, no weight decay)."
+    )
 
     @model_validator(mode="after")
-    def _filter_size_only_for_ted(self) -> HiddenStateLossConfig:
+    def _ted_fields_only_for_ted(self) -> HiddenStateLossConfig:
         if self.filter_size is not None and self.projection != "ted":
             raise ValueError(
                 f"filter_size is only used with projection='ted' (projection is {self.projection!r}); "
                 "remove filter_size or set projection: ted"
+            )
+        if self.teacher_filter_steps > 0 and self.projection != "ted":
+            raise ValueError(
+                f"teacher_filter_steps trains TED teacher filters, which only projection='ted' has (projection is "
+                f"{self.projection!r}); set projection: ted or teacher_filter_steps: 0"
             )
         if isinstance(self.layer_map, list) and not self.layer_map:
             raise ValueError("layer_map is an empty list; give [student_layer, teacher_layer] pairs or 'uniform'")

@@ -13,8 +13,9 @@ is the embedding output and ``hidden_states[l]`` the output of block ``l`` (1..n
     arXiv 2210.01351): a student filter and a teacher filter per pair map both layers into a
     shared ``filter_size`` space and the loss compares the filtered states. TED first trains the
     teacher filters on the task and freezes them; here the teacher filters are created frozen
-    (random orthogonal projections unless you load trained ones with
-    :meth:`HiddenStateDistiller.load_teacher_filters`); the student filters are learned.
+    (random orthogonal projections) and trained by :func:`mydistill.losses.ted.fit_teacher_filters`
+    (``distill.loss.hidden.teacher_filter_steps`` in a run), or loaded with
+    :meth:`HiddenStateDistiller.load_teacher_filters`; the student filters are learned.
 * :func:`hidden_mse` / :func:`hidden_cosine` are the per-pair losses (cosine as in DistilBERT's
   cosine embedding loss: ``1 - cos``).
 """

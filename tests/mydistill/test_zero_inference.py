@@ -59,3 +59,11 @@ def test_the_gathered_head_projects_like_the_models_own():
     linear = torch.nn.Linear(8, 5, bias=False)
     hidden = torch.randn(3, 8)
     torch.testing.assert_close(GatheredHead(linear.weight.detach())(hidden), linear(hidden).detach())
+
+
+def test_ted_stage_one_is_refused_with_a_sharded_teacher():
+    with pytest.raises(ValidationError, match="teacher_filter_steps > 0 .* teacher_sharding: zero3"):
+        DistillConfig(
+            teacher_sharding="zero3", deepspeed="deploy/deepspeed/zero3.json",
+            loss={"hidden": {"projection": "ted", "teacher_filter_steps": 5}},
+        )
