@@ -18,6 +18,7 @@ from mydistill.data import TASK_TRAIN_FILE, TRAIN_FILE, VAL_FILE, run_mix
 from mydistill.pipeline import StagePlan, baseline_steps, signal_mode, signal_temperature
 from mydistill.launch import launch_training
 from mydistill.train import TrainJob
+from mydistill.tokenization import PROMPT_PREFIX_KEY, prompt_prefix_of
 
 
 def prepare_demo(
@@ -306,6 +307,8 @@ def register(cfg: PipelineConfig, plan: StagePlan, report: dict[str, Any], paren
                 tracking.SCORE_TAG: f"{score:.6f}",
                 **({"teacher_retained": f"{retained:.6f}"} if retained is not None else {}),
                 **({"champion_before": f"v{decision['champion_version']}"} if decision["champion_version"] else {}),
+                # a student distilled step-by-step answers behind its label prefix: whoever serves it needs it
+                **({PROMPT_PREFIX_KEY: prefix} if (prefix := prompt_prefix_of(plan.student_uri)) else {}),
             },
         )
         if decision["passed"]:

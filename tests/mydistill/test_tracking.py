@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mydistill import stages, tracking
+from mydistill import io, stages, tracking
 from mydistill.config import load_config
 from mydistill.pipeline import make_plan
 
@@ -111,6 +111,7 @@ def registry(tmp_path):
         report = {"models": {"student": {"exact_match": score, **({"teacher_retained": retained} if retained is not None else {})}}}
         return stages.register(cfg, plan, report, parent), name
 
+    register.student_dir = student
     return register
 
 
@@ -150,6 +151,17 @@ def test_the_decision_is_recorded_on_the_version_and_the_register_run(registry):
     assert run.data.metrics[tracking.SCORE_METRIC] == pytest.approx(0.4)
     recorded = json.loads(Path(c.download_artifacts(run.info.run_id, "decision.json")).read_text())
     assert recorded["passed"] is False and recorded["reason"] == decision["reason"]
+
+
+def test_a_student_that_answers_behind_a_prefix_carries_it_on_its_version(registry):
+    """Distilled step-by-step, the student answers behind its label prefix: whoever serves it needs it."""
+    from mydistill.tokenization import PROMPT_PREFIX_KEY
+
+    plain, name = registry(0.5)
+    assert PROMPT_PREFIX_KEY not in tracking.client().get_model_version(name, plain["version"]).tags
+    io.write_manifest(str(registry.student_dir), stage="finetune", inputs={}, **{PROMPT_PREFIX_KEY: "[label] "})
+    prefixed, _ = registry(0.6)
+    assert tracking.client().get_model_version(name, prefixed["version"]).tags[PROMPT_PREFIX_KEY] == "[label] "
 
 
 def test_a_champion_without_a_score_tag_is_read_from_its_run(registry):
