@@ -1,5 +1,7 @@
 """The teacher signal inside the distill stage: stores, on-policy batches, other tokenizers, the plan."""
 
+import math
+
 import pytest
 
 from mydistill import io
@@ -198,3 +200,14 @@ def test_k_counts_exact_and_sampled_entries_together():
     with pytest.raises(ConfigError, match=r"signal.sampled_tokens \(32\) must be below signal.k \(32\)"):
         load_config("demo", ["signal.enabled=true", "signal.k=32"])  # auto + forward_kl: sampled
     load_config("demo", ["signal.enabled=true", "signal.k=32", "distill.loss.divergence=reverse_kl"])  # auto: top-k
+
+
+def test_on_policy_batches_with_layer_wise_distillation(tmp_path, mix_data, tiny_model_dir):
+    """Student-sampled batches also carry both models' per-layer states for the hidden-state loss."""
+    job = distill_job(
+        tmp_path, mix_data, tiny_model_dir, tiny_model_dir, on_policy={"fraction": 1.0, "max_new_tokens": 4},
+        loss={"hidden": {"weight": 1.0, "layer_map": "uniform", "loss": "mse"}},
+    )
+    history = run_training(job)["history"]
+    assert history[-1]["on_policy_batches"] == 6  # every batch sampled from the student
+    assert all(h["hidden"] > 0 and math.isfinite(h["loss"]) for h in history)
