@@ -153,17 +153,9 @@ def test_resumed_run_reloads_the_filters_instead_of_training_them_again(tmp_path
     import mydistill.losses.ted as ted_module
     import mydistill.train as train_module
 
-    real = train_module.forward_loss
-    calls = {"n": 0}
+    from tests.mydistill.test_train import poison_loss_at
 
-    def poisoned(*args, **kwargs):
-        out = real(*args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 5:
-            out.loss = out.loss * torch.tensor(float("nan"))
-        return out
-
-    monkeypatch.setattr(train_module, "forward_loss", poisoned)
+    real = poison_loss_at(monkeypatch, 5)
     the_job = _ted_job(tmp_path, task_data, tiny_model_dir, save_every=2)
     first = []
     with pytest.raises(TrainingError, match="step 5"):

@@ -98,7 +98,8 @@ def test_teacher_with_another_vocabulary_is_refused(tmp_path, task_data, tiny_mo
     assert not (tmp_path / "out").exists()
 
 
-def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, task_data, tiny_model_dir, monkeypatch):
+def poison_loss_at(monkeypatch, call: int):
+    """Make the trainer's ``call``-th loss NaN (a diverging run, on demand); returns the real ``forward_loss``."""
     import mydistill.train as train_module
 
     real = train_module.forward_loss
@@ -107,11 +108,18 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_good_chec
     def poisoned(*args, **kwargs):
         out = real(*args, **kwargs)
         calls["n"] += 1
-        if calls["n"] == 5:
+        if calls["n"] == call:
             out.loss = out.loss * torch.tensor(float("nan"))
         return out
 
     monkeypatch.setattr(train_module, "forward_loss", poisoned)
+    return real
+
+
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, task_data, tiny_model_dir, monkeypatch):
+    import mydistill.train as train_module
+
+    real = poison_loss_at(monkeypatch, 5)
     the_job = job(tmp_path, task_data, tiny_model_dir, arch=TINY_ARCH, steps=10)
     the_job.train["save_every"] = 2
     with pytest.raises(TrainingError, match=r"loss is nan at step 5; stopping. The last good checkpoint \(step4\) is kept"):
