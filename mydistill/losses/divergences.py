@@ -22,12 +22,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mydistill.losses.config import Divergence
 from mydistill.losses.teacher import (
     TeacherEnsemble,
     TopKTeacher,
@@ -40,16 +41,7 @@ from mydistill.losses.teacher import (
 Teacher = Tensor | TopKTeacher | TeacherEnsemble
 TeacherArg = Tensor | TopKTeacher | TeacherEnsemble | Sequence[Tensor]
 
-DIVERGENCE_NAMES = (
-    "forward_kl",
-    "reverse_kl",
-    "symmetric_kl",
-    "generalized_jsd",
-    "skew_kl",
-    "skew_reverse_kl",
-    "tvd",
-    "logit_mse",
-)
+DIVERGENCE_NAMES: tuple[str, ...] = get_args(Divergence)  # the config's list of names is the one list
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,10 +20,7 @@ from mydistill.generation import (  # noqa: E402
     read_responses,
 )
 
-try:
-    from tests.mydistill import generation_fixtures as fx
-except ImportError:  # tests/ is not a package: pytest put this folder on sys.path
-    import generation_fixtures as fx
+from tests.mydistill import generation_fixtures as fx  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 

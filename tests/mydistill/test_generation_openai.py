@@ -24,10 +24,7 @@ from mydistill.generation import (
 )
 from mydistill.generation.openai_api import parse_retry_after
 
-try:
-    from tests.mydistill import generation_fixtures as fx
-except ImportError:  # tests/ is not a package: pytest put this folder on sys.path
-    import generation_fixtures as fx
+from tests.mydistill import generation_fixtures as fx
 
 KEY_ENV = "MYDISTILL_TEST_API_KEY"
 KEY = "sk-test-0123456789-do-not-leak"

@@ -28,10 +28,7 @@ from mydistill.generation import (
 from mydistill.generation.stage import PARAMS_NAME, RATIONALE_FIELDS, RECORD_FIELDS, build_record, record_status
 from mydistill.io import DataError
 
-try:
-    from tests.mydistill.generation_fixtures import write_prompts
-except ImportError:  # tests/ is not a package: pytest put this folder on sys.path
-    from generation_fixtures import write_prompts
+from tests.mydistill.generation_fixtures import write_prompts
 
 
 class FakeBackend(TeacherBackend):

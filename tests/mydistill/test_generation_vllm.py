@@ -7,10 +7,7 @@ import pytest
 from mydistill.generation import GenerateConfig, generate_responses, read_responses, vllm_available
 from mydistill.generation.vllm import INSTALL_HINT
 
-try:
-    from tests.mydistill import generation_fixtures as fx
-except ImportError:  # tests/ is not a package: pytest put this folder on sys.path
-    import generation_fixtures as fx
+from tests.mydistill import generation_fixtures as fx
 
 
 def _cuda() -> bool:

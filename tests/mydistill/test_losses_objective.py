@@ -132,30 +132,20 @@ def test_no_teacher_is_cross_entropy_only():
     assert out.metrics["ce"] == pytest.approx(expected.item(), rel=1e-5)
 
 
+def layer_wise(cfg: LossConfig, teacher_hidden_size: int = H_T) -> DistillObjective:
+    """An objective for L_S student and L_T teacher layers (hidden-state distillation needs the shapes)."""
+    return DistillObjective(
+        cfg, student_hidden_size=H_S, student_num_layers=L_S, teacher_hidden_size=teacher_hidden_size,
+        teacher_num_layers=L_T,
+    )
+
+
 def test_objective_owns_projections_and_ted_filters():
-    auto = DistillObjective(
-        LossConfig(hidden={}),
-        student_hidden_size=H_S,
-        student_num_layers=L_S,
-        teacher_hidden_size=H_T,
-        teacher_num_layers=L_T,
-    )
+    auto = layer_wise(LossConfig(hidden={}))
     assert sum(p.numel() for p in auto.parameters()) == L_S * H_S * H_T  # one W_h per uniform pair
-    same_width = DistillObjective(
-        LossConfig(hidden={}),
-        student_hidden_size=H_S,
-        student_num_layers=L_S,
-        teacher_hidden_size=H_S,
-        teacher_num_layers=L_T,
-    )
+    same_width = layer_wise(LossConfig(hidden={}), teacher_hidden_size=H_S)
     assert list(same_width.parameters()) == []
-    ted = DistillObjective(
-        LossConfig(hidden={"projection": "ted", "filter_size": 4}),
-        student_hidden_size=H_S,
-        student_num_layers=L_S,
-        teacher_hidden_size=H_T,
-        teacher_num_layers=L_T,
-    )
+    ted = layer_wise(LossConfig(hidden={"projection": "ted", "filter_size": 4}))
     trainable = [p for p in ted.parameters() if p.requires_grad]
     frozen = [p for p in ted.parameters() if not p.requires_grad]
     assert sum(p.numel() for p in trainable) == L_S * (H_S * 4 + 4)
@@ -167,13 +157,7 @@ def test_objective_owns_projections_and_ted_filters():
 
 
 def test_hidden_section_without_hidden_states_is_a_clear_error():
-    objective = DistillObjective(
-        LossConfig(hidden={}),
-        student_hidden_size=H_S,
-        student_num_layers=L_S,
-        teacher_hidden_size=H_T,
-        teacher_num_layers=L_T,
-    )
+    objective = layer_wise(LossConfig(hidden={}))
     inputs = batch(4)
     inputs.pop("teacher_hidden_states")
     with pytest.raises(ValueError, match="output_hidden_states=True"):
