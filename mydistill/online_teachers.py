@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from mydistill.cross_tokenizer import TokenizerMismatch, check_tokenizers_agree
-from mydistill.models import load_model, load_tokenizer
+from mydistill.models import load_tokenizer
 from mydistill.signal.source import online_signal
 
 
@@ -39,16 +39,12 @@ class OnlineTeachers:
         return out
 
 
-def load_extra_teachers(
-    uris: Sequence[str], student_tokenizer: Any, *, load: Callable[[str], Any] | None = None,
-    device: torch.device | str = "cpu",
-) -> list[Any]:
+def load_extra_teachers(uris: Sequence[str], student_tokenizer: Any, *, load: Callable[[str], Any]) -> list[Any]:
     """Load ``distill.extra_teachers`` frozen, after checking every tokenizer against the student's.
 
     All tokenizers are checked before any model is loaded; a disagreement raises
     :class:`~mydistill.cross_tokenizer.TokenizerMismatch` naming the teacher (its index and URI).
-    ``load`` loads one teacher (the trainer passes its own, which may shard it with ZeRO-3);
-    the default loads it whole on ``device``.
+    ``load`` loads one teacher (the trainer's own loader, which may shard it with ZeRO-3).
     """
     for i, uri in enumerate(uris):
         try:
@@ -58,8 +54,6 @@ def load_extra_teachers(
                 f"distill.extra_teachers[{i}] ({uri}): {e} (distill.extra_teachers must all share the student's "
                 "tokenizer; cross-tokenizer methods apply to the main teacher only)"
             ) from None
-    if load is None:
-        return [load_model(uri, device=device).eval().requires_grad_(False) for uri in uris]
     return [load(uri) for uri in uris]
 
 

@@ -60,21 +60,18 @@ def step_by_step_examples(
 ) -> StepByStepExamples:
     """Tokenize the label task of every record and the rationale task of every record with a rationale.
 
-    Raises :class:`~mydistill.io.DataError` naming ``source_uri`` when a record lacks ``prompt`` /
-    ``response`` or when no record has a rationale.
+    ``records`` are training records with ``prompt`` and ``response`` (as
+    :func:`mydistill.train.read_training_records` returns them). Raises
+    :class:`~mydistill.io.DataError` naming ``source_uri`` when no record has a rationale.
     """
     label, rationale = [], []
-    for i, r in enumerate(records):
-        if "prompt" not in r or "response" not in r:
-            raise DataError(f"{source_uri}: record {i + 1} needs 'prompt' and 'response' fields (has {sorted(r)})")
+    for r in records:
         answer = r.get("answer") if has_rationale(r) else None
         target = answer if isinstance(answer, str) and answer.strip() else r["response"]
         label.append(tokenize_example(tokenizer, with_prefix(cfg.label_prefix, r["prompt"]), target, max_length))
         if has_rationale(r):
             prompt = with_prefix(cfg.rationale_prefix, r["prompt"])
             rationale.append(tokenize_example(tokenizer, prompt, r["rationale"], max_length))
-    if not label:
-        raise DataError(f"{source_uri}: no training records")
     if not rationale:
         raise DataError(
             f"{source_uri}: distill.loss.step_by_step is set but none of its {len(label)} training records has a "

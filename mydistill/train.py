@@ -158,17 +158,26 @@ def deepspeed_config(path_or_dict: str | dict[str, Any], cfg: TrainConfig, devic
 # data
 
 
-def load_examples(uri: str, tokenizer: Any, max_length: int, prompt_prefix: str = "") -> list[TokenizedExample]:
-    """Tokenized ``prompt``/``response`` records; ``prompt_prefix`` goes before every prompt (a task prefix)."""
+def read_training_records(uri: str) -> list[dict[str, Any]]:
+    """The ``prompt``/``response`` records at ``uri``; a DataError names the file and the record when
+    one lacks a field, or the file when it has none."""
     records = io.read_records(uri)
-    examples = []
     for i, r in enumerate(records):
         if "prompt" not in r or "response" not in r:
             raise io.DataError(f"{uri}: record {i + 1} needs 'prompt' and 'response' fields (has {sorted(r)})")
-        examples.append(tokenize_example(tokenizer, with_prefix(prompt_prefix, r["prompt"]), r["response"], max_length))
-    if not examples:
+    if not records:
         raise io.DataError(f"{uri}: no training records")
-    return examples
+    return records
+
+
+def tokenize_records(records: list[dict[str, Any]], tokenizer: Any, max_length: int, prompt_prefix: str = "") -> list[TokenizedExample]:
+    """Tokenized records; ``prompt_prefix`` goes before every prompt (a task prefix)."""
+    return [tokenize_example(tokenizer, with_prefix(prompt_prefix, r["prompt"]), r["response"], max_length) for r in records]
+
+
+def load_examples(uri: str, tokenizer: Any, max_length: int, prompt_prefix: str = "") -> list[TokenizedExample]:
+    """Tokenized ``prompt``/``response`` records from ``uri`` (see :func:`read_training_records`)."""
+    return tokenize_records(read_training_records(uri), tokenizer, max_length, prompt_prefix)
 
 
 def batch_indices(num_examples: int, batch_size: int, seed: int, *, start_step: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[list[int]]:
@@ -221,12 +230,6 @@ def peak_tflops(cfg: TrainConfig, device: torch.device) -> float:
         return 0.0
     name = torch.cuda.get_device_name(device)
     return next((tflops for key, tflops in PEAK_BF16_TFLOPS if key in name), 0.0)
-
-
-def _teacher_parameters(teacher: Any) -> int:
-    if hasattr(teacher, "partition_stats"):
-        return int(teacher.partition_stats()["teacher_parameters"])
-    return count_parameters(teacher)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -472,7 +475,8 @@ def run_training(job: TrainJob, on_metrics: MetricsCallback | None = None, progr
             teacher = _load_teacher(job.teacher_uri, distill, ds_config, device)
     extra_teachers = _load_extra_teachers(job, distill, teacher, tokenizer, ds_config, device)
     online_teacher = OnlineTeachers([teacher, *extra_teachers]) if extra_teachers else teacher
-    source = online_teacher if extra_teachers else _teacher_source(job, distill, teacher, teacher_tokenizer, tokenizer)
+    records = read_training_records(job.data_uri)  # read once: stores, ULD and the examples all use them
+    source = online_teacher if extra_teachers else _teacher_source(job, distill, records, teacher, teacher_tokenizer, tokenizer)
     zero3_loading = _zero3_loading(ds_config) if ds_config and job.init_uri else None  # noqa: F841 (kept alive)
     student = _load_student(job, cfg, tokenizer, device)
     student.train()
@@ -496,8 +500,8 @@ def run_training(job: TrainJob, on_metrics: MetricsCallback | None = None, progr
     tasks = None
     if step_by_step is not None:
         trained_objective = StepByStepObjective(trained_objective)
-        tasks = step_by_step_examples(io.read_records(job.data_uri), tokenizer, cfg.max_length, step_by_step, job.data_uri)
-    examples = tasks.label if tasks else load_examples(job.data_uri, tokenizer, cfg.max_length, prompt_prefix)
+        tasks = step_by_step_examples(records, tokenizer, cfg.max_length, step_by_step, job.data_uri)
+    examples = tasks.label if tasks else tokenize_records(records, tokenizer, cfg.max_length, prompt_prefix)
     val_examples = load_examples(job.val_uri, tokenizer, cfg.max_length, prompt_prefix) if job.val_uri else []
     # TED stage 1 before the engine exists, so that ZeRO-3 partitions the trained teacher filters
     ted_metrics = _fit_teacher_filters(job, distill, objective, teacher, examples, tokenizer, device, inputs, on_metrics)
@@ -533,7 +537,7 @@ def run_training(job: TrainJob, on_metrics: MetricsCallback | None = None, progr
     # against the devices' peak; logged where the peak is known (GPUs)
     peak_flops = peak_tflops(cfg, device) * 1e12
     teachers_run = [t for t in (teacher, *extra_teachers) if t is not None] if not job.signal_uris else []
-    teacher_parameters = sum(_teacher_parameters(t) for t in teachers_run)
+    teacher_parameters = sum(count_parameters(t) for t in teachers_run)
     flops_per_token = 6 * n_params + 2 * teacher_parameters
 
     # ---- train
@@ -690,8 +694,7 @@ def _load_teacher(uri: str, distill: DistillConfig | None, ds_config: dict[str, 
     """The frozen teacher: whole on every process, or (``distill.teacher_sharding: zero3``)
     partitioned across them by ZeRO-3 inference, for a teacher too large for one device."""
     if distill is not None and distill.teacher_sharding == "zero3":
-        if ds_config is None:
-            raise ValueError("distill.teacher_sharding: zero3 needs distill.deepspeed (a ZeRO-3 config)")
+        assert ds_config is not None  # DistillConfig refuses teacher_sharding: zero3 without deepspeed
         _import_deepspeed()
         from mydistill.zero_inference import ShardedTeacher
 
@@ -737,14 +740,14 @@ def _needs_teacher_model(job: TrainJob, distill: DistillConfig | None) -> bool:
 
 
 def _teacher_source(
-    job: TrainJob, distill: DistillConfig | None, teacher: Any, teacher_tokenizer: Any, tokenizer: Any
+    job: TrainJob, distill: DistillConfig | None, records: list[dict[str, Any]], teacher: Any, teacher_tokenizer: Any,
+    tokenizer: Any,
 ) -> Any:
     """What the objective learns from each batch: the online teacher (or none), or a
     :class:`~mydistill.signal.source.TeacherSource` over stores or the ULD teacher. Stores are
     checked against this run's tokenizer, data and vocabulary here, before any training."""
     if distill is None or not (job.signal_uris or distill.cross_tokenizer.method == "uld"):
         return teacher
-    records = io.read_records(job.data_uri)
     if job.signal_uris:
         from mydistill.signal.teacher import StoreTeacher
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from mydistill.models import load_model
+from mydistill.models import count_parameters, load_model
 
 
 def teacher_zero3_config(student_ds_config: dict[str, Any]) -> dict[str, Any]:
@@ -88,17 +88,14 @@ class ShardedTeacher:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
 
+    def parameters(self) -> Any:
+        return self.module.parameters()
+
     def partition_stats(self) -> dict[str, float]:
         """Parameters held by this process vs the whole teacher (ZeRO-3 keeps ``ds_tensor``, this
-        rank's partition, and ``ds_numel``, the full size, on each partitioned parameter)."""
-        local = total = 0
-        for p in self.module.parameters():
-            if hasattr(p, "ds_tensor"):
-                local += p.ds_tensor.numel()
-                total += p.ds_numel
-            else:
-                local += p.numel()
-                total += p.numel()
+        rank's partition, on each partitioned parameter; ``count_parameters`` counts full sizes)."""
+        total = count_parameters(self)
+        local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in self.parameters())
         return {
             "teacher_parameters": float(total),
             "teacher_parameters_local": float(local),
