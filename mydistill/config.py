@@ -332,11 +332,10 @@ class PipelineConfig(_Section):
             )
         if loss.hidden is not None:
             problems.append("distill.loss.hidden needs the online teacher's hidden states, which a store does not hold")
-        if sig.resolved_mode(loss.divergence) == "sampled" and sig.sampled_tokens >= sig.k:
-            problems.append(
-                f"signal.sampled_tokens ({sig.sampled_tokens}) must be below signal.k ({sig.k}) for a sampled store "
-                "(mode auto with forward_kl, or sampled): k counts exact and sampled entries together"
-            )
+        try:  # mode auto becomes sampled with forward_kl: k must leave room for exact tokens then too
+            sig.exact_tokens(sig.resolved_mode(loss.divergence))
+        except ValueError as e:
+            problems.append(str(e))
         if sig.mode == "sampled" and loss.divergence != "forward_kl":
             problems.append(
                 f"signal.mode: sampled is unbiased only for distill.loss.divergence: forward_kl (got {loss.divergence!r})"
