@@ -10,8 +10,12 @@ from mydistill.io import DataError, exists, join, localize
 
 
 def load_tokenizer(uri: str) -> Any:
+    """The tokenizer saved in a local or ``s3://`` model folder."""
     from transformers import AutoTokenizer
 
+    if not any(exists(join(uri, name)) for name in ("tokenizer_config.json", "tokenizer.json")):
+        # checked here: transformers would take the path for a model-hub id and say only that
+        raise DataError(f"{uri}: no tokenizer here (tokenizer_config.json / tokenizer.json missing)")
     return AutoTokenizer.from_pretrained(localize(uri))
 
 

@@ -35,3 +35,15 @@ def test_demo_student_is_at_most_a_quarter_of_the_teacher(demo_tokenizer):
     teacher = count_parameters(build_model(cfg.demo.teacher_arch.model_dump(), demo_tokenizer))
     student = count_parameters(build_model(cfg.student.arch.model_dump(), demo_tokenizer))
     assert student <= teacher / 4
+
+
+def test_a_folder_without_a_model_or_tokenizer_is_named_in_the_error(tmp_path, tiny_model_dir):
+    from mydistill.io import DataError
+    from mydistill.models import load_model, load_tokenizer
+
+    missing = str(tmp_path / "no-such-teacher")
+    with pytest.raises(DataError, match=r"no-such-teacher: no tokenizer here \(tokenizer_config.json / tokenizer.json missing\)"):
+        load_tokenizer(missing)
+    with pytest.raises(DataError, match=r"no-such-teacher: no model here \(config.json missing\)"):
+        load_model(missing)
+    assert len(load_tokenizer(tiny_model_dir)) > 0
