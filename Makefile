@@ -10,7 +10,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	$(PY) -m mydistill.cli run demo $(ARGS)
+	$(PY) -m flows.cli run demo $(ARGS)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from mydistill.config.cross_tokenizer import CrossTokenizerConfig
 from mydistill.losses.objective import LossOutput
 from mydistill.losses.uld import uld_loss
 from mydistill.models import VocabularyMismatch
@@ -37,7 +37,6 @@ from mydistill.tokenization import (
     tokenize_example,
 )
 
-CrossTokenizerMethod = Literal["none", "sequence", "uld"]
 
 PROBE_TEXTS = (
     "Hello, world! How are you?",
@@ -46,25 +45,6 @@ PROBE_TEXTS = (
     "numbers 12345 3.14159 and ünïcödé ✓",
     "def f(x):\n    return x * 2  # code",
 )
-
-
-class CrossTokenizerConfig(BaseModel):
-    """How to distil from a teacher whose tokenizer is not the student's (``distill.cross_tokenizer``)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    method: CrossTokenizerMethod = Field(
-        "none",
-        description="'none': teacher and student must share a tokenizer (checked before training); "
-        "'sequence': CE on the teacher's text only; 'uld': Universal Logit Distillation (CE + weight * ULD).",
-    )
-    uld_weight: float = Field(
-        1.0, ge=0, allow_inf_nan=False, description="λ in CE + λ ULD (the paper uses values around 1)."
-    )
-    uld_temperature: float = Field(1.0, gt=0, allow_inf_nan=False, description="Softmax temperature for both sides of ULD.")
-    uld_top_k: int | None = Field(
-        None, gt=0, description="Compare only the top-k sorted probabilities (saves memory at large V); null: all."
-    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mydistill.data import has_rationale
+from mydistill.mix import has_rationale
 from mydistill.io import DataError
 from mydistill.losses import LossOutput, StepByStepConfig
 from mydistill.tokenization import TokenizedExample, collate, tokenize_example, with_prefix

@@ -14,7 +14,7 @@ from mydistill.generation.base import (
     Sampling,
     TeacherBackend,
 )
-from mydistill.generation.config import GenerateConfig
+from mydistill.config.generation import GenerateConfig
 from mydistill.generation.hf import HFBackend
 from mydistill.generation.openai_api import APIError, OpenAIBackend
 from mydistill.generation.rationale import apply_template, parse_rationale

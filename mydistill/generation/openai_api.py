@@ -32,7 +32,7 @@ from mydistill.generation.base import (
     TeacherBackend,
     stable_seed,
 )
-from mydistill.generation.config import mask_url
+from mydistill.config.generation import mask_url
 
 logger = logging.getLogger(__name__)
 

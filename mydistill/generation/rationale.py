@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from mydistill.generation.config import DEFAULT_RATIONALE_PATTERN, DEFAULT_RATIONALE_TEMPLATE
+from mydistill.config.generation import DEFAULT_RATIONALE_PATTERN, DEFAULT_RATIONALE_TEMPLATE
 
 
 def apply_template(prompt: str, template: str = DEFAULT_RATIONALE_TEMPLATE) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 
 from mydistill import io
 from mydistill.generation.base import Completion, GenerationRequest, PreparedPrompt, Sampling, TeacherBackend
-from mydistill.generation.config import GenerateConfig
+from mydistill.config.generation import GenerateConfig
 from mydistill.generation.rationale import apply_template, parse_rationale
 from mydistill.io import DataError
 

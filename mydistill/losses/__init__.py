@@ -12,7 +12,7 @@ from mydistill.losses.chunked import (
     chunked_distill_loss,
     chunked_divergence,
 )
-from mydistill.losses.config import HiddenStateLossConfig, LossConfig, StepByStepConfig
+from mydistill.config.losses import HiddenStateLossConfig, LossConfig, StepByStepConfig
 from mydistill.losses.divergences import (
     DIVERGENCE_NAMES,
     DIVERGENCES,

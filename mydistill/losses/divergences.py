@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mydistill.losses.config import Divergence
+from mydistill.config.losses import Divergence
 from mydistill.losses.teacher import (
     TeacherEnsemble,
     TopKTeacher,

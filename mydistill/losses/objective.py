@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mydistill.losses.chunked import chunked_distill_loss
-from mydistill.losses.config import LossConfig
+from mydistill.config.losses import LossConfig
 from mydistill.losses.divergences import DistillLossParts, distill_loss
 from mydistill.losses.hidden import HiddenStateDistiller
 from mydistill.losses.teacher import TopKTeacher

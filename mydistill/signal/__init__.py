@@ -12,7 +12,7 @@ See docs/teacher_signal.md.
 
 from mydistill.signal.combine import combine_topk
 from mydistill.signal.compute import compute_teacher_signal, weights_sha256
-from mydistill.signal.config import SignalConfig
+from mydistill.config.signal import SignalConfig
 from mydistill.signal.format import FORMAT_NAME, FORMAT_VERSION, StoreFormatError, example_key
 from mydistill.signal.sampling import SparseSignal, sparsify
 from mydistill.signal.store import SignalEntry, SignalStore, SignalStoreWriter, StoreMismatch

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from mydistill import io
-from mydistill.signal.config import SignalConfig
+from mydistill.config.signal import SignalConfig
 from mydistill.signal.format import FORMAT_VERSION, example_key
 from mydistill.signal.sampling import sparsify
 from mydistill.signal.store import SignalStoreWriter, write_store_manifest

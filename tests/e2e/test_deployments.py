@@ -29,9 +29,9 @@ def _stack_module():
 
 def test_a_deployment_for_the_pipeline_and_for_each_stage():
     deployments = {d["name"]: d for d in _spec()["deployments"]}
-    assert deployments["nightly"]["entrypoint"] == "flows/pipeline.py:distill_pipeline"
+    assert deployments["nightly"]["entrypoint"] == "flows/pipeline_flow.py:distill_pipeline"
     for stage, flow in STAGE_FLOWS.items():
-        assert deployments[stage]["entrypoint"] == f"flows/stages.py:{flow}"
+        assert deployments[stage]["entrypoint"] == f"flows/stage_flows.py:{flow}"
     for d in deployments.values():
         path, func = d["entrypoint"].split(":")
         assert f"def {func}(" in (REPO / path).read_text()
@@ -39,13 +39,13 @@ def test_a_deployment_for_the_pipeline_and_for_each_stage():
 
 
 def test_every_stage_flow_has_a_deployment():
-    import flows.stages
+    import flows.stage_flows
     from prefect import Flow
 
-    defined = {name for name, obj in vars(flows.stages).items() if isinstance(obj, Flow)}
+    defined = {name for name, obj in vars(flows.stage_flows).items() if isinstance(obj, Flow)}
     assert defined == set(STAGE_FLOWS.values())
     deployed = {d["entrypoint"] for d in _spec()["deployments"]}
-    assert {f"flows/stages.py:{name}" for name in defined} <= deployed
+    assert {f"flows/stage_flows.py:{name}" for name in defined} <= deployed
 
 
 def test_teacher_and_training_stages_go_to_the_gpu_pool_the_rest_to_the_cpu_pool():
@@ -64,7 +64,7 @@ def test_the_pipeline_runs_nightly():
 def test_the_parameter_form_carries_the_config_descriptions():
     from prefect.utilities.callables import parameter_schema
 
-    from flows.pipeline import distill_pipeline
+    from flows.pipeline_flow import distill_pipeline
 
     schema = parameter_schema(distill_pipeline).model_dump_for_openapi()
     definitions = schema["definitions"]

@@ -8,7 +8,7 @@ import pytest
 
 from mydistill import io
 from mydistill.config import load_config
-from mydistill.pipeline import make_plan
+from mydistill.plan import make_plan
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -62,7 +62,7 @@ def flow_run_logs(flow_run_id) -> list[str]:
 
 
 def run_pipeline(config):
-    from flows.pipeline import distill_pipeline
+    from flows.pipeline_flow import distill_pipeline
 
     state = distill_pipeline(config=config, return_state=True)
     assert state.is_completed(), state

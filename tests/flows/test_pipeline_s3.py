@@ -10,7 +10,7 @@ import pytest
 
 from mydistill import io
 from mydistill.config import load_config
-from mydistill.pipeline import make_plan
+from mydistill.plan import make_plan
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -51,7 +51,7 @@ def test_pipeline_on_s3_with_credentials_from_a_block(credentials_only_in_a_bloc
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-    from flows.pipeline import distill_pipeline
+    from flows.pipeline_flow import distill_pipeline
 
     config = load_config("demo-tiny", [
         "work_dir=s3://mydistill-test/pipeline-s3", f"demo.cache_dir={tmp_path}/cache",

@@ -6,7 +6,7 @@ import pytest
 
 from mydistill import io
 from mydistill.config import load_config
-from mydistill.pipeline import make_plan
+from mydistill.plan import make_plan
 
 from tests.flows import test_pipeline
 from tests.flows.test_pipeline import SHRUNKEN, run_pipeline, task_states
@@ -58,7 +58,7 @@ def test_pipeline_with_the_signal_stage_distils_from_the_store(config):
 
 
 def test_the_signal_flow_runs_the_stage_alone(config):
-    from flows.stages import signal_flow
+    from flows.stage_flows import signal_flow
 
     plan = make_plan(config)
     if io.read_manifest(plan.signal_uri) is None:  # this test run alone: make the stages before it first

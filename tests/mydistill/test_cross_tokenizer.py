@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from mydistill.config import CrossTokenizerConfig
 from mydistill.cross_tokenizer import (
-    CrossTokenizerConfig,
     TokenizerMismatch,
     aligned_response_rows,
     check_tokenizers_agree,

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from mydistill.generation import GenerateConfig, apply_template, parse_rationale
-from mydistill.generation.config import mask_url
+from mydistill.config.generation import mask_url
 
 
 def test_defaults_match_the_contract():

@@ -5,8 +5,8 @@ import torch
 
 from mydistill.losses import DistillObjective, LossConfig
 from mydistill.models import build_model
+from mydistill.config import OnPolicyConfig
 from mydistill.on_policy import (
-    OnPolicyConfig,
     OnPolicyMixer,
     eos_ids_of,
     prompt_ids_of,
@@ -77,7 +77,7 @@ def test_lambda_decides_the_share_of_on_policy_batches(demo_tokenizer):
 
 
 def test_on_policy_objective_is_pure_divergence_and_shares_modules(demo_tokenizer):
-    from mydistill.losses.config import HiddenStateLossConfig
+    from mydistill.config.losses import HiddenStateLossConfig
 
     objective = DistillObjective(
         LossConfig(alpha=0.5, divergence="forward_kl", hidden=HiddenStateLossConfig(projection="linear")),

@@ -106,7 +106,7 @@ def test_demo_overrides_turn_step_by_step_on():
 
 
 def test_mix_keeps_rationale_and_answer_of_teacher_records():
-    from mydistill.data import mix_datasets
+    from mydistill.mix import mix_datasets
 
     result = mix_datasets(rationale_records(20), real_records(10), teacher_fraction=0.5, val_fraction=0.2)
     teacher = [r for r in result.train if r["source"] == "teacher"]
@@ -148,8 +148,8 @@ def test_no_rationale_in_the_data_names_the_dataset_and_the_switch(demo_tokenize
 
 def test_distill_stage_trains_both_tasks_and_logs_them(tmp_path, tiny_model_dir):
     """Through the stages: generate output (synthetic rationale records) -> mix -> distill."""
-    from mydistill import stages
-    from mydistill.pipeline import make_plan
+    from mydistill import stage_functions
+    from mydistill.plan import make_plan
 
     prompts, real, evaluation = (str(tmp_path / f"{n}.jsonl") for n in ("prompts", "real", "eval"))
     io.write_records(prompts, [{"id": r["id"], "prompt": r["prompt"]} for r in rationale_records(32)])
@@ -166,8 +166,8 @@ def test_distill_stage_trains_both_tasks_and_logs_them(tmp_path, tiny_model_dir)
     plan = make_plan(cfg)
     io.write_records(io.join(plan.generate_uri, "part-00000.jsonl"), rationale_records(32))
     io.write_manifest(plan.generate_uri, stage="generate", inputs={})
-    stages.mix(cfg, plan)
-    manifest = stages.train(cfg, plan, "distill")
+    stage_functions.mix(cfg, plan)
+    manifest = stage_functions.train(cfg, plan, "distill")
 
     history = manifest["history"]
     for row in history:

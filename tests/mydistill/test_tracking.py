@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from mydistill import io, stages, tracking
+from mydistill import io, stage_functions, tracking
 from mydistill.config import load_config
-from mydistill.pipeline import make_plan
+from mydistill.plan import make_plan
 
 
 @pytest.fixture(autouse=True)
@@ -82,13 +82,13 @@ def test_new_experiments_open_as_model_training_in_the_ui():
     ],
 )
 def test_quality_gate(score, retained, champion, passed, reason):
-    decision = stages.quality_gate(score, retained, min_teacher_retained=0.8, champion=champion)
+    decision = stage_functions.quality_gate(score, retained, min_teacher_retained=0.8, champion=champion)
     assert decision["passed"] is passed
     assert reason in decision["reason"]
 
 
 def test_beating_the_champion_can_be_switched_off():
-    decision = stages.quality_gate(0.1, 0.9, min_teacher_retained=0.8, champion={"version": "1", "score": 0.9}, beat_champion=False)
+    decision = stage_functions.quality_gate(0.1, 0.9, min_teacher_retained=0.8, champion={"version": "1", "score": 0.9}, beat_champion=False)
     assert decision["passed"] and "champion" not in decision["reason"]
 
 
@@ -109,7 +109,7 @@ def registry(tmp_path):
     def register(score: float, retained: float | None = 1.0) -> tuple[dict, str]:
         parent = tracking.start_run(cfg.tracking.experiment, "pipeline")
         report = {"models": {"student": {"exact_match": score, **({"teacher_retained": retained} if retained is not None else {})}}}
-        return stages.register(cfg, plan, report, parent), name
+        return stage_functions.register(cfg, plan, report, parent), name
 
     register.student_dir = student
     return register
@@ -192,5 +192,5 @@ def test_an_unreachable_registry_is_not_taken_for_no_champion(monkeypatch):
 
 def test_without_tracking_nothing_is_registered(registry, tmp_path):
     cfg = load_config("demo", [f"work_dir={tmp_path}"])
-    decision = stages.register(cfg, make_plan(cfg), {"models": {"student": {"exact_match": 0.9, "teacher_retained": 0.95}}})
+    decision = stage_functions.register(cfg, make_plan(cfg), {"models": {"student": {"exact_match": 0.9, "teacher_retained": 0.95}}})
     assert decision["passed"] and decision["registered"] is False

@@ -12,13 +12,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mydistill.cross_tokenizer import CrossTokenizerConfig
-from mydistill.generation.config import GenerateConfig
-from mydistill.losses.config import LossConfig
-from mydistill.on_policy import OnPolicyConfig
-from mydistill.signal.config import SignalConfig
+from mydistill.config.cross_tokenizer import CrossTokenizerConfig
+from mydistill.config.generation import GenerateConfig
+from mydistill.config.losses import LossConfig
+from mydistill.config.on_policy import OnPolicyConfig
+from mydistill.config.signal import SignalConfig
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PRESETS_DIR = REPO_ROOT / "configs"
 
 

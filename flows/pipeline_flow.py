@@ -7,8 +7,8 @@ from typing import Any
 from prefect import flow
 
 from mydistill.config import PipelineConfig, load_config
-from mydistill.pipeline import make_plan
-from tasks import stages as t
+from mydistill.plan import make_plan
+from tasks import stage_tasks as t
 
 
 @flow(name="distill-pipeline", log_prints=True)

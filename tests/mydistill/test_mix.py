@@ -1,7 +1,7 @@
 import pytest
 
 from mydistill import io
-from mydistill.data import mix_datasets, run_mix
+from mydistill.mix import mix_datasets, run_mix
 
 
 def teacher_rows(n, start=0, **extra):

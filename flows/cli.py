@@ -40,7 +40,7 @@ def run(
 ) -> None:
     """Run the whole pipeline as a Prefect flow and print the results."""
     cfg = _load(config, overrides)
-    from flows.pipeline import distill_pipeline
+    from flows.pipeline_flow import distill_pipeline
 
     start = time.perf_counter()
     result = distill_pipeline(config=cfg)
@@ -65,7 +65,7 @@ def plan(
 ) -> None:
     """Show where each stage of this config reads and writes, and which are already done."""
     from mydistill import io
-    from mydistill.pipeline import make_plan
+    from mydistill.plan import make_plan
 
     p = make_plan(_load(config, overrides))
     table = Table("artifact", "uri", "done")

@@ -1,4 +1,4 @@
-"""One Prefect task per pipeline stage, each calling one function of :mod:`mydistill.stages`.
+"""One Prefect task per pipeline stage, each calling one function of :mod:`mydistill.stage_functions`.
 
 Retries only where I/O can fail (the teacher API, object stores, the MLflow server), never on
 training, which would just fail again. Stages whose outputs are addressed by the plan use
@@ -17,9 +17,9 @@ from prefect import Task, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 
-from mydistill import io, stages, tracking
+from mydistill import io, stage_functions, tracking
 from mydistill.config import PipelineConfig
-from mydistill.pipeline import StagePlan
+from mydistill.plan import StagePlan
 
 
 ARTIFACT_CACHE = (INPUTS - "parent_run_id") + TASK_SOURCE
@@ -105,21 +105,21 @@ def prepare_demo(config: PipelineConfig, plan: StagePlan) -> dict[str, str]:
         # the first run trains the demo teacher (minutes on a CPU): say how it goes
         logger.info("demo teacher step %d: loss %.4f, %.0f tokens/s", step, metrics["loss"], metrics["tokens_per_s"])
 
-    uris = stages.prepare_demo(config, plan, progress=_interactive(), on_metrics=teacher_progress)
+    uris = stage_functions.prepare_demo(config, plan, progress=_interactive(), on_metrics=teacher_progress)
     get_run_logger().info("demo data and teacher ready: %s", uris)
     return uris
 
 
 @task(name="generate", task_run_name="generate", retries=2, retry_delay_seconds=10, cache_policy=ARTIFACT_CACHE, persist_result=True)
 def generate(config: PipelineConfig, plan: StagePlan, output_uri: str, parent_run_id: str | None = None) -> str:
-    manifest = stages.generate(config, plan, parent_run_id, progress=_interactive())
+    manifest = stage_functions.generate(config, plan, parent_run_id, progress=_interactive())
     get_run_logger().info("teacher responses at %s: %s", output_uri, manifest.get("counts"))
     return output_uri
 
 
 @task(name="mix", task_run_name="mix", retries=2, retry_delay_seconds=5, cache_policy=ARTIFACT_CACHE, persist_result=True)
 def mix(config: PipelineConfig, plan: StagePlan, output_uri: str, parent_run_id: str | None = None) -> str:
-    manifest = stages.mix(config, plan, parent_run_id)
+    manifest = stage_functions.mix(config, plan, parent_run_id)
     stats = manifest["stats"]
     get_run_logger().info(
         "mixed %d examples, teacher fraction %.3f (requested %.2f) → %s",
@@ -130,7 +130,7 @@ def mix(config: PipelineConfig, plan: StagePlan, output_uri: str, parent_run_id:
 
 @task(name="signal", task_run_name="signal", cache_policy=ARTIFACT_CACHE, persist_result=True)
 def teacher_signal(config: PipelineConfig, plan: StagePlan, output_uri: str, parent_run_id: str | None = None) -> str:
-    manifest = stages.teacher_signal(config, plan, parent_run_id)
+    manifest = stage_functions.teacher_signal(config, plan, parent_run_id)
     counts = manifest["counts"]
     get_run_logger().info(
         "teacher signal: %d examples, %d tokens, %.1f bytes/token (k=%d, %s) → %s",
@@ -141,7 +141,7 @@ def teacher_signal(config: PipelineConfig, plan: StagePlan, output_uri: str, par
 
 @task(name="train", task_run_name="{stage}", cache_policy=ARTIFACT_CACHE, persist_result=True)
 def train(config: PipelineConfig, plan: StagePlan, stage: str, output_uri: str, parent_run_id: str | None = None) -> str:
-    manifest = stages.train(config, plan, stage, parent_run_id, progress=_interactive(), on_line=get_run_logger().info)
+    manifest = stage_functions.train(config, plan, stage, parent_run_id, progress=_interactive(), on_line=get_run_logger().info)
     final = manifest.get("final_metrics", {})
     get_run_logger().info("%s done → %s (loss %.4f, %.0f tokens/s)", stage, output_uri, final.get("loss", float("nan")), final.get("tokens_per_s", 0))
     return output_uri
@@ -149,7 +149,7 @@ def train(config: PipelineConfig, plan: StagePlan, stage: str, output_uri: str, 
 
 @task(name="evaluate", task_run_name="evaluate", cache_policy=ARTIFACT_CACHE, persist_result=True)
 def evaluate(config: PipelineConfig, plan: StagePlan, output_uri: str, parent_run_id: str | None = None) -> dict[str, Any]:
-    report = stages.evaluate(config, plan, parent_run_id)
+    report = stage_functions.evaluate(config, plan, parent_run_id)
     mlflow_run = tracking.run_reference(parent_run_id) if parent_run_id else None
     create_markdown_artifact(markdown=report_markdown(report, mlflow_run), key="evaluation", description="Student vs teacher vs baseline")
     get_run_logger().info("evaluation: %s", {m: round(v["exact_match"], 3) for m, v in report["models"].items()})
@@ -159,7 +159,7 @@ def evaluate(config: PipelineConfig, plan: StagePlan, output_uri: str, parent_ru
 # no retries: a retry after the version was created would register a duplicate version
 @task(name="register", task_run_name="register")
 def register(config: PipelineConfig, plan: StagePlan, report: dict[str, Any], parent_run_id: str | None = None) -> dict[str, Any]:
-    decision = stages.register(config, plan, report, parent_run_id)
+    decision = stage_functions.register(config, plan, report, parent_run_id)
     get_run_logger().info("quality gate %s: %s", "passed" if decision["passed"] else "failed", decision["reason"])
     if decision.get("registered"):
         create_markdown_artifact(markdown=decision_markdown(decision), key="registration", description="Model registry and quality gate")
@@ -185,7 +185,7 @@ def open_pipeline_run(config: PipelineConfig, plan: StagePlan) -> str:
 @task(name="close-mlflow-run", task_run_name="close-mlflow-run", retries=2, retry_delay_seconds=5)
 def close_pipeline_run(run_id: str, report: dict[str, Any] | None, decision: dict[str, Any] | None, failed: bool = False) -> None:
     if report:
-        tracking.log_metrics(run_id, stages.summary_metrics(report))
+        tracking.log_metrics(run_id, stage_functions.summary_metrics(report))
     if decision:
         tracking.set_tags(run_id, {"mydistill.gate": "passed" if decision["passed"] else "failed"})
     tracking.end_run(run_id, "FAILED" if failed else "FINISHED")

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tasks import stages as t
+from tasks import stage_tasks as t
 
 REPORT = {
     "models": {

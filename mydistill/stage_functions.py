@@ -1,7 +1,7 @@
 """One function per pipeline stage: read the plan's inputs, do the work, write the plan's output.
 
 These are what the Prefect tasks call (one each) and what a user calls from Python. Each takes
-the validated config, the :class:`~mydistill.pipeline.StagePlan` and, optionally, the MLflow
+the validated config, the :class:`~mydistill.plan.StagePlan` and, optionally, the MLflow
 parent run to log a child run under. Each is idempotent: outputs carry manifests, and a stage
 whose output already matches its inputs returns at once.
 """
@@ -14,8 +14,8 @@ from typing import Any
 
 from mydistill import io, tracking
 from mydistill.config import DISTILL_ONLY_FIELDS, PipelineConfig
-from mydistill.data import TASK_TRAIN_FILE, TRAIN_FILE, VAL_FILE, run_mix
-from mydistill.pipeline import StagePlan, baseline_steps, signal_mode, signal_temperature
+from mydistill.mix import TASK_TRAIN_FILE, TRAIN_FILE, VAL_FILE, run_mix
+from mydistill.plan import StagePlan, baseline_steps, signal_mode, signal_temperature
 from mydistill.launch import launch_training
 from mydistill.train import TrainJob
 from mydistill.tokenization import PROMPT_PREFIX_KEY, prompt_prefix_of

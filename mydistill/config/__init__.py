@@ -1,0 +1,79 @@
+"""The configuration: one pydantic tree, loadable from YAML, validated with clear messages.
+
+Every section lives here and nothing here imports torch, so validating a config (the CLI, a
+``prefect deploy``, the Prefect UI's parameter form) costs no more than pydantic and PyYAML.
+
+* :mod:`.pipeline` -- the tree (``PipelineConfig`` and its stage sections), presets, overrides.
+* :mod:`.losses` -- ``distill.loss`` (divergence, temperature, hidden states, step-by-step).
+* :mod:`.generation` -- ``generate`` (teacher backends and sampling).
+* :mod:`.signal` -- ``signal`` (the teacher-signal store).
+* :mod:`.on_policy` -- ``distill.on_policy`` (GKD's student-sampled batches).
+* :mod:`.cross_tokenizer` -- ``distill.cross_tokenizer`` (a teacher with another tokenizer).
+"""
+
+from mydistill.config.cross_tokenizer import CrossTokenizerConfig, CrossTokenizerMethod
+from mydistill.config.generation import GenerateConfig, mask_url
+from mydistill.config.losses import Divergence, HiddenStateLossConfig, LossConfig, StepByStepConfig
+from mydistill.config.on_policy import OnPolicyConfig, OnPolicyVLLMConfig
+from mydistill.config.pipeline import (
+    DISTILL_ONLY_FIELDS,
+    PRESETS_DIR,
+    REPO_ROOT,
+    RUN_ONLY_FIELDS,
+    ConfigError,
+    DataConfig,
+    DemoConfig,
+    DistillConfig,
+    EvaluateConfig,
+    FinetuneConfig,
+    MixConfig,
+    ModelArch,
+    PipelineConfig,
+    RegisterConfig,
+    StudentSpec,
+    TeacherSpec,
+    TrackingConfig,
+    TrainConfig,
+    apply_overrides,
+    load_config,
+    resolve_preset,
+    validate_config,
+)
+from mydistill.config.signal import SignalConfig, SignalMode
+
+__all__ = [
+    "DISTILL_ONLY_FIELDS",
+    "PRESETS_DIR",
+    "REPO_ROOT",
+    "RUN_ONLY_FIELDS",
+    "ConfigError",
+    "CrossTokenizerConfig",
+    "CrossTokenizerMethod",
+    "DataConfig",
+    "DemoConfig",
+    "DistillConfig",
+    "Divergence",
+    "EvaluateConfig",
+    "FinetuneConfig",
+    "GenerateConfig",
+    "HiddenStateLossConfig",
+    "LossConfig",
+    "MixConfig",
+    "ModelArch",
+    "OnPolicyConfig",
+    "OnPolicyVLLMConfig",
+    "PipelineConfig",
+    "RegisterConfig",
+    "SignalConfig",
+    "SignalMode",
+    "StepByStepConfig",
+    "StudentSpec",
+    "TeacherSpec",
+    "TrackingConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "load_config",
+    "mask_url",
+    "resolve_preset",
+    "validate_config",
+]
