@@ -3,7 +3,7 @@
 The recipe is what most distillation tutorials do: a ``transformers.Trainer`` subclass whose
 ``compute_loss`` runs the student and the frozen teacher to full (B, T, V) logits and computes
 ``alpha * KL(T) * T² + (1 - alpha) * CE``. Ours is the distill stage's own step
-(:class:`mydistill.train.StudentObjective` under the plain engine): both models stop at their
+(:class:`mydistill.training.objective.StudentObjective` under the plain engine): both models stop at their
 final hidden states and the fused chunked loss projects to the vocabulary a chunk of tokens at a
 time, computing the gradient in the forward pass.
 
@@ -40,7 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mydistill.config import DistillConfig  # noqa: E402
 from mydistill.losses import DistillObjective, LossConfig  # noqa: E402
 from mydistill.tokenization import IGNORE_INDEX, TokenizedExample, collate  # noqa: E402
-from mydistill.train import PlainEngine, StudentObjective, teacher_signal  # noqa: E402
+from mydistill.training.engines import PlainEngine  # noqa: E402
+from mydistill.training.objective import StudentObjective, batch_teacher_signal  # noqa: E402
 
 
 def llama(vocab: int, hidden: int, layers: int, seed: int):
@@ -174,7 +175,7 @@ def main() -> None:
     engine = PlainEngine(StudentObjective(student, objective), cfg)
 
     def our_step(batch):
-        loss, _ = engine(batch, teacher_signal(teacher, batch))
+        loss, _ = engine(batch, batch_teacher_signal(teacher, batch))
         engine.backward(loss)
         engine.step()
 

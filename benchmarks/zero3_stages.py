@@ -2,7 +2,7 @@
 
 Builds a teacher and a student (~100M parameters by default) from configs, writes a synthetic
 prompt/response dataset, runs stage 1 (distill from the online teacher) and stage 2 (fine-tune
-from stage 1's checkpoint) through :func:`mydistill.launch.launch_training`, and prints per stage
+from stage 1's checkpoint) through :func:`mydistill.training.launch.launch_training`, and prints per stage
 the measured tokens/s, step time, peak memory and MFU (model FLOPs utilisation: training FLOPs of
 the student, 6 per parameter per token, over the GPU's dense bf16 peak; for stage 1 also with the
 teacher's forward, 2 per teacher parameter per token).
@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mydistill import io  # noqa: E402
 from mydistill.config import DistillConfig, TrainConfig  # noqa: E402
-from mydistill.launch import launch_training  # noqa: E402
-from mydistill.train import TrainJob  # noqa: E402
+from mydistill.training.launch import launch_training  # noqa: E402
+from mydistill.training.job import TrainJob  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # dense bf16 peak per GPU (no sparsity), for MFU

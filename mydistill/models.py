@@ -19,13 +19,30 @@ def load_tokenizer(uri: str) -> Any:
     return AutoTokenizer.from_pretrained(localize(uri))
 
 
-def load_model(uri: str, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Any:
-    """A causal LM from a local or ``s3://`` folder saved with ``save_pretrained``."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype:
+    """A model's load precision: ``auto`` is bf16 on a CUDA device that supports it, else fp32;
+    otherwise one of :data:`DTYPES` by name (``teacher.dtype`` / ``student.dtype``)."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "auto"):
+        kind = ("cuda" if torch.cuda.is_available() else "cpu") if str(device) == "auto" else torch.device(device).type
+        return torch.bfloat16 if kind == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_model(uri: str, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu") -> Any:
+    """A causal LM from a local or ``s3://`` folder saved with ``save_pretrained``, in ``dtype``
+    (a torch dtype or a name for :func:`resolve_dtype`; None: fp32)."""
     from transformers import AutoModelForCausalLM
 
     if not exists(join(uri, "config.json")):
         raise DataError(f"{uri}: no model here (config.json missing)")
-    model = AutoModelForCausalLM.from_pretrained(localize(uri), dtype=dtype or torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(localize(uri), dtype=resolve_dtype(dtype or "float32", device))
     return model.to(device)
 
 

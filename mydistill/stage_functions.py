@@ -16,8 +16,8 @@ from mydistill import io, tracking
 from mydistill.config import DISTILL_ONLY_FIELDS, PipelineConfig
 from mydistill.mix import TASK_TRAIN_FILE, TRAIN_FILE, VAL_FILE, run_mix
 from mydistill.plan import StagePlan, baseline_steps, signal_mode, signal_temperature
-from mydistill.launch import launch_training
-from mydistill.train import TrainJob
+from mydistill.training.launch import launch_training
+from mydistill.training.job import TrainJob
 from mydistill.tokenization import PROMPT_PREFIX_KEY, prompt_prefix_of
 
 
@@ -100,7 +100,7 @@ def train_job(cfg: PipelineConfig, plan: StagePlan, stage: str) -> TrainJob:
     if stage == "distill":
         return TrainJob(
             stage="distill", data_uri=io.join(plan.mix_uri, TRAIN_FILE), val_uri=io.join(plan.mix_uri, VAL_FILE),
-            output_uri=plan.distill_uri, tokenizer_uri=tokenizer_uri, teacher_uri=plan.teacher_uri,
+            output_uri=plan.distill_uri, tokenizer_uri=tokenizer_uri, teacher_uri=plan.teacher_uri, teacher_dtype=cfg.teacher.dtype,
             signal_uris=_signal_uris(cfg, plan), train=cfg.distill.model_dump(),
             inputs={**_data_inputs(plan, TRAIN_FILE), **_signal_inputs(cfg, plan)}, **init,
         )

@@ -124,8 +124,8 @@ class GenerateConfig(BaseModel):
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
-        description="Teacher weights dtype: 'auto' = bfloat16 on a GPU that supports it, float16 on other GPUs, "
-        "float32 on CPU.",
+        description="Teacher weights dtype: 'auto' = teacher.dtype, whose 'auto' is bfloat16 on a GPU that "
+        "supports it, else float32.",
     )
 
     # ------------------------------------------------------------------------------------------

@@ -22,6 +22,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 PRESETS_DIR = REPO_ROOT / "configs"
 
 
+ModelDtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -54,6 +57,12 @@ class TeacherSpec(_Section):
         "teacher is used.",
     )
     id: str | None = Field(None, description="A name for the teacher recorded in datasets and MLflow.")
+    dtype: ModelDtype = Field(
+        "auto",
+        description="Precision the frozen teacher is loaded in, wherever it is loaded (generation, the signal stage, "
+        "both training stages, evaluation): 'auto' = bfloat16 on a GPU that supports it, else float32. Setting it "
+        "also sets generate.dtype and signal.dtype where those are left at 'auto'.",
+    )
 
 
 class StudentSpec(_Section):
@@ -63,6 +72,12 @@ class StudentSpec(_Section):
         "student from `arch` with the teacher's tokenizer.",
     )
     arch: ModelArch = Field(default_factory=ModelArch, description="Architecture when building from scratch.")
+    dtype: ModelDtype = Field(
+        "auto",
+        description="Precision trained students (and the baseline) are loaded in for evaluation: 'auto' = bfloat16 "
+        "on a GPU that supports it, else float32. Training keeps float32 master weights (DeepSpeed's bf16 "
+        "section sets the compute precision).",
+    )
 
 
 class DataConfig(_Section):
@@ -299,6 +314,15 @@ class PipelineConfig(_Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Evaluation.")
     registry: RegisterConfig = Field(default_factory=RegisterConfig, description="Model registration and quality gate.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
+
+    @model_validator(mode="after")
+    def _teacher_dtype_everywhere(self) -> PipelineConfig:
+        # one knob for the teacher's precision: the stages that load it follow unless set on their own
+        if self.teacher.dtype != "auto":
+            for section in (self.generate, self.signal):
+                if section.dtype == "auto":
+                    object.__setattr__(section, "dtype", self.teacher.dtype)
+        return self
 
     @model_validator(mode="after")
     def _inputs_present(self) -> PipelineConfig:

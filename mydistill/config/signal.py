@@ -67,7 +67,9 @@ class SignalConfig(BaseModel):
         "this one; weights: distill.loss.teacher_weights (this store first).",
     )
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu' or 'cuda' for the teacher pass.")
-    dtype: str = Field("auto", description="Teacher dtype: 'auto' (bf16/fp16 on GPU, fp32 on CPU) or a torch dtype name.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Teacher dtype: 'auto' = teacher.dtype, whose 'auto' is bfloat16 on a GPU that supports it, else float32."
+    )
     seed: int = Field(0, description="Seed of the tail draws in 'sampled' mode.")
 
     @model_validator(mode="after")

@@ -35,16 +35,6 @@ def resolve_device(device: str = "auto") -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def resolve_dtype(dtype: str, device: str) -> Any:
-    import torch
-
-    if dtype != "auto":
-        return getattr(torch, dtype)
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
 def load_tokenizer(teacher: str) -> Any:
     from mydistill.models import load_tokenizer as load
 
@@ -56,7 +46,7 @@ def load_teacher(teacher: str, *, device: str = "auto", dtype: str = "auto") -> 
     from mydistill.models import load_model
 
     device = resolve_device(device)
-    return load_model(teacher, dtype=resolve_dtype(dtype, device), device=device).eval()
+    return load_model(teacher, dtype=dtype, device=device).eval()
 
 
 def _is_oom(error: BaseException) -> bool:

@@ -53,7 +53,7 @@ def uld_loss(
     if student_logits.shape[0] != teacher_logits.shape[0]:
         raise ValueError(
             f"student has {student_logits.shape[0]} positions, teacher {teacher_logits.shape[0]}; align the "
-            "response positions first (mydistill.cross_tokenizer.aligned_response_rows)"
+            "response positions first (mydistill.training.cross_tokenizer.aligned_response_rows)"
         )
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")

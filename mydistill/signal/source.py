@@ -26,7 +26,7 @@ class TeacherSource:
 
     teacher: Any = None
     store: Any = None  # mydistill.signal.teacher.StoreTeacher
-    uld: Any = None  # mydistill.cross_tokenizer.ULDTeacher
+    uld: Any = None  # mydistill.training.cross_tokenizer.ULDTeacher
 
     @property
     def kind(self) -> str:

@@ -62,3 +62,14 @@ def test_malformed_override():
 def test_config_round_trips_through_json():
     cfg = load_config("demo")
     assert PipelineConfig.model_validate_json(cfg.model_dump_json()) == cfg
+
+
+def test_teacher_dtype_is_one_knob_for_every_stage_that_loads_the_teacher():
+    cfg = load_config("demo-tiny", ["teacher.dtype=bfloat16"])
+    assert (cfg.teacher.dtype, cfg.generate.dtype, cfg.signal.dtype) == ("bfloat16", "bfloat16", "bfloat16")
+    # a stage's own setting wins
+    cfg = load_config("demo-tiny", ["teacher.dtype=bfloat16", "generate.dtype=float32"])
+    assert (cfg.generate.dtype, cfg.signal.dtype) == ("float32", "bfloat16")
+    assert load_config("demo-tiny").teacher.dtype == "auto"
+    with pytest.raises(ConfigError, match="teacher.dtype"):
+        load_config("demo-tiny", ["teacher.dtype=fp8"])

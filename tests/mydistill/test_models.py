@@ -47,3 +47,25 @@ def test_a_folder_without_a_model_or_tokenizer_is_named_in_the_error(tmp_path, t
     with pytest.raises(DataError, match=r"no-such-teacher: no model here \(config.json missing\)"):
         load_model(missing)
     assert len(load_tokenizer(tiny_model_dir)) > 0
+
+
+def test_resolve_dtype_auto_is_fp32_on_cpu_and_names_map_to_torch_dtypes():
+    import torch
+
+    from mydistill.models import resolve_dtype
+
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype(None, "cpu") == torch.float32
+    assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert resolve_dtype(torch.float16) == torch.float16
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'; expected auto, float32, bfloat16, float16"):
+        resolve_dtype("fp8")
+
+
+def test_load_model_takes_a_dtype(tiny_model_dir):
+    import torch
+
+    from mydistill.models import load_model
+
+    assert next(load_model(tiny_model_dir).parameters()).dtype == torch.float32
+    assert next(load_model(tiny_model_dir, dtype="bfloat16").parameters()).dtype == torch.bfloat16

@@ -9,7 +9,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -18,7 +17,7 @@ import torch
 
 from mydistill import io
 from mydistill.config import DistillConfig, TrainConfig
-from mydistill.launch import WorkerFailed, launch_command, launch_training
+from mydistill.training.launch import WorkerFailed, launch_command, launch_training
 from mydistill.models import load_model
 from mydistill.train import TrainJob
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mydistill.config import CrossTokenizerConfig
-from mydistill.cross_tokenizer import (
+from mydistill.training.cross_tokenizer import (
     TokenizerMismatch,
     aligned_response_rows,
     check_tokenizers_agree,

@@ -165,3 +165,20 @@ def test_layer_wise_hidden_state_distillation_through_the_config(tmp_path, task_
     manifest = run_training(job(tmp_path, task_data, tiny_model_dir, stage="distill", arch=narrow, teacher_uri=tiny_model_dir, train=train))
     hidden = [h["hidden"] for h in manifest["history"]]
     assert all(v > 0 for v in hidden) and hidden[-1] < hidden[0]
+
+
+def test_teacher_loaded_in_bf16_distills_an_fp32_student(tmp_path, task_data, tiny_model_dir):
+    # teacher.dtype reaches the frozen teacher; the student keeps fp32 master weights
+    train = DistillConfig(steps=6, batch_size=16, warmup_steps=1, log_every=3, eval_every=3)
+    the_job = job(tmp_path, task_data, tiny_model_dir, stage="distill", arch=TINY_ARCH, teacher_uri=tiny_model_dir,
+                  teacher_dtype="bfloat16", train=train.model_dump())
+    manifest = run_training(the_job)
+    assert manifest["teacher_dtype"] == "bfloat16"
+    assert manifest["inputs"]["teacher_dtype"] == "bfloat16"
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in manifest["history"])
+    assert next(load_model(str(tmp_path / "out")).parameters()).dtype == torch.float32
+    fp32 = run_training(job(tmp_path / "fp32", task_data, tiny_model_dir, stage="distill", arch=TINY_ARCH,
+                            teacher_uri=tiny_model_dir, train=train.model_dump()))
+    assert fp32["teacher_dtype"] == "float32"
+    # the same run in bf16 and fp32 teachers: close, not identical
+    assert abs(fp32["history"][0]["kd"] - manifest["history"][0]["kd"]) < 0.05 * fp32["history"][0]["kd"] + 1e-3

@@ -40,6 +40,7 @@ VLLM_INSTALL_HINT = (
     "pip install vllm; or set distill.on_policy.backend: hf to sample with Hugging Face generate"
 )
 
+
 def prompt_ids_of(batch: dict[str, Tensor]) -> list[list[int]]:
     """Each row's prompt (everything before the first labelled token) from a collated batch."""
     out = []

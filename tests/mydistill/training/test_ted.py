@@ -13,7 +13,8 @@ from mydistill.losses import HiddenStateDistiller, LossConfig
 from mydistill.losses.ted import filter_task_loss, final_norm_of, fit_teacher_filters
 from mydistill.models import build_model
 from mydistill.tokenization import collate, tokenize_example
-from mydistill.train import TED_FILTERS_FILE, TrainingError, TrainJob, run_training
+from mydistill.train import TrainingError, TrainJob, run_training
+from mydistill.training.ted import TED_FILTERS_FILE
 
 from tests.conftest import TINY_ARCH
 
@@ -153,7 +154,7 @@ def test_resumed_run_reloads_the_filters_instead_of_training_them_again(tmp_path
     import mydistill.losses.ted as ted_module
     import mydistill.train as train_module
 
-    from tests.mydistill.test_train import poison_loss_at
+    from tests.mydistill.training.test_train import poison_loss_at
 
     real = poison_loss_at(monkeypatch, 5)
     the_job = _ted_job(tmp_path, task_data, tiny_model_dir, save_every=2)
@@ -176,8 +177,8 @@ def test_resumed_run_reloads_the_filters_instead_of_training_them_again(tmp_path
 @pytest.mark.slow
 def test_stage_one_before_zero3_on_two_processes(tmp_path, task_data, tiny_model_dir):
     """Every rank trains the filters on the same batches (then takes rank 0's) before ZeRO-3 partitions them."""
-    from mydistill.launch import launch_training
-    from tests.mydistill.test_train_distributed import ZERO3, make_job
+    from mydistill.training.launch import launch_training
+    from tests.mydistill.training.test_train_distributed import ZERO3, make_job
 
     loss = {"hidden": {"projection": "ted", "filter_size": 16, "teacher_filter_steps": 10, "teacher_filter_lr": 1e-2}}
     job = make_job(tmp_path / "out", task_data, tiny_model_dir, teacher=tiny_model_dir, steps=6, deepspeed=ZERO3,

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mydistill.config.cross_tokenizer import CrossTokenizerConfig
+from mydistill.config.cross_tokenizer import CrossTokenizerConfig, CrossTokenizerMethod
 from mydistill.losses.objective import LossOutput
 from mydistill.losses.uld import uld_loss
 from mydistill.models import VocabularyMismatch

@@ -61,7 +61,7 @@ def step_by_step_examples(
     """Tokenize the label task of every record and the rationale task of every record with a rationale.
 
     ``records`` are training records with ``prompt`` and ``response`` (as
-    :func:`mydistill.train.read_training_records` returns them). Raises
+    :func:`mydistill.training.batches.read_training_records` returns them). Raises
     :class:`~mydistill.io.DataError` naming ``source_uri`` when no record has a rationale.
     """
     label, rationale = [], []

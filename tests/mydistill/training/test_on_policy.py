@@ -6,7 +6,7 @@ import torch
 from mydistill.losses import DistillObjective, LossConfig
 from mydistill.models import build_model
 from mydistill.config import OnPolicyConfig
-from mydistill.on_policy import (
+from mydistill.training.on_policy import (
     OnPolicyMixer,
     eos_ids_of,
     prompt_ids_of,

@@ -115,7 +115,7 @@ def test_mix_keeps_rationale_and_answer_of_teacher_records():
 
 
 def test_tasks_are_built_with_prefixes_and_real_records_give_the_label_task_only(demo_tokenizer, tmp_path):
-    from mydistill.step_by_step import step_by_step_examples
+    from mydistill.training.step_by_step import step_by_step_examples
 
     records = io.read_records(train_records(tmp_path))
     tasks = step_by_step_examples(records, demo_tokenizer, 48, StepByStepConfig(), "train.jsonl")
@@ -134,7 +134,7 @@ def test_tasks_are_built_with_prefixes_and_real_records_give_the_label_task_only
 
 
 def test_no_rationale_in_the_data_names_the_dataset_and_the_switch(demo_tokenizer):
-    from mydistill.step_by_step import step_by_step_examples
+    from mydistill.training.step_by_step import step_by_step_examples
 
     plain = [{"prompt": "reverse: abc", "response": "cba"}]
     with pytest.raises(io.DataError, match=r"mix/train.jsonl: distill.loss.step_by_step is set but none of its 1 "
@@ -249,7 +249,7 @@ def test_step_by_step_with_two_teachers_under_zero3_on_two_processes(tmp_path, t
     """One forward and one backward per step for both tasks, as ZeRO-3's gathers need (gloo, CPU)."""
     import os
 
-    from mydistill.launch import launch_training
+    from mydistill.training.launch import launch_training
 
     zero3 = os.path.join(os.path.dirname(__file__), "..", "..", "deploy", "deepspeed", "zero3.json")
     train = DistillConfig(

@@ -9,8 +9,9 @@ from pydantic import ValidationError
 
 from mydistill import io
 from mydistill.config import REPO_ROOT, DistillConfig, TrainConfig
-from mydistill.train import deepspeed_config, peak_tflops
-from mydistill.zero_inference import teacher_zero3_config
+from mydistill.training.engines import deepspeed_config
+from mydistill.training.metrics import peak_tflops
+from mydistill.training.sharded_teacher import teacher_zero3_config
 
 
 @pytest.mark.parametrize("name", ["zero3.json", "zero3_offload.json"])
@@ -54,7 +55,7 @@ def test_peak_tflops_is_configured_or_looked_up_by_gpu_name(monkeypatch):
 
 
 def test_the_gathered_head_projects_like_the_models_own():
-    from mydistill.zero_inference import GatheredHead
+    from mydistill.training.sharded_teacher import GatheredHead
 
     linear = torch.nn.Linear(8, 5, bias=False)
     hidden = torch.randn(3, 8)

@@ -6,7 +6,7 @@ import pytest
 
 from mydistill import io
 from mydistill.config import DistillConfig, load_config
-from mydistill.cross_tokenizer import TokenizerMismatch
+from mydistill.training.cross_tokenizer import TokenizerMismatch
 from mydistill.models import build_model, load_tokenizer
 from mydistill.signal import SignalConfig, StoreMismatch, compute_teacher_signal
 from mydistill.train import TrainJob, run_training
@@ -33,17 +33,17 @@ def distill_job(tmp_path, data, tokenizer_dir, teacher_dir, *, name="out", signa
 
 
 def test_distill_from_a_store_never_loads_the_teacher(tmp_path, mix_data, tiny_model_dir, monkeypatch):
-    import mydistill.train as train_module
+    import mydistill.training.teachers as teachers_module
 
     store = str(tmp_path / "signal")
     compute_teacher_signal(mix_data, tiny_model_dir, store, cfg=SignalConfig(k=16, sampled_tokens=8, device="cpu"), max_length=48)
-    real_load = train_module.load_model
+    real_load = teachers_module.load_model
 
     def no_teacher(uri, **kwargs):
         assert uri != tiny_model_dir, "the teacher was loaded although a store was given"
         return real_load(uri, **kwargs)
 
-    monkeypatch.setattr(train_module, "load_model", no_teacher)
+    monkeypatch.setattr(teachers_module, "load_model", no_teacher)
     manifest = run_training(distill_job(tmp_path, mix_data, tiny_model_dir, tiny_model_dir, signal_uris=[store]))
     assert manifest["inputs"]["signal_uris"] == [store]
     last = manifest["history"][-1]
@@ -71,7 +71,7 @@ def test_on_policy_batches_in_the_trainer(tmp_path, mix_data, tiny_model_dir):
 
 
 def other_teacher(tmp_path):
-    from tests.mydistill.test_cross_tokenizer import merged_tokenizer
+    from tests.mydistill.training.test_cross_tokenizer import merged_tokenizer
 
     path = tmp_path / "other-teacher"
     tok = merged_tokenizer()
@@ -175,7 +175,7 @@ def test_store_and_on_policy_batches_under_zero3_on_two_processes(tmp_path, mix_
     """A store read by every rank, and student sampling while ZeRO-3 shards the student (synced generate)."""
     import os
 
-    from mydistill.launch import launch_training
+    from mydistill.training.launch import launch_training
 
     store = str(tmp_path / "signal")
     compute_teacher_signal(mix_data, tiny_model_dir, store, cfg=SignalConfig(k=16, sampled_tokens=8, device="cpu"), max_length=48)

@@ -21,7 +21,8 @@ from collections.abc import Callable
 from typing import Any
 
 from mydistill import io
-from mydistill.train import MetricsCallback, TrainJob, run_training
+from mydistill.training.job import MetricsCallback, TrainJob
+
 
 LineCallback = Callable[[str], None]
 
@@ -69,6 +70,8 @@ def launch_training(
     """
     cfg = job.train_config()
     if cfg.launcher == "none":
+        from mydistill.train import run_training
+
         return run_training(job, on_metrics=on_metrics, progress=progress)
     with tempfile.TemporaryDirectory(prefix="mydistill-job-") as tmp:
         job_path = os.path.join(tmp, "job.json")

@@ -147,7 +147,7 @@ def test_two_online_teachers_distil_and_a_zero_weight_matches_the_main_teacher_a
 
 
 def test_an_extra_teacher_with_another_vocabulary_is_named(tmp_path, task_data, tiny_model_dir):
-    from mydistill.cross_tokenizer import TokenizerMismatch
+    from mydistill.training.cross_tokenizer import TokenizerMismatch
     from mydistill.models import build_model
     from tests.mydistill.test_models import other_tokenizer
 
