@@ -6,9 +6,13 @@ Prefect's ephemeral API keeps its state under ``.prefect/``) and prints a summar
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import sys
 import time
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 import typer
@@ -21,6 +25,59 @@ apply_defaults()
 
 app = typer.Typer(help="Distil a large language model into a small one.", no_args_is_help=True, add_completion=False)
 console = Console()
+DEBUG_ENV = "MYDISTILL_DEBUG"
+
+
+@app.callback()
+def options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks (also: MYDISTILL_DEBUG=1).")] = False,
+) -> None:
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
+
+
+def _debug() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def _is_ours(error: BaseException) -> bool:
+    """Errors our code raises for people (bad config, data, model, API, training): their message is the report."""
+    return any(cls.__module__.startswith("mydistill.") for cls in type(error).__mro__)
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Print a failure as ``error: <message>`` and exit 2 (1 for an unexpected error, with its type);
+    the traceback only with ``--debug``. Prefect's own failure logs lose their tracebacks too."""
+    if not _debug():
+        _drop_tracebacks_from_logs()
+    try:
+        yield
+    except (typer.Exit, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        if _debug():
+            raise
+        message = str(e).split("\n", 1)[0] if type(e).__name__ == "WorkerFailed" else str(e)
+        if _is_ours(e):
+            console.print(f"[red]error:[/red] {message}", soft_wrap=True, highlight=False)
+            raise typer.Exit(2) from None
+        console.print(f"[red]error:[/red] {type(e).__name__}: {message} (run with --debug for the traceback)", soft_wrap=True, highlight=False)
+        raise typer.Exit(1) from None
+
+
+class _NoTraceback(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info = record.exc_text = None
+        return True
+
+
+def _drop_tracebacks_from_logs() -> None:
+    # a failed task logs its whole traceback (hundreds of lines through Prefect's engine); the
+    # message line stays, and the error is printed once more, alone, when the run ends
+    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(_NoTraceback())
 
 
 def _load(config: str, overrides: list[str] | None):
@@ -40,12 +97,36 @@ def run(
 ) -> None:
     """Run the whole pipeline as a Prefect flow and print the results."""
     cfg = _load(config, overrides)
-    from flows.pipeline_flow import distill_pipeline
+    with one_line_errors():
+        from mydistill.preflight import require_preflight
+
+        require_preflight(cfg)  # every input checked before Prefect or any model starts
+        from flows.pipeline_flow import distill_pipeline
+
+        start = time.perf_counter()
+        result = distill_pipeline(config=cfg)
+        elapsed = time.perf_counter() - start
+    print_summary(result, elapsed)
+
+
+@app.command()
+def check(
+    config: Annotated[str, typer.Argument(help="Preset name or YAML file.")] = "demo",
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides")] = None,
+) -> None:
+    """Check everything a run would read (data, models, S3, the API, the work dir) and list every problem."""
+    cfg = _load(config, overrides)
+    from mydistill.preflight import preflight
 
     start = time.perf_counter()
-    result = distill_pipeline(config=cfg)
+    problems = preflight(cfg)
     elapsed = time.perf_counter() - start
-    print_summary(result, elapsed)
+    for problem in problems:
+        console.print(f"[red]error:[/red] {problem}", soft_wrap=True, highlight=False)
+    if problems:
+        console.print(f"{len(problems)} problem(s) found in {elapsed:.1f} s")
+        raise typer.Exit(2)
+    console.print(f"ok: the inputs of {config} are readable ({elapsed:.1f} s)")
 
 
 @app.command()

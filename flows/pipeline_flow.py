@@ -18,6 +18,7 @@ def distill_pipeline(config: PipelineConfig = load_config("demo")) -> dict[str, 
     Returns the evaluation report, the registration decision and where every artifact is.
     """
     t.load_credentials()
+    t.preflight(config)
     plan = make_plan(config)
     if config.demo is not None:
         t.prepare_demo(config, plan)

@@ -192,17 +192,52 @@ def iter_records(uri: str) -> Iterator[dict[str, Any]]:
             table = pq.read_table(f)
         yield from table.to_pylist()
         return
-    with fs.open(path, "r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+    with fs.open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{uri}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{uri}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})") from None
             if not isinstance(record, dict):
                 raise DataError(f"{uri}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            if b"\\ud" in raw.lower() and not _encodable(record):
+                # an escaped lone surrogate decodes, then fails wherever the text is written or tokenized
+                raise DataError(f"{uri}:{lineno}: a string holds a lone surrogate (\\ud800-\\udfff), not text")
             yield record
+
+
+def _encodable(record: Any) -> bool:
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def text_field(record: Mapping[str, Any], name: str, where: str, *, numbers: bool = False) -> str:
+    """``record[name]`` as text, or a :class:`DataError` naming ``where`` (file and record) and the field
+    when it is missing, null, or not text (``numbers``: an int or float is taken as its text, as an
+    answer like 42 is)."""
+    if name not in record:
+        raise DataError(f"{where} has no {name!r} field (fields: {sorted(record)})")
+    value = record[name]
+    if value is None:
+        raise DataError(f"{where}: field {name!r} is null; expected text")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"{where}: field {name!r} holds a lone surrogate (\\ud800-\\udfff), not text") from None
+        return value
+    if numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise DataError(f"{where}: field {name!r} is {type(value).__name__} ({repr(value)[:40]}); expected text")
 
 
 def write_records(uri: str, records: Iterable[Mapping[str, Any]]) -> int:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mydistill.io import DataError, join, manifest_matches, read_records, records_sha256, write_manifest, write_records
+from mydistill.io import DataError, join, manifest_matches, read_records, records_sha256, text_field, write_manifest, write_records
 
 TRAIN_FILE = "train.jsonl"
 VAL_FILE = "val.jsonl"
@@ -59,10 +59,10 @@ def _real_records(
 ) -> list[dict[str, Any]]:
     out = []
     for i, r in enumerate(records):
-        for name in (prompt_field, answer_field):
-            if name not in r:
-                raise DataError(f"{source_uri}: record {i + 1} has no {name!r} field (fields: {sorted(r)})")
-        out.append({"id": str(r.get("id", i)), "prompt": r[prompt_field], "response": str(r[answer_field]), "source": "real"})
+        where = f"{source_uri}: record {i + 1}"
+        prompt = text_field(r, prompt_field, where)
+        answer = text_field(r, answer_field, where, numbers=True)  # a null answer must not become "None"
+        out.append({"id": str(r.get("id", i)), "prompt": prompt, "response": answer, "source": "real"})
     return out
 
 

@@ -33,12 +33,13 @@ from mydistill.losses import DistillObjective
 from mydistill.models import count_parameters, load_tokenizer
 from mydistill.tokenization import PROMPT_PREFIX_KEY, TokenizedExample, collate, prompt_prefix_of
 from mydistill.training.batches import batch_indices, load_examples, read_training_records, tokenize_records
-from mydistill.training.checkpoints import latest_tag, prune_checkpoints, save_checkpoint
+from mydistill.training.checkpoints import latest_tag, lock_checkpoints, prune_checkpoints, save_checkpoint, unlock_checkpoints
 from mydistill.training.cross_tokenizer import ULDObjective
 from mydistill.training.engines import (
     DeepSpeedEngine, PlainEngine, deepspeed_config, init_distributed, is_main_process, resolve_device, world, zero3_loading,
 )
 from mydistill.training.job import MetricsCallback, TrainingError, TrainJob
+from mydistill.training.launch import die_with_parent
 from mydistill.training.metrics import global_sum, peak_memory_mb, peak_tflops, progress_bar, validation_loss
 from mydistill.training.objective import StudentObjective, forward_loss
 from mydistill.training.on_policy import OnPolicyMixer, eos_ids_of
@@ -84,8 +85,15 @@ def run_training(job: TrainJob, on_metrics: MetricsCallback | None = None, progr
     if done:
         return done
     run = setup(job, cfg, inputs, on_metrics)
-    train(run, job, cfg, inputs, on_metrics, progress)
-    return save(run, job, cfg, inputs)
+    # one writer per checkpoint folder (released however the run ends; the kernel releases it if killed)
+    lock = lock_checkpoints(job.checkpoints()) if is_main_process() else None
+    try:
+        resume(run, job, cfg, inputs)
+        train(run, job, cfg, inputs, on_metrics, progress)
+        return save(run, job, cfg, inputs)
+    finally:
+        if lock is not None:
+            unlock_checkpoints(job.checkpoints(), lock)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,7 +101,7 @@ def run_training(job: TrainJob, on_metrics: MetricsCallback | None = None, progr
 
 
 def setup(job: TrainJob, cfg: TrainConfig, inputs: dict[str, Any], on_metrics: MetricsCallback | None) -> Run:
-    """Process group, teachers, student, objective, data, engine, and the resumed position."""
+    """Process group, teachers, student, objective, data and engine."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -127,7 +135,6 @@ def setup(job: TrainJob, cfg: TrainConfig, inputs: dict[str, Any], on_metrics: M
     run.manifest_extra["parameters"] = count_parameters(student)
     module = StudentObjective(student, trained)
     run.engine = DeepSpeedEngine(module, cfg, ds_config) if ds_config else PlainEngine(module, cfg)
-    resume(run, job, cfg, inputs, distill)
     return run
 
 
@@ -149,10 +156,11 @@ def prepare_examples(run: Run, job: TrainJob, cfg: TrainConfig, distill: Distill
     return trained
 
 
-def resume(run: Run, job: TrainJob, cfg: TrainConfig, inputs: dict[str, Any], distill: DistillConfig | None) -> None:
+def resume(run: Run, job: TrainJob, cfg: TrainConfig, inputs: dict[str, Any]) -> None:
     """Load the latest checkpoint of an unfinished run with the same inputs, then place the data
     order (and the on-policy draws) where that run stopped."""
     rank, world_size = world()
+    distill = cfg if isinstance(cfg, DistillConfig) else None
     checkpoint_dir = job.checkpoints()
     client_state = run.engine.load_checkpoint(checkpoint_dir) if cfg.resume else None
     if client_state and client_state.get("inputs_sha256") != io.sha256_of(inputs):
@@ -283,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--progress", action="store_true", help="Show a progress bar.")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = parser.parse_args(argv)
+    die_with_parent()  # a killed launcher takes its workers with it (see mydistill.training.launch)
     job = TrainJob(**io.read_json(args.job))
     on_metrics = None
     if job.mlflow_run_id and is_main_process_env():

@@ -97,6 +97,16 @@ def load_credentials() -> list[str]:
     return sorted(values)
 
 
+@task(name="preflight", task_run_name="preflight", cache_policy=NO_CACHE)
+def preflight(config: PipelineConfig) -> None:
+    """Check every input of the run (data, models, S3, the API, the work dir) before any stage:
+    a broken eval file fails the run in seconds, listing every problem, not after training."""
+    from mydistill.preflight import require_preflight
+
+    require_preflight(config)
+    get_run_logger().info("preflight: inputs readable")
+
+
 @task(name="prepare-demo", task_run_name="prepare-demo", retries=1, retry_delay_seconds=5)
 def prepare_demo(config: PipelineConfig, plan: StagePlan) -> dict[str, str]:
     logger = get_run_logger()

@@ -6,11 +6,12 @@ field descriptions below. YAML files in ``configs/`` are presets of this tree.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mydistill.config.cross_tokenizer import CrossTokenizerConfig
 from mydistill.config.generation import GenerateConfig
@@ -276,7 +277,7 @@ class RegisterConfig(_Section):
     model_name: str = Field("mydistill-student", description="Registered model name.")
     alias: str = Field("champion", description="Alias moved to the new version when it passes the gate.")
     min_teacher_retained: float = Field(
-        0.8, ge=0, description="Quality gate: the student must keep at least this fraction of the teacher's score."
+        0.8, ge=0, le=1, description="Quality gate: the student must keep at least this fraction of the teacher's score."
     )
     beat_champion: bool = Field(
         True,
@@ -297,6 +298,19 @@ class PipelineConfig(_Section):
 
     name: str = Field("demo", min_length=1, description="Run name shown in Prefect and MLflow.")
     work_dir: str = Field("runs", description="Root for all artifacts (local path or s3://).")
+
+    @field_validator("work_dir")
+    @classmethod
+    def _work_dir_is_a_folder_of_its_own(cls, value: str) -> str:
+        # every stage writes and sweeps below it: never the filesystem root, a bucket's root or ''
+        stripped = value.strip()
+        bare = stripped.removeprefix("file://").rstrip("/")
+        if not bare or bare in (".", "~") or (bare.startswith("s3:") and bare.count("/") < 3) or os.path.abspath(os.path.expanduser(bare)) == "/":
+            raise ValueError(
+                f"work_dir must name a folder of its own for this project's artifacts (e.g. runs or s3://bucket/mydistill), "
+                f"not {value!r}"
+            )
+        return stripped
     seed: int = Field(0, description="Global seed.")
     demo: DemoConfig | None = Field(None, description="Run on the embedded offline demo (datasets and teacher made locally).")
     teacher: TeacherSpec = Field(default_factory=TeacherSpec, description="The teacher.")

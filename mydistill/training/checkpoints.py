@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -10,11 +11,46 @@ from typing import Any
 import torch
 
 from mydistill import io
+from mydistill.training.job import TrainingError
 
 
 def latest_tag(directory: str) -> str | None:
     latest = os.path.join(directory, "latest")
     return open(latest).read().strip() if os.path.exists(latest) else None
+
+
+def lock_checkpoints(directory: str) -> int:
+    """Hold an exclusive lock on the checkpoint folder ``directory`` for this process's life.
+
+    Two runs writing one folder would interleave their steps and the resumed run would train on
+    another run's state; the second one fails here instead, naming the first. The lock is a
+    ``flock`` on ``<directory>.lock`` (released by the kernel when the holder dies, so a killed
+    run never blocks its re-run). Returns the file descriptor to keep; see :func:`unlock_checkpoints`.
+    """
+    import fcntl
+
+    path = directory.rstrip("/") + ".lock"
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise TrainingError(
+            f"{directory}: another training run (pid {holder}) is writing checkpoints here; "
+            "wait for it to finish or stop it before starting this one"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+def unlock_checkpoints(directory: str, fd: int) -> None:
+    """Remove the lock file of :func:`lock_checkpoints` and release it (the run is finished)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(directory.rstrip("/") + ".lock")
+    os.close(fd)
 
 
 def prune_checkpoints(directory: str, keep: int) -> None:

@@ -31,6 +31,27 @@ class WorkerFailed(RuntimeError):
     """A training worker exited with an error; the message carries the worker's last output."""
 
 
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux ``PR_SET_PDEATHSIG``).
+
+    Called first thing in every training worker, and in the launcher's child before it execs:
+    torchrun and DeepSpeed start workers in sessions of their own, so a kill of the task's or the
+    launcher's process group would otherwise leave workers training on, holding a GPU and writing
+    into the checkpoint folder a re-run resumes from. A parent already gone (the race before the
+    call) ends this process at once. Elsewhere than Linux it does nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -94,6 +115,7 @@ def run_workers(cmd: list[str], *, on_line: LineCallback | None = None, env: dic
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, start_new_session=True,
+        preexec_fn=die_with_parent,  # a killed task takes its launcher (and so every worker) with it
     )
     try:
         assert proc.stdout is not None

@@ -122,3 +122,22 @@ def test_rerun_skips_finished_stages_and_redoes_a_deleted_one(harness, config):
     states = task_states(flow_run_id)
     assert states["mix"] == "Completed"
     assert io.read_manifest(plan.mix_uri) is not None
+
+
+def test_a_bad_input_fails_the_flow_at_preflight_with_the_message_as_its_state(harness, tmp_path, tiny_model_dir):
+    """A UI-triggered run with a broken eval file fails in its first task, before any stage writes."""
+    prompts, real, evals = tmp_path / "p.jsonl", tmp_path / "r.jsonl", tmp_path / "e.jsonl"
+    io.write_records(str(prompts), [{"prompt": "q"}])
+    io.write_records(str(real), [{"prompt": "q", "answer": "a"}])
+    evals.write_text('{"prompt": "q", "answer": "a"}\n{"prompt": "q", "answer": \n')
+    bad = load_config("demo-tiny", [
+        "demo=null", f"teacher.uri={tiny_model_dir}", f"data.prompts_uri={prompts}", f"data.real_uri={real}",
+        f"data.eval_uri={evals}", f"work_dir={tmp_path}/runs",
+    ])
+    from flows.pipeline_flow import distill_pipeline
+
+    state = distill_pipeline(config=bad, return_state=True)
+    assert state.is_failed()
+    assert f"{evals}:2: malformed JSON line" in state.message
+    assert task_states(state.state_details.flow_run_id) == {"load-credentials": "Completed", "preflight": "Failed"}
+    assert not [p for p in (tmp_path / "runs").iterdir() if not p.name.startswith(".")]

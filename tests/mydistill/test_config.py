@@ -73,3 +73,15 @@ def test_teacher_dtype_is_one_knob_for_every_stage_that_loads_the_teacher():
     assert load_config("demo-tiny").teacher.dtype == "auto"
     with pytest.raises(ConfigError, match="teacher.dtype"):
         load_config("demo-tiny", ["teacher.dtype=fp8"])
+
+
+@pytest.mark.parametrize("work_dir", ["''", "'  '", "/", "file:///", "s3://bucket", "s3://bucket/", "."])
+def test_work_dir_must_be_a_folder_of_its_own(work_dir):
+    with pytest.raises(ConfigError, match="work_dir must name a folder of its own"):
+        load_config("demo-tiny", [f"work_dir={work_dir}"])
+
+
+def test_gate_threshold_is_a_fraction():
+    with pytest.raises(ConfigError, match=r"registry.min_teacher_retained: Input should be less than or equal to 1 \(got 1.5\)"):
+        load_config("demo-tiny", ["registry.min_teacher_retained=1.5"])
+    assert load_config("demo-tiny", ["work_dir=s3://bucket/runs"]).work_dir == "s3://bucket/runs"

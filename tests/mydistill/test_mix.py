@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from mydistill import io
@@ -100,3 +102,30 @@ def test_run_mix_failure_leaves_no_artifact(tmp_path):
     with pytest.raises(io.DataError):
         run_mix(str(tmp_path / "gen.jsonl"), str(tmp_path / "real.jsonl"), str(tmp_path / "mix"))
     assert not (tmp_path / "mix").exists()
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    ({"prompt": "q", "answer": None}, r"real.jsonl: record 1: field 'answer' is null; expected text"),
+    ({"prompt": 7, "answer": "a"}, r"real.jsonl: record 1: field 'prompt' is int \(7\); expected text"),
+    ({"prompt": "q\ud800", "answer": "a"}, r"real.jsonl:1: a string holds a lone surrogate"),
+])
+def test_real_rows_that_are_not_text_are_refused_by_file_record_and_field(tmp_path, row, message):
+    real = tmp_path / "real.jsonl"
+    real.write_text(json.dumps(row) + "\n")
+    teacher = tmp_path / "teacher.jsonl"
+    io.write_records(str(teacher), [{"prompt": "p", "response": "r"}])
+    with pytest.raises(io.DataError, match=message):
+        run_mix(str(teacher), str(real), str(tmp_path / "mix"))
+    assert not (tmp_path / "mix").exists()
+
+
+def test_a_numeric_answer_is_its_text_and_invalid_utf8_is_named_by_line(tmp_path):
+    real = tmp_path / "real.jsonl"
+    real.write_text('{"prompt": "2+2", "answer": 4}\n')
+    teacher = tmp_path / "teacher.jsonl"
+    io.write_records(str(teacher), [{"prompt": "p", "response": "r"}])
+    run_mix(str(teacher), str(real), str(tmp_path / "mix"), val_fraction=0.0)
+    assert {r["response"] for r in io.read_records(str(tmp_path / "mix" / "task_train.jsonl"))} == {"4"}
+    real.write_bytes(b'{"prompt": "ok", "answer": "a"}\n{"prompt": "caf\xe9", "answer": "a"}\n')
+    with pytest.raises(io.DataError, match=r"real.jsonl:2: not valid UTF-8 \(byte 0xe9 at column 16\)"):
+        io.read_records(str(real))

@@ -179,7 +179,7 @@ def test_store_and_on_policy_batches_under_zero3_on_two_processes(tmp_path, mix_
 
     store = str(tmp_path / "signal")
     compute_teacher_signal(mix_data, tiny_model_dir, store, cfg=SignalConfig(k=16, sampled_tokens=8, device="cpu"), max_length=48)
-    zero3 = os.path.join(os.path.dirname(__file__), "..", "..", "deploy", "deepspeed", "zero3.json")
+    zero3 = os.path.join(os.path.dirname(__file__), "..", "..", "..", "deploy", "deepspeed", "zero3.json")
     job = distill_job(
         tmp_path, mix_data, tiny_model_dir, tiny_model_dir, signal_uris=[store], launcher="torchrun", num_processes=2,
         threads=1, deepspeed=os.path.abspath(zero3), on_policy={"fraction": 0.5, "max_new_tokens": 4},

@@ -251,7 +251,7 @@ def test_step_by_step_with_two_teachers_under_zero3_on_two_processes(tmp_path, t
 
     from mydistill.training.launch import launch_training
 
-    zero3 = os.path.join(os.path.dirname(__file__), "..", "..", "deploy", "deepspeed", "zero3.json")
+    zero3 = os.path.join(os.path.dirname(__file__), "..", "..", "..", "deploy", "deepspeed", "zero3.json")
     train = DistillConfig(
         steps=6, batch_size=4, warmup_steps=1, log_every=3, max_length=48, launcher="torchrun", num_processes=2,
         threads=1, deepspeed=zero3, extra_teachers=[{"uri": tiny_model_dir}],

@@ -182,3 +182,16 @@ def test_teacher_loaded_in_bf16_distills_an_fp32_student(tmp_path, task_data, ti
     assert fp32["teacher_dtype"] == "float32"
     # the same run in bf16 and fp32 teachers: close, not identical
     assert abs(fp32["history"][0]["kd"] - manifest["history"][0]["kd"]) < 0.05 * fp32["history"][0]["kd"] + 1e-3
+
+
+def test_a_second_writer_on_one_checkpoint_folder_is_refused(tmp_path, task_data, tiny_model_dir):
+    from mydistill.training.checkpoints import lock_checkpoints, unlock_checkpoints
+
+    the_job = job(tmp_path, task_data, tiny_model_dir, arch=TINY_ARCH, steps=4)
+    held = lock_checkpoints(the_job.checkpoints())  # as a run still training would
+    with pytest.raises(TrainingError, match=rf"out.checkpoints: another training run \(pid {os.getpid()}\) is writing"):
+        run_training(the_job)
+    assert not (tmp_path / "out").exists()
+    unlock_checkpoints(the_job.checkpoints(), held)
+    run_training(the_job)
+    assert not (tmp_path / "out.checkpoints.lock").exists() and not (tmp_path / "out.checkpoints").exists()

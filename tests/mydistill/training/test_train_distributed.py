@@ -24,7 +24,7 @@ from mydistill.train import TrainJob
 from tests.conftest import TINY_ARCH
 
 pytestmark = pytest.mark.slow
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 ZERO3 = os.path.join(REPO, "deploy", "deepspeed", "zero3.json")
 ZERO3_OFFLOAD = os.path.join(REPO, "deploy", "deepspeed", "zero3_offload.json")
 
@@ -157,3 +157,34 @@ def test_sigkill_mid_training_resumes_from_the_last_checkpoint(tmp_path, data, t
     b = load_model(str(tmp_path / "reference")).state_dict()
     for name in b:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+def test_killing_the_launchers_process_group_leaves_no_worker_behind(tmp_path, data, tiny_model_dir):
+    """kill -9 of the launcher's group (what stopping a task does) takes the workers with it, although
+    torchrun starts them in sessions of their own; the re-run's checkpoint history is its own."""
+    import psutil
+
+    steps, every = 60, 5
+    job = make_job(tmp_path / "killed", data, tiny_model_dir, steps=steps, save_every=every, deepspeed=ZERO3)
+    with tempfile.TemporaryDirectory() as tmp:
+        job_path = os.path.join(tmp, "job.json")
+        io.write_text(job_path, job.to_json())
+        cmd = launch_command(job_path, launcher="torchrun", num_processes=2)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, cwd=REPO)
+        latest = os.path.join(job.checkpoints(), "latest")
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and not os.path.exists(latest):
+            time.sleep(0.05)
+        assert proc.poll() is None, "training finished before it could be killed"
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if job_path in " ".join(p.cmdline())]
+        assert len(workers) == 2
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        gone, alive = psutil.wait_procs(workers, timeout=10)
+        assert alive == [], f"workers outlived their launcher: {[p.pid for p in alive]}"
+    frozen = sorted(os.listdir(job.checkpoints()))
+    time.sleep(2)  # nothing writes there any more
+    assert sorted(os.listdir(job.checkpoints())) == frozen
+    manifest = launch_training(job)
+    steps_logged = [h["step"] for h in manifest["history"]]
+    assert steps_logged == sorted(set(steps_logged)) and steps_logged[-1] == steps
