@@ -1,13 +1,10 @@
 """Preflight: every bad input of a run reported at once, each naming where and what, in seconds."""
 
 import json
-import os
-import struct
 import time
 
 import pytest
 
-from mydistill import io
 from mydistill.config import load_config
 from mydistill.preflight import PreflightError, preflight, require_preflight
 
