@@ -275,6 +275,29 @@ def quality_gate(
     }
 
 
+STUDENT_TAG = "mydistill.student_sha256"  # the checkpoint's identity (its manifest's inputs_sha256)
+
+
+def _registered_before(cfg: PipelineConfig, existing: dict[str, Any]) -> dict[str, Any]:
+    """The decision already taken for this checkpoint's version. If that run passed the gate but died
+    before moving the alias, the alias moves now, unless a later version holds it."""
+    reg, version, tags = cfg.registry, existing["version"], existing["tags"]
+    passed = tags.get("gate_passed") == "True"
+    holder = tracking.alias_holder(reg.model_name, reg.alias)
+    if passed and (holder is None or int(holder["version"]) < int(version)):
+        tracking.set_model_alias(reg.model_name, reg.alias, version)
+        holder = {"version": version}
+    score = float(tags[tracking.SCORE_TAG]) if tracking.SCORE_TAG in tags else float("nan")
+    return {
+        "passed": passed, "reason": f"already registered as v{version} (same checkpoint): {tags.get('gate_reason', '')}",
+        "score": score, "teacher_retained": float(tags["teacher_retained"]) if "teacher_retained" in tags else None,
+        "threshold": reg.min_teacher_retained, "champion_version": None, "champion_score": None,
+        "registered": True, "reused": True, "model_name": reg.model_name, "version": version,
+        "alias": reg.alias if holder is not None and holder["version"] == version else None,
+        "version_url": tracking.model_version_url(reg.model_name, version),
+    }
+
+
 def register(cfg: PipelineConfig, plan: StagePlan, report: dict[str, Any], parent_run_id: str | None = None) -> dict[str, Any]:
     """Register the student in the MLflow model registry; move the alias only if the gate passes.
 
@@ -290,6 +313,11 @@ def register(cfg: PipelineConfig, plan: StagePlan, report: dict[str, Any], paren
     if not reg.enabled or parent_run_id is None:
         decision = quality_gate(score, retained, min_teacher_retained=reg.min_teacher_retained, champion=None, beat_champion=False)
         return {**decision, "registered": False}
+    # exactly once per checkpoint: a re-run (or a run killed after registering) finds its version
+    fingerprint = (io.read_manifest(plan.student_uri) or {}).get("inputs_sha256")
+    existing = tracking.find_model_version(reg.model_name, STUDENT_TAG, fingerprint) if fingerprint else None
+    if existing is not None:
+        return _registered_before(cfg, existing)
     with tracking.stage_run(parent_run_id, "register", cfg.tracking.experiment) as run_id:
         assert run_id is not None
         # read before registering: the new version must be compared with the one before it
@@ -304,7 +332,7 @@ def register(cfg: PipelineConfig, plan: StagePlan, report: dict[str, Any], paren
             run_id, "model", reg.model_name,
             tags={
                 "gate_passed": str(decision["passed"]), "gate_reason": decision["reason"], "student_uri": plan.student_uri,
-                tracking.SCORE_TAG: f"{score:.6f}",
+                tracking.SCORE_TAG: f"{score:.6f}", **({STUDENT_TAG: fingerprint} if fingerprint else {}),
                 **({"teacher_retained": f"{retained:.6f}"} if retained is not None else {}),
                 **({"champion_before": f"v{decision['champion_version']}"} if decision["champion_version"] else {}),
                 # a student distilled step-by-step answers behind its label prefix: whoever serves it needs it

@@ -8,6 +8,7 @@ that imports mlflow.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -103,11 +104,55 @@ def mask_secrets(params: Mapping[str, Any]) -> dict[str, Any]:
 def start_run(
     experiment: str, run_name: str, *, parent_run_id: str | None = None, tags: Mapping[str, str] | None = None
 ) -> str:
-    all_tags = dict(tags or {})
+    all_tags = {**owner_tags(), **(tags or {})}
     if parent_run_id:
         all_tags[PARENT_TAG] = parent_run_id
     run = client().create_run(experiment_id(experiment), run_name=run_name, tags=all_tags)
     return run.info.run_id
+
+
+# Which process owns a run: a run left RUNNING by a process that is gone was killed.
+OWNER_HOST_TAG, OWNER_PID_TAG, OWNER_START_TAG = "mydistill.host", "mydistill.pid", "mydistill.pid_started"
+
+
+def owner_tags() -> dict[str, str]:
+    import psutil
+
+    return {
+        OWNER_HOST_TAG: socket.gethostname(), OWNER_PID_TAG: str(os.getpid()),
+        OWNER_START_TAG: f"{psutil.Process().create_time():.3f}",
+    }
+
+
+def _owner_alive(tags: Mapping[str, str]) -> bool:
+    import psutil
+
+    try:
+        process = psutil.Process(int(tags[OWNER_PID_TAG]))
+        return f"{process.create_time():.3f}" == tags.get(OWNER_START_TAG)  # not a reused pid
+    except (psutil.NoSuchProcess, ValueError, KeyError):
+        return False
+
+
+def mark_dead_runs_killed(experiment: str) -> list[str]:
+    """End as KILLED the runs of ``experiment`` left RUNNING by a process of this machine that is gone
+    (a kill -9, a lost worker); returns their ids. Runs of other machines are left alone: whether
+    their owner lives cannot be seen from here."""
+    try:
+        exp = client().get_experiment_by_name(experiment)
+    except mlflow.exceptions.MlflowException:
+        return []
+    if exp is None:
+        return []
+    host = socket.gethostname().replace("'", "")
+    stale = client().search_runs(
+        [exp.experiment_id], f"attributes.status = 'RUNNING' and tags.`{OWNER_HOST_TAG}` = '{host}'", max_results=1000,
+    )
+    killed = [run.info.run_id for run in stale if not _owner_alive(run.data.tags)]
+    for run_id in killed:
+        set_tags(run_id, {"mydistill.error": "its process ended without closing the run (killed)"})
+        end_run(run_id, "KILLED")
+    return killed
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:
@@ -206,6 +251,21 @@ class stage_run:
             if exc is not None:
                 set_tags(self.run_id, {"mydistill.error": f"{exc_type.__name__}: {exc}"[:5000]})
             end_run(self.run_id, "FAILED" if exc is not None else "FINISHED")
+
+
+def find_model_version(name: str, tag: str, value: str) -> dict[str, Any] | None:
+    """The newest version of registered model ``name`` whose tag ``tag`` is ``value`` (None: none)."""
+    safe = value.replace("'", "")
+    try:
+        versions = client().search_model_versions(f"name='{name}' and tags.`{tag}` = '{safe}'")
+    except mlflow.exceptions.MlflowException as e:
+        if e.error_code in _NOT_FOUND:
+            return None
+        raise
+    if not versions:
+        return None
+    newest = max(versions, key=lambda v: int(v.version))
+    return {"version": str(newest.version), "tags": dict(newest.tags), "run_id": newest.run_id}
 
 
 def register_model_version(run_id: str, artifact_path: str, name: str, tags: Mapping[str, str] | None = None) -> str:

@@ -181,6 +181,9 @@ def open_pipeline_run(config: PipelineConfig, plan: StagePlan) -> str:
     from prefect.runtime import flow_run
 
     tracking.configure(config.tracking.tracking_uri)
+    killed = tracking.mark_dead_runs_killed(config.tracking.experiment)
+    if killed:
+        get_run_logger().info("marked %d MLflow run(s) left RUNNING by a killed process as KILLED", len(killed))
     run_id = tracking.start_run(
         config.tracking.experiment, config.name,
         tags={"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_url": str(flow_run.ui_url or ""), "mydistill.pipeline": "true"},

@@ -194,3 +194,32 @@ def test_without_tracking_nothing_is_registered(registry, tmp_path):
     cfg = load_config("demo", [f"work_dir={tmp_path}"])
     decision = stage_functions.register(cfg, make_plan(cfg), {"models": {"student": {"exact_match": 0.9, "teacher_retained": 0.95}}})
     assert decision["passed"] and decision["registered"] is False
+
+
+def test_a_checkpoint_is_registered_exactly_once(registry):
+    io.write_manifest(str(registry.student_dir), stage="finetune", inputs={"data": "x"})
+    first, name = registry(0.50)
+    again, _ = registry(0.50)  # the unchanged pipeline run again: no second version
+    assert again["version"] == first["version"] and again["reused"]
+    assert again["alias"] == "champion" and "already registered as v" in again["reason"]
+    versions = tracking.client().search_model_versions(f"name='{name}'")
+    assert len(versions) == 1
+
+    # a run killed after registering but before moving the alias: the re-run moves it
+    tracking.client().delete_registered_model_alias(name, "champion")
+    resumed, _ = registry(0.50)
+    assert resumed["version"] == first["version"] and _champion(name) == first["version"]
+
+
+def test_runs_left_running_by_a_dead_process_are_marked_killed():
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    experiment = f"stale-{uuid.uuid4().hex[:6]}"
+    orphan = tracking.start_run(experiment, "killed pipeline", tags={tracking.OWNER_PID_TAG: dead.stdout.strip()})
+    alive = tracking.start_run(experiment, "this process's run")
+    assert tracking.mark_dead_runs_killed(experiment) == [orphan]
+    assert tracking.client().get_run(orphan).info.status == "KILLED"
+    assert tracking.client().get_run(alive).info.status == "RUNNING"
+    tracking.end_run(alive)
