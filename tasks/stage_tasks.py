@@ -44,20 +44,26 @@ DEFAULT_CREDENTIALS_BLOCK = "mydistill-credentials"
 _ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 
 
-def _io_error(task: Task, task_run: Any, state: Any) -> bool:
-    """Retry when reaching the API failed, not when the block holds the wrong thing."""
+def _transient(task: Task, task_run: Any, state: Any) -> bool:
+    """Retry only what a retry can fix: a dropped connection, a timeout, a server error on the way
+    (S3, the MLflow server). Our own errors (bad config, data, model, a refused or exhausted API:
+    the API client already retried 429/5xx with backoff) and programming errors would fail again."""
     try:
         state.result()
-    except ValueError:
-        return False
-    except Exception:  # noqa: BLE001 - anything else (connection, timeout) may pass on a retry
-        return True
+    except Exception as e:  # noqa: BLE001 - deciding on the failure is the point
+        if any(cls.__module__.startswith("mydistill.") for cls in type(e).__mro__):
+            return False
+        import httpx
+
+        return isinstance(e, (ConnectionError, TimeoutError, httpx.TransportError)) or (
+            isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError))
+        ) or type(e).__module__.startswith(("botocore", "aiobotocore", "urllib3", "requests"))
     return True
 
 
 @task(
     name="load-credentials", task_run_name="load-credentials", retries=2, retry_delay_seconds=5,
-    retry_condition_fn=_io_error, cache_policy=NO_CACHE,
+    retry_condition_fn=_transient, cache_policy=NO_CACHE,
 )
 def load_credentials() -> list[str]:
     """Put the variables of a Prefect ``Secret`` block into this flow run's environment.
@@ -107,7 +113,7 @@ def preflight(config: PipelineConfig) -> None:
     get_run_logger().info("preflight: inputs readable")
 
 
-@task(name="prepare-demo", task_run_name="prepare-demo", retries=1, retry_delay_seconds=5)
+@task(name="prepare-demo", task_run_name="prepare-demo", retries=1, retry_delay_seconds=5, retry_condition_fn=_transient)
 def prepare_demo(config: PipelineConfig, plan: StagePlan) -> dict[str, str]:
     logger = get_run_logger()
 
@@ -120,14 +126,14 @@ def prepare_demo(config: PipelineConfig, plan: StagePlan) -> dict[str, str]:
     return uris
 
 
-@task(name="generate", task_run_name="generate", retries=2, retry_delay_seconds=10, cache_policy=ARTIFACT_CACHE, persist_result=True)
+@task(name="generate", task_run_name="generate", retries=2, retry_delay_seconds=10, retry_condition_fn=_transient, cache_policy=ARTIFACT_CACHE, persist_result=True)
 def generate(config: PipelineConfig, plan: StagePlan, output_uri: str, parent_run_id: str | None = None) -> str:
     manifest = stage_functions.generate(config, plan, parent_run_id, progress=_interactive())
     get_run_logger().info("teacher responses at %s: %s", output_uri, manifest.get("counts"))
     return output_uri
 
 
-@task(name="mix", task_run_name="mix", retries=2, retry_delay_seconds=5, cache_policy=ARTIFACT_CACHE, persist_result=True)
+@task(name="mix", task_run_name="mix", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient, cache_policy=ARTIFACT_CACHE, persist_result=True)
 def mix(config: PipelineConfig, plan: StagePlan, output_uri: str, parent_run_id: str | None = None) -> str:
     manifest = stage_functions.mix(config, plan, parent_run_id)
     stats = manifest["stats"]
@@ -176,7 +182,7 @@ def register(config: PipelineConfig, plan: StagePlan, report: dict[str, Any], pa
     return decision
 
 
-@task(name="open-mlflow-run", task_run_name="open-mlflow-run", retries=2, retry_delay_seconds=5)
+@task(name="open-mlflow-run", task_run_name="open-mlflow-run", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient)
 def open_pipeline_run(config: PipelineConfig, plan: StagePlan) -> str:
     from prefect.runtime import flow_run
 
@@ -195,7 +201,7 @@ def open_pipeline_run(config: PipelineConfig, plan: StagePlan) -> str:
     return run_id
 
 
-@task(name="close-mlflow-run", task_run_name="close-mlflow-run", retries=2, retry_delay_seconds=5)
+@task(name="close-mlflow-run", task_run_name="close-mlflow-run", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient)
 def close_pipeline_run(run_id: str, report: dict[str, Any] | None, decision: dict[str, Any] | None, failed: bool = False) -> None:
     if report:
         tracking.log_metrics(run_id, stage_functions.summary_metrics(report))

@@ -99,3 +99,27 @@ def test_a_block_that_is_not_a_mapping_of_variables_is_refused(secret_block, val
     secret_block["mydistill-credentials"] = value
     with pytest.raises(ValueError, match="must hold a JSON object of environment variables"):
         t.load_credentials.fn()
+
+
+class _FailedState:
+    def __init__(self, error):
+        self.error = error
+
+    def result(self):
+        raise self.error
+
+
+@pytest.mark.parametrize(("error", "retried"), [
+    (ConnectionResetError("reset by peer"), True),
+    (TimeoutError("timed out"), True),
+    (OSError("network is unreachable"), True),
+    (__import__("httpx").ReadTimeout("slow"), True),
+    (__import__("mydistill.io", fromlist=["DataError"]).DataError("eval.jsonl:7: malformed JSON line"), False),
+    (__import__("mydistill.config", fromlist=["ConfigError"]).ConfigError("bad field"), False),
+    (__import__("mydistill.generation.openai_api", fromlist=["APIError"]).APIError("HTTP 401"), False),
+    (FileNotFoundError("no such file"), False),
+    (ValueError("wrong value"), False),
+    (TypeError("a bug"), False),
+])
+def test_only_errors_a_retry_can_fix_are_retried(error, retried):
+    assert t._transient(None, None, _FailedState(error)) is retried
