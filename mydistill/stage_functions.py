@@ -8,6 +8,7 @@ whose output already matches its inputs returns at once.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -40,6 +41,7 @@ def prepare_demo(
 def generate(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None = None, *, progress: bool = False) -> dict[str, Any]:
     from mydistill.generation import generate_responses
 
+    sweep_debris(plan.generate_uri)
     with tracking.stage_run(parent_run_id, "generate", cfg.tracking.experiment) as run_id:
         manifest = generate_responses(
             plan.prompts_uri, plan.generate_uri, teacher=plan.teacher_uri, teacher_id=plan.teacher_id,
@@ -57,6 +59,7 @@ def generate(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None = N
 
 def mix(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None = None) -> dict[str, Any]:
     require_done(plan.generate_uri, "generate")
+    sweep_debris(plan.mix_uri)
     with tracking.stage_run(parent_run_id, "mix", cfg.tracking.experiment) as run_id:
         manifest = run_mix(
             plan.generate_uri, plan.real_uri, plan.mix_uri,
@@ -82,6 +85,7 @@ def teacher_signal(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | No
     data_uri = io.join(plan.mix_uri, TRAIN_FILE)
     # what the store is made with, concretely: the loss temperature and the mode 'auto' stands for
     signal_cfg = cfg.signal.model_copy(update={"temperature": signal_temperature(cfg), "mode": signal_mode(cfg)})
+    sweep_debris(plan.signal_uri)
     with tracking.stage_run(parent_run_id, "signal", cfg.tracking.experiment) as run_id:
         manifest = compute_teacher_signal(
             data_uri, plan.teacher_uri, plan.signal_uri, max_length=cfg.distill.max_length, teacher_id=plan.teacher_id,
@@ -139,6 +143,7 @@ def train(
     if stage == "finetune":
         require_done(plan.distill_uri, "distill")
     job = train_job(cfg, plan, stage)
+    sweep_debris(job.output_uri)
     with tracking.stage_run(parent_run_id, stage, cfg.tracking.experiment) as run_id:
         if run_id:
             tracking.log_params(run_id, {
@@ -176,6 +181,7 @@ def evaluate(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None = N
         models["baseline"] = plan.baseline_uri
     require_done(plan.student_uri, "finetune" if plan.finetune_uri else "distill")
     require_done(plan.baseline_uri, "baseline")
+    sweep_debris(plan.evaluate_uri)
     with tracking.stage_run(parent_run_id, "evaluate", cfg.tracking.experiment) as run_id:
         report = evaluate_models(
             models, plan.eval_uri, plan.evaluate_uri, answer_field=cfg.data.answer_field,
@@ -204,6 +210,14 @@ def evaluate(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None = N
 def summary_metrics(report: dict[str, Any]) -> dict[str, float]:
     """Flat ``<model>_<metric>`` numbers from an evaluation report."""
     return {f"{model}_{k}": float(v) for model, m in report["models"].items() for k, v in m.items() if isinstance(v, (int, float))}
+
+
+def sweep_debris(uri: str) -> None:
+    """Clear what a killed earlier run of this stage left (temporary files, staging folders, stale
+    checkpoints; see :func:`mydistill.io.sweep_debris`) and say so."""
+    removed = io.sweep_debris(uri)
+    if removed:
+        logging.getLogger("mydistill").info("removed %d leftover(s) of a killed run: %s", len(removed), ", ".join(removed))
 
 
 def require_done(uri: str | None, stage: str) -> None:

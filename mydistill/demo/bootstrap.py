@@ -50,7 +50,7 @@ def ensure_teacher(cfg: DemoConfig, *, progress: bool = False, on_metrics: Any =
     if io.read_manifest(teacher_uri):
         return teacher_uri
     held = {e["prompt"] for e in make_examples(cfg.num_eval, seed=EVAL_SEED)}
-    with tempfile.TemporaryDirectory(prefix="mydistill-demo-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=io.temp_prefix("demo")) as tmp:
         tokenizer_dir = os.path.join(tmp, "tokenizer")
         build_tokenizer().save_pretrained(tokenizer_dir)
         data_uri = os.path.join(tmp, "teacher_train.jsonl")

@@ -72,7 +72,7 @@ def save_checkpoint(
     The folder is assembled locally and moved (or uploaded) into place before the manifest is
     written, so a reader never takes a half-written checkpoint for a finished one.
     """
-    with tempfile.TemporaryDirectory(prefix="mydistill-ckpt-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=io.temp_prefix("ckpt")) as tmp:
         student.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         files = sorted(os.listdir(tmp))

@@ -94,7 +94,7 @@ def launch_training(
         from mydistill.train import run_training
 
         return run_training(job, on_metrics=on_metrics, progress=progress)
-    with tempfile.TemporaryDirectory(prefix="mydistill-job-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=io.temp_prefix("job")) as tmp:
         job_path = os.path.join(tmp, "job.json")
         io.write_text(job_path, job.to_json())
         cmd = launch_command(job_path, launcher=cfg.launcher, num_processes=cfg.num_processes, hostfile=cfg.hostfile)

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mydistill import io
 from mydistill.config.on_policy import OnPolicyConfig
 from mydistill.tokenization import IGNORE_INDEX, TokenizedExample, collate
 
@@ -166,7 +167,7 @@ class VLLMStudentSampler:
         self.weight_syncs = 0
         # the architecture only: the weights come from the student at every sync. vLLM picks its
         # model class by `architectures`, which a config built from scratch (not loaded) lacks
-        self._model_dir = tempfile.TemporaryDirectory(prefix="mydistill-vllm-student-")
+        self._model_dir = tempfile.TemporaryDirectory(prefix=io.temp_prefix("vllm"))
         config = copy.deepcopy(student.config)
         config.architectures = config.architectures or [type(student).__name__]
         config.save_pretrained(self._model_dir.name)
