@@ -276,7 +276,9 @@ def _reachable(uri: str, what: str) -> list[Problem]:
 
     bucket = urlsplit(uri).netloc
     options = io.storage_options_for(uri)
-    endpoint = options.get("client_kwargs", {}).get("endpoint_url", "AWS")
+    from mydistill.config.generation import mask_url
+
+    endpoint = mask_url(options.get("client_kwargs", {}).get("endpoint_url")) or "AWS"
     fs = s3fs.S3FileSystem(
         skip_instance_cache=True, connect_timeout=NETWORK_TIMEOUT_S, read_timeout=NETWORK_TIMEOUT_S,
         config_kwargs={"retries": {"max_attempts": 1}}, **options,

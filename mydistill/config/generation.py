@@ -7,7 +7,7 @@ import re
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
 
 logger = logging.getLogger(__name__)
 
@@ -210,8 +210,15 @@ class GenerateConfig(BaseModel):
     @classmethod
     def _api_base(cls, v: str | None) -> str | None:
         if v is not None and not v.startswith(("http://", "https://")):
-            raise ValueError(f"api_base must start with http:// or https://, got {v!r}")
+            raise ValueError(f"api_base must start with http:// or https://, got {mask_url(v)!r}")
+        warn_if_credentials(v, "generate.api_base")
         return v.rstrip("/") if v else v
+
+    @field_serializer("api_base")
+    def _api_base_without_credentials(self, v: str | None) -> str | None:
+        # whatever records the config (MLflow params, config.json, Prefect's flow parameters, manifests)
+        # never sees a user:password@ in the URL
+        return mask_url(v)
 
     @model_validator(mode="after")
     def _cross_field(self) -> GenerateConfig:
@@ -234,10 +241,34 @@ class GenerateConfig(BaseModel):
         return params
 
     def public_dict(self) -> dict[str, Any]:
-        """The config as recorded in manifests: credentials in api_base (user:pass@) are masked."""
-        data = self.model_dump()
-        data["api_base"] = mask_url(self.api_base)
-        return data
+        """The config as recorded in manifests and params (credentials in api_base masked by its serializer)."""
+        return self.model_dump()
+
+
+def warn_if_credentials(url: str | None, field: str) -> None:
+    """Log (once per URL and process) that ``url`` carries user:password@ credentials."""
+    if url and (urlsplit(url).username or urlsplit(url).password) and (field, url) not in _WARNED:
+        _WARNED.add((field, url))
+        logger.warning(
+            "%s carries credentials (%s): they are masked wherever the config is recorded, and a run started from "
+            "the recorded config will not have them. Pass credentials by environment instead (generate.api_key_env "
+            "for the API key, AWS_* for S3, MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD for MLflow).",
+            field, mask_url(url),
+        )
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def strip_userinfo(url: str) -> str:
+    """``url`` without its user:password@ part."""
+    parts = urlsplit(url)
+    if not (parts.username or parts.password):
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
 def mask_url(url: str | None) -> str | None:

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
 from mydistill.config.cross_tokenizer import CrossTokenizerConfig
-from mydistill.config.generation import GenerateConfig
+from mydistill.config.generation import GenerateConfig, mask_url, warn_if_credentials
 from mydistill.config.losses import LossConfig
 from mydistill.config.on_policy import OnPolicyConfig
 from mydistill.config.signal import SignalConfig
@@ -291,6 +291,16 @@ class TrackingConfig(_Section):
     tracking_uri: str | None = Field(
         None, description="MLflow tracking URI. Empty: $MLFLOW_TRACKING_URI, else the project-local sqlite store."
     )
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _warn_on_credentials(cls, v: str | None) -> str | None:
+        warn_if_credentials(v, "tracking.tracking_uri")
+        return v
+
+    @field_serializer("tracking_uri")
+    def _tracking_uri_without_credentials(self, v: str | None) -> str | None:
+        return mask_url(v)
 
 
 class PipelineConfig(_Section):

@@ -32,7 +32,7 @@ from mydistill.generation.base import (
     TeacherBackend,
     stable_seed,
 )
-from mydistill.config.generation import mask_url
+from mydistill.config.generation import mask_url, strip_userinfo
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,8 @@ class OpenAIBackend(TeacherBackend):
         tokenizer: Any = None,
         transport: Any = None,
     ):
-        self.api_base = api_base.rstrip("/")
+        # credentials in the URL would go out as Basic auth instead of the API key: the key alone is sent
+        self.api_base = strip_userinfo(api_base.rstrip("/"))
         self.url = f"{self.api_base}/chat/completions"
         self.model = model
         self.api_key_env = api_key_env

@@ -141,3 +141,23 @@ def test_a_bad_input_fails_the_flow_at_preflight_with_the_message_as_its_state(h
     assert f"{evals}:2: malformed JSON line" in state.message
     assert task_states(state.state_details.flow_run_id) == {"load-credentials": "Completed", "preflight": "Failed"}
     assert not [p for p in (tmp_path / "runs").iterdir() if not p.name.startswith(".")]
+
+
+def test_credentials_in_urls_never_reach_prefects_flow_parameters(harness):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    from mydistill.config import PipelineConfig
+
+    @flow(name="credentials-probe")
+    def probe(config: PipelineConfig) -> str:
+        return config.generate.api_base  # the run itself has the credentials it was given
+
+    cfg = load_config("demo-tiny", ["generate.backend=openai", "generate.api_base=http://user:hunter2@127.0.0.1:8000/v1",
+                                    "tracking.tracking_uri=http://admin:s3cret@127.0.0.1:5000"])
+    state = probe(config=cfg, return_state=True)
+    assert state.result() == "http://user:hunter2@127.0.0.1:8000/v1"
+    with get_client(sync_client=True) as client:
+        recorded = client.read_flow_run(state.state_details.flow_run_id).parameters
+    text = str(recorded)
+    assert "hunter2" not in text and "s3cret" not in text and "http://***@127.0.0.1:8000/v1" in text

@@ -85,3 +85,16 @@ def test_gate_threshold_is_a_fraction():
     with pytest.raises(ConfigError, match=r"registry.min_teacher_retained: Input should be less than or equal to 1 \(got 1.5\)"):
         load_config("demo-tiny", ["registry.min_teacher_retained=1.5"])
     assert load_config("demo-tiny", ["work_dir=s3://bucket/runs"]).work_dir == "s3://bucket/runs"
+
+
+def test_credentials_in_urls_are_masked_wherever_the_config_is_recorded():
+    import json
+
+    cfg = load_config("demo-tiny", [
+        "tracking.tracking_uri=http://admin:s3cret@127.0.0.1:5000",
+        "generate.backend=openai", "generate.api_base=http://user:hunter2@127.0.0.1:8000/v1",
+    ])
+    assert cfg.tracking.tracking_uri == "http://admin:s3cret@127.0.0.1:5000"  # the run itself can use it
+    for dumped in (json.dumps(cfg.model_dump(mode="json")), str(cfg.model_dump())):
+        assert "s3cret" not in dumped and "hunter2" not in dumped
+    assert cfg.model_dump()["tracking"]["tracking_uri"] == "http://***@127.0.0.1:5000"

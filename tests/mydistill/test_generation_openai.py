@@ -293,3 +293,16 @@ def test_max_completion_tokens_param_and_key_header(monkeypatch):
     backend.generate([_request()], Sampling(7))
     assert seen["max_completion_tokens"] == 7 and "max_tokens" not in seen and seen["auth"] == "Bearer sk-mock"
     assert "sk-mock" not in repr(backend) and "sk-mock" not in str(vars(backend).get("api_key_env"))
+
+
+def test_credentials_in_api_base_are_never_sent_nor_recorded_and_the_key_is(server, api_key, tmp_path, caplog):
+    """A user:password@ in api_base used to replace the API key with Basic auth (the server got 401)."""
+    fx.write_prompts(tmp_path / "p.jsonl", _prompts(2))
+    with_userinfo = server.api_base.replace("http://", "http://someone:hunter2@")
+    cfg = GenerateConfig(backend="openai", api_base=with_userinfo, api_key_env=KEY_ENV, max_new_tokens=16)
+    assert cfg.api_base == with_userinfo.rstrip("/")  # the run itself has the URL as given
+    assert "hunter2" not in json.dumps(cfg.model_dump(mode="json")) and "hunter2" not in str(cfg.model_dump())
+    manifest = generate_responses(str(tmp_path / "p.jsonl"), str(tmp_path / "o"), teacher="tiny-teacher", cfg=cfg, progress=False)
+    assert manifest["status_counts"]["ok"] == 2  # the server checked the bearer key
+    assert "hunter2" not in _all_text(tmp_path / "o") and "hunter2" not in caplog.text
+    assert "generate.api_base carries credentials (http://***@127.0.0.1" in caplog.text
