@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from mydistill import io
-from mydistill.config import load_config
+from mydistill.config import PipelineConfig, load_config
 from mydistill.plan import make_plan
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -146,8 +146,6 @@ def test_a_bad_input_fails_the_flow_at_preflight_with_the_message_as_its_state(h
 def test_credentials_in_urls_never_reach_prefects_flow_parameters(harness):
     from prefect import flow
     from prefect.client.orchestration import get_client
-
-    from mydistill.config import PipelineConfig
 
     @flow(name="credentials-probe")
     def probe(config: PipelineConfig) -> str:
