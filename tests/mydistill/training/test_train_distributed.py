@@ -164,7 +164,7 @@ def test_killing_the_launchers_process_group_leaves_no_worker_behind(tmp_path, d
     torchrun starts them in sessions of their own; the re-run's checkpoint history is its own."""
     import psutil
 
-    steps, every = 60, 5
+    steps, every = 150, 5  # far more steps than the seconds the check waits: survivors would still be training
     job = make_job(tmp_path / "killed", data, tiny_model_dir, steps=steps, save_every=every, deepspeed=ZERO3)
     with tempfile.TemporaryDirectory() as tmp:
         job_path = os.path.join(tmp, "job.json")
@@ -180,7 +180,9 @@ def test_killing_the_launchers_process_group_leaves_no_worker_behind(tmp_path, d
         assert len(workers) == 2
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        gone, alive = psutil.wait_procs(workers, timeout=10)
+        gone, alive = psutil.wait_procs(workers, timeout=5)
+        for survivor in alive:  # leave no orphan behind, whatever the verdict
+            survivor.kill()
         assert alive == [], f"workers outlived their launcher: {[p.pid for p in alive]}"
     frozen = sorted(os.listdir(job.checkpoints()))
     time.sleep(2)  # nothing writes there any more
