@@ -66,6 +66,14 @@ def one_line_errors() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
+def _lost_by_prefect(error: BaseException) -> bool:
+    """Prefect's own bookkeeping failed (the ephemeral server under load answered a finished run's
+    state report with ObjectNotFound), not the pipeline."""
+    from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+
+    return isinstance(error, (ObjectNotFound, PrefectHTTPStatusError))
+
+
 class _NoTraceback(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.exc_info = record.exc_text = None
@@ -104,7 +112,16 @@ def run(
         from flows.pipeline_flow import distill_pipeline
 
         start = time.perf_counter()
-        result = distill_pipeline(config=cfg)
+        try:
+            result = distill_pipeline(config=cfg)
+        except Exception as e:
+            if not _lost_by_prefect(e):
+                raise
+            # the work is in the artifacts (every stage idempotent, registration exactly once):
+            # a second run answers from them in seconds and reports the outcome
+            console.print(f"[yellow]warning:[/yellow] Prefect's API lost track of the run ({type(e).__name__}: {e}); "
+                          "running it once more, finished stages answer from their artifacts", soft_wrap=True)
+            result = distill_pipeline(config=cfg)
         elapsed = time.perf_counter() - start
     print_summary(result, elapsed)
 
