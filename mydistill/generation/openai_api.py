@@ -41,13 +41,58 @@ RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 MAX_RETRY_AFTER_S = 300.0
 
 
+# A request that timed out is sent again with a longer timeout, up to this.
+MAX_TIMEOUT_S = 600.0
+
+
+class AdaptiveConcurrency:
+    """How many requests may be in flight: additive increase, multiplicative decrease.
+
+    Starts at ``maximum`` (``generate.concurrency``). Signs of an overloaded server (a timeout, a
+    reset connection, HTTP 503, a 429 without Retry-After) halve the limit, down to 1; each run of ``2 x limit`` answers
+    in a row raises it by one again, up to ``maximum``. A saturated server (a CPU-served teacher,
+    a full listen backlog) thus slows the client down instead of failing the stage.
+    """
+
+    def __init__(self, maximum: int):
+        self.maximum = self.limit = max(1, maximum)
+        self.in_flight = 0
+        self.lowest = self.limit
+        self._answered = 0
+        self._changed = asyncio.Condition()
+
+    async def __aenter__(self) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.in_flight < self.limit)
+            self.in_flight += 1
+
+    async def __aexit__(self, *exc: Any) -> None:
+        async with self._changed:
+            self.in_flight -= 1
+            self._changed.notify_all()
+
+    def overloaded(self, reason: str) -> None:
+        if self.limit > 1:
+            self.limit = max(1, self.limit // 2)
+            self.lowest = min(self.lowest, self.limit)
+            logger.warning("server overloaded (%s): at most %d requests in flight now", reason, self.limit)
+        self._answered = 0
+
+    def answered(self) -> None:
+        self._answered += 1
+        if self.limit < self.maximum and self._answered >= 2 * self.limit:
+            self.limit += 1
+            self._answered = 0
+
+
 class APIError(RuntimeError):
     """The API cannot serve the run (unreachable after retries, bad key, unknown model)."""
 
 
 class _RetryableError(Exception):
-    def __init__(self, message: str, retry_after: float | None = None):
+    def __init__(self, message: str, retry_after: float | None = None, overload: bool = False):
         super().__init__(message)
+        self.overload = overload  # the server asks for fewer requests at once
         self.retry_after = retry_after
 
 
@@ -140,15 +185,15 @@ class OpenAIBackend(TeacherBackend):
         headers = {"Content-Type": "application/json"}
         if self.__api_key:
             headers["Authorization"] = f"Bearer {self.__api_key}"
-        semaphore = asyncio.Semaphore(self.concurrency)
+        self.limiter = AdaptiveConcurrency(self.concurrency)
+        self._timeout_now = self.timeout_s
         limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
         async with httpx.AsyncClient(
             headers=headers, timeout=httpx.Timeout(self.timeout_s), limits=limits, transport=self.transport
         ) as client:
 
             async def one(request: GenerationRequest, sample_index: int) -> Completion:
-                async with semaphore:
-                    completion = await self._request(client, request, sample_index, sampling)
+                completion = await self._request(client, request, sample_index, sampling)
                 if on_progress:
                     on_progress(1)
                 return completion
@@ -226,8 +271,7 @@ class OpenAIBackend(TeacherBackend):
         try:
             async for attempt in retrying:
                 with attempt:
-                    response = await client.post(self.url, json=body)
-                    return self._completion(response, request)
+                    return await self._attempt(client, body, request)
         except (_RetryableError, httpx.TransportError) as e:
             reason = self._redact(f"{type(e).__name__}: {e}") if str(e) else type(e).__name__
             raise APIError(
@@ -235,6 +279,29 @@ class OpenAIBackend(TeacherBackend):
                 "Is the server running and reachable? Shards written so far are kept; re-run to resume."
             ) from None
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _attempt(self, client: Any, body: dict[str, Any], request: GenerationRequest) -> Completion:
+        """One request under the adaptive limit: overload signs lower the limit (and a timeout
+        lengthens the next requests' timeout), answers raise it again."""
+        import httpx
+
+        async with self.limiter:
+            try:
+                response = await client.post(self.url, json=body, timeout=self._timeout_now)
+                completion = self._completion(response, request)
+            except httpx.TimeoutException:
+                self._timeout_now = min(MAX_TIMEOUT_S, self._timeout_now * 2)
+                self.limiter.overloaded(f"no answer within the timeout; next requests wait up to {self._timeout_now:.0f} s")
+                raise
+            except httpx.TransportError as e:
+                self.limiter.overloaded(f"{type(e).__name__}")
+                raise
+            except _RetryableError as e:
+                if e.overload:
+                    self.limiter.overloaded(str(e)[:80])
+                raise
+        self.limiter.answered()
+        return completion
 
     def _completion(self, response: Any, request: GenerationRequest) -> Completion:
         status = response.status_code
@@ -263,7 +330,10 @@ class OpenAIBackend(TeacherBackend):
 
         detail = self._redact(_error_detail(response))
         if status in RETRYABLE_STATUS:
-            raise _RetryableError(f"HTTP {status}: {detail}", parse_retry_after(response.headers.get("retry-after")))
+            retry_after = parse_retry_after(response.headers.get("retry-after"))
+            # a 429 that says when to come back is paced by its Retry-After; one that does not, or a 503, asks for less
+            overload = status == 503 or (status == 429 and retry_after is None)
+            raise _RetryableError(f"HTTP {status}: {detail}", retry_after, overload=overload)
         if status in (401, 403):
             key_state = "is set" if self.__api_key else "is NOT set"
             raise APIError(

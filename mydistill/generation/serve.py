@@ -351,7 +351,16 @@ def make_server(
     engine = BatchingEngine(backend, max_batch_size=max_batch_size)
     name = model_name or os.path.basename(model_dir.rstrip("/"))
     handler = make_handler(engine, name, api_key=api_key, faults=faults, log_requests=log_requests)
-    server = ThreadingHTTPServer((host, port), handler)
+    server = ThreadingHTTPServer((host, port), handler, bind_and_activate=False)
+    # the listen backlog must hold every connection a full batch invites (the default 5 reset the
+    # rest of 32 concurrent clients)
+    server.request_queue_size = max(128, 4 * max_batch_size)
+    try:
+        server.server_bind()
+        server.server_activate()
+    except BaseException:
+        server.server_close()
+        raise
     server.daemon_threads = True
     server.model_name = name  # type: ignore[attr-defined]
     return server

@@ -306,3 +306,45 @@ def test_credentials_in_api_base_are_never_sent_nor_recorded_and_the_key_is(serv
     assert manifest["status_counts"]["ok"] == 2  # the server checked the bearer key
     assert "hunter2" not in _all_text(tmp_path / "o") and "hunter2" not in caplog.text
     assert "generate.api_base carries credentials (http://***@127.0.0.1" in caplog.text
+
+
+def test_a_saturated_server_slows_the_client_down_instead_of_failing_the_stage(caplog):
+    """A server that can take 2 requests at a time, asked for 16: every request beyond its capacity
+    times out or is reset (a full listen backlog), so the client halves what it keeps in flight
+    until the server copes, and every prompt is answered."""
+    import asyncio
+
+    state = {"in_flight": 0, "peak": 0, "timeouts": 0, "resets": 0}
+
+    async def handler(request):
+        state["in_flight"] += 1
+        try:
+            if state["in_flight"] > 2:
+                if state["timeouts"] <= state["resets"]:
+                    state["timeouts"] += 1
+                    raise httpx.ReadTimeout("no answer", request=request)
+                state["resets"] += 1
+                raise httpx.ReadError("connection reset by peer", request=request)
+            state["peak"] = max(state["peak"], state["in_flight"])
+            await asyncio.sleep(0.01)
+            return _ok()
+        finally:
+            state["in_flight"] -= 1
+
+    backend = _backend(handler, concurrency=16, backoff_s=0.01, max_retries=8, timeout_s=1.0)
+    results = backend.generate([_request(i) for i in range(40)], Sampling(4))
+    assert all(r[0].finish_reason == "stop" for r in results)
+    assert state["timeouts"] > 0 and state["resets"] > 0
+    assert backend.limiter.lowest <= 2 and backend._timeout_now > 1.0
+    assert "server overloaded" in caplog.text
+
+
+def test_more_concurrent_clients_than_a_batch_are_all_served(server, api_key, tmp_path):
+    """48 requests at once against the project's server (a batch of 32): the listen backlog holds
+    them all (the default of 5 reset connections), and the batches answer every one."""
+    fx.write_prompts(tmp_path / "p.jsonl", _prompts(48, seed=3))
+    manifest = generate_responses(
+        str(tmp_path / "p.jsonl"), str(tmp_path / "o"), teacher="tiny-teacher", cfg=_cfg(server, concurrency=48, shard_size=48),
+        progress=False,
+    )
+    assert manifest["status_counts"]["ok"] == 48
