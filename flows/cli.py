@@ -24,7 +24,8 @@ from mydistill.environment import apply_defaults
 apply_defaults()
 
 app = typer.Typer(help="Distil a large language model into a small one.", no_args_is_help=True, add_completion=False)
-console = Console()
+# piped output (a worker's log, `| tee`) gets full-width tables instead of cells cut at 80 columns
+console = Console() if sys.stdout.isatty() else Console(width=200)
 DEBUG_ENV = "MYDISTILL_DEBUG"
 
 

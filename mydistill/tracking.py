@@ -7,8 +7,10 @@ that imports mlflow.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import warnings
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,6 +19,14 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import mlflow
 from mlflow import MlflowClient
+
+# MLflow 3.17's own pandas calls (digests, log_table) use forms pandas 3 deprecates for pandas 4;
+# nothing in our calls causes it, and the user can do nothing about it: silenced for mlflow's modules only.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"mlflow\.")
+with contextlib.suppress(ImportError):
+    from pandas.errors import Pandas4Warning
+
+    warnings.filterwarnings("ignore", category=Pandas4Warning, module=r"mlflow\.")
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 
 from mydistill.config import REPO_ROOT
@@ -36,17 +46,26 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+_artifact_root: str | None = None  # tracking.artifact_location, set by configure()
+
+
 def _default_artifact_location(experiment: str) -> str | None:
-    """Local artifact folder beside the default sqlite store (None: let the server decide)."""
+    """Where a new experiment's artifacts go: ``tracking.artifact_location`` when set; beside a sqlite
+    store (MLflow's own default would be ``./mlruns`` of whatever directory the run started in);
+    else None (a server or file store decides)."""
+    if _artifact_root:
+        return _artifact_root.rstrip("/") + "/" + quote(experiment)
     uri = mlflow.get_tracking_uri()
-    if uri.startswith("sqlite:///") and Path(uri.removeprefix("sqlite:///")).parent == REPO_ROOT / ".mlflow":
-        return (REPO_ROOT / ".mlflow" / "artifacts" / experiment).as_uri()
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "artifacts" / experiment).as_uri()
     return None
 
 
-def configure(tracking_uri: str | None = None) -> str:
+def configure(tracking_uri: str | None = None, artifact_location: str | None = None) -> str:
+    global _artifact_root
     uri = tracking_uri or default_tracking_uri()
     mlflow.set_tracking_uri(uri)
+    _artifact_root = artifact_location
     return uri
 
 
@@ -188,11 +207,26 @@ def log_dataset(run_id: str, records: Sequence[Mapping[str, Any]], *, name: str,
     """Record a dataset as an ``mlflow.data`` input of the run (schema, digest, source URI)."""
     import pandas as pd
 
-    dataset = mlflow.data.from_pandas(pd.DataFrame.from_records(list(records)), source=source, name=name)
+    frame = pd.DataFrame.from_records(list(records))
+    # counts (token counts, sample indices) as float64: MLflow's schema inference warns that an integer
+    # column cannot hold a missing value, and recommends exactly this for a logged schema
+    frame = frame.astype({c: "float64" for c in frame.columns if pd.api.types.is_integer_dtype(frame[c])})
+    dataset = mlflow.data.from_pandas(frame, source=_dataset_source(source), name=name)
     client().log_inputs(
         run_id,
         datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])],
     )
+
+
+def _dataset_source(uri: str) -> Any:
+    """The one dataset source class that resolves ``uri``, chosen here: MLflow registers its local
+    artifact source twice and warns that a local path "can be interpreted in multiple ways"."""
+    from mlflow.data.dataset_source_registry import get_registered_sources
+
+    for source in get_registered_sources():
+        if source._can_resolve(uri):
+            return source._resolve(uri)
+    return uri
 
 
 def log_table(run_id: str, rows: Sequence[Mapping[str, Any]], artifact_file: str) -> None:

@@ -149,8 +149,9 @@ def teacher_signal(config: PipelineConfig, plan: StagePlan, output_uri: str, par
     manifest = stage_functions.teacher_signal(config, plan, parent_run_id)
     counts = manifest["counts"]
     get_run_logger().info(
-        "teacher signal: %d examples, %d tokens, %.1f bytes/token (k=%d, %s) → %s",
-        counts["examples"], counts["tokens"], manifest["bytes_per_token"], manifest["k"], manifest["mode"], output_uri,
+        "teacher signal: %d examples, %d tokens, %.1f bytes/token (k=%d entries per token: %d exact, %s) → %s",
+        counts["examples"], counts["tokens"], manifest["bytes_per_token"], manifest.get("slots", manifest["k"]), manifest["k"],
+        manifest["mode"], output_uri,
     )
     return output_uri
 
@@ -186,13 +187,17 @@ def register(config: PipelineConfig, plan: StagePlan, report: dict[str, Any], pa
 def open_pipeline_run(config: PipelineConfig, plan: StagePlan) -> str:
     from prefect.runtime import flow_run
 
-    tracking.configure(config.tracking.tracking_uri)
+    tracking.configure(config.tracking.tracking_uri, config.tracking.artifact_location)
     killed = tracking.mark_dead_runs_killed(config.tracking.experiment)
     if killed:
         get_run_logger().info("marked %d MLflow run(s) left RUNNING by a killed process as KILLED", len(killed))
     run_id = tracking.start_run(
         config.tracking.experiment, config.name,
-        tags={"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_url": str(flow_run.ui_url or ""), "mydistill.pipeline": "true"},
+        tags={
+            "prefect.flow_run_id": str(flow_run.id), "mydistill.pipeline": "true",
+            # the ephemeral API has no UI: no link then (it used to read "None/flow-runs/…")
+            **({"prefect.flow_run_url": str(flow_run.ui_url)} if flow_run.ui_url and not str(flow_run.ui_url).startswith("None") else {}),
+        },
     )
     tracking.log_params(run_id, config.model_dump())
     tracking.log_dict(run_id, config.model_dump(mode="json"), "config.json")

@@ -291,6 +291,11 @@ class TrackingConfig(_Section):
     tracking_uri: str | None = Field(
         None, description="MLflow tracking URI. Empty: $MLFLOW_TRACKING_URI, else the project-local sqlite store."
     )
+    artifact_location: str | None = Field(
+        None,
+        description="Root for the artifacts of experiments mydistill creates (a folder, s3://…). Empty: beside a "
+        "sqlite store, else where the tracking server puts them. Experiments that exist keep theirs.",
+    )
 
     @field_validator("tracking_uri")
     @classmethod

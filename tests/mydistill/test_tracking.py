@@ -223,3 +223,17 @@ def test_runs_left_running_by_a_dead_process_are_marked_killed():
     assert tracking.client().get_run(orphan).info.status == "KILLED"
     assert tracking.client().get_run(alive).info.status == "RUNNING"
     tracking.end_run(alive)
+
+
+def test_artifacts_go_beside_any_sqlite_store_or_where_configured(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MLflow's own default would be ./mlruns here
+    try:
+        tracking.configure(f"sqlite:///{tmp_path}/elsewhere/mlflow.db")
+        exp = tracking.client().get_experiment(tracking.experiment_id("beside-the-store"))
+        assert exp.artifact_location == (tmp_path / "elsewhere" / "artifacts" / "beside-the-store").as_uri()
+        tracking.configure(f"sqlite:///{tmp_path}/elsewhere/mlflow.db", artifact_location=str(tmp_path / "art"))
+        exp = tracking.client().get_experiment(tracking.experiment_id("configured"))
+        assert exp.artifact_location.endswith("/art/configured")
+        assert not (tmp_path / "mlruns").exists()
+    finally:
+        tracking.configure()
