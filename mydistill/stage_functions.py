@@ -164,7 +164,7 @@ def train(
                 tracking.log_history(run_id, manifest.get("history", []))
             tracking.log_metrics(run_id, {f"final_{k}": v for k, v in manifest.get("final_metrics", {}).items()})
             tracking.log_metrics(run_id, {"parameters": manifest.get("parameters", 0)})
-            _log_checkpoint(run_id, job.output_uri)
+            log_model(cfg, plan, run_id, job.output_uri)
     return manifest
 
 
@@ -245,10 +245,26 @@ def _data_inputs(plan: StagePlan, name: str) -> dict[str, Any]:
     return {"data": (manifest.get("files", {}).get(name) or {}).get("sha256"), "mix": manifest.get("inputs_sha256")}
 
 
-def _log_checkpoint(run_id: str, uri: str) -> None:
-    """Log the checkpoint folder as the run's ``model`` artifact."""
-    local = io.localize(uri)
-    tracking.log_artifacts(run_id, local, "model")
+def log_model(cfg: PipelineConfig, plan: StagePlan, run_id: str, checkpoint_uri: str) -> dict[str, str]:
+    """The checkpoint as an MLflow model (transformers flavor) logged once: a checkpoint already
+    logged (the same inputs, an earlier night) is referenced, not logged again."""
+    fingerprint = (io.read_manifest(checkpoint_uri) or {}).get("inputs_sha256") or io.sha256_of(checkpoint_uri)
+    logged = tracking.find_logged_model(cfg.tracking.experiment, fingerprint)
+    if logged is None:
+        logged = tracking.log_checkpoint_model(
+            run_id, io.localize(checkpoint_uri), fingerprint=fingerprint, example_prompt=_example_prompt(cfg, plan),
+            max_new_tokens=cfg.evaluate.max_new_tokens, prompt_prefix=prompt_prefix_of(checkpoint_uri),
+        )
+    tracking.set_tags(run_id, {"mydistill.model_uri": logged["model_uri"]})
+    return logged
+
+
+def _example_prompt(cfg: PipelineConfig, plan: StagePlan) -> str:
+    """An input example for the logged model: the first eval prompt."""
+    if io.exists(plan.eval_uri):
+        for record in io.iter_records(plan.eval_uri):
+            return str(record.get(cfg.data.prompt_field, ""))
+    return "Hello"
 
 
 def quality_gate(
@@ -341,9 +357,9 @@ def register(cfg: PipelineConfig, plan: StagePlan, report: dict[str, Any], paren
         )
         tracking.log_params(run_id, {"register": reg.model_dump(), "student_uri": plan.student_uri})
         tracking.log_metrics(run_id, {tracking.SCORE_METRIC: score, **({"teacher_retained": retained} if retained is not None else {})})
-        _log_checkpoint(run_id, plan.student_uri)
+        model = log_model(cfg, plan, run_id, plan.student_uri)  # found: the training stage logged it
         version = tracking.register_model_version(
-            run_id, "model", reg.model_name,
+            reg.model_name, model, register_run_id=run_id,
             tags={
                 "gate_passed": str(decision["passed"]), "gate_reason": decision["reason"], "student_uri": plan.student_uri,
                 tracking.SCORE_TAG: f"{score:.6f}", **({STUDENT_TAG: fingerprint} if fingerprint else {}),

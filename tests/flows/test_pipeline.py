@@ -98,7 +98,13 @@ def test_pipeline_runs_end_to_end_and_tracks_everything(harness, config):
     assert {"kd", "ce", "tokens_per_s", "peak_memory_mb"} <= set(distill.data.metrics)
     assert "val_loss" in by_stage["finetune"].data.metrics
     assert any("[mydistill] done" in line for line in flow_run_logs(flow_run_id))  # worker output streamed
-    assert {a.path for a in client.list_artifacts(distill.info.run_id, "model")} >= {"model/model.safetensors", "model/tokenizer.json"}
+    # each trained model is an MLflow model of the transformers flavor, logged by its stage's run
+    import mlflow
+
+    for stage in ("distill", "finetune", "baseline"):
+        model_uri = by_stage[stage].data.tags["mydistill.model_uri"]
+        assert client.get_logged_model(model_uri.removeprefix("models:/")).source_run_id == by_stage[stage].info.run_id
+        assert "transformers" in mlflow.models.get_model_info(model_uri).flavors
     mix_inputs = {d.dataset.name for d in by_stage["mix"].inputs.dataset_inputs}
     assert {"train", "val", "task_train"} <= mix_inputs
     assert by_stage["mix"].data.metrics["teacher_fraction_realised"] == pytest.approx(0.7, abs=0.02)
@@ -106,6 +112,7 @@ def test_pipeline_runs_end_to_end_and_tracks_everything(harness, config):
     assert {"evaluation/metrics.json", "evaluation/comparison.png"} <= evaluation
     version = client.get_model_version_by_alias("test-student", "champion")
     assert version.tags["gate_passed"] == "True"
+    assert version.source == by_stage["finetune"].data.tags["mydistill.model_uri"]  # registered, not logged again
 
 
 def test_rerun_skips_finished_stages_and_redoes_a_deleted_one(harness, config):

@@ -12,6 +12,8 @@ from mydistill import io, stage_functions, tracking
 from mydistill.config import load_config
 from mydistill.plan import make_plan
 
+from tests.conftest import save_tiny_model
+
 
 @pytest.fixture(autouse=True)
 def _configured(monkeypatch):
@@ -97,14 +99,13 @@ def test_beating_the_champion_can_be_switched_off():
 
 
 @pytest.fixture
-def registry(tmp_path):
+def registry(tmp_path, demo_tokenizer):
     """Register students with given scores under a fresh model name; returns ``register(score, retained)``."""
     name = f"gate-test-{uuid.uuid4().hex[:6]}"
     cfg = load_config("demo", [f"work_dir={tmp_path}", f"registry.model_name={name}", "tracking.experiment=registry-test"])
     plan = make_plan(cfg)
     student = tmp_path / plan.student_uri.rsplit("/", 1)[-1]
-    student.mkdir()
-    (student / "config.json").write_text("{}")
+    save_tiny_model(student, demo_tokenizer, seed=0)
 
     def register(score: float, retained: float | None = 1.0) -> tuple[dict, str]:
         parent = tracking.start_run(cfg.tracking.experiment, "pipeline")
@@ -237,3 +238,29 @@ def test_artifacts_go_beside_any_sqlite_store_or_where_configured(tmp_path, monk
         assert not (tmp_path / "mlruns").exists()
     finally:
         tracking.configure()
+
+
+def test_the_registered_champion_is_an_mlflow_model_that_answers_as_the_checkpoint_does(registry):
+    import mlflow
+
+    from mydistill.evaluate import generate_answers
+    from mydistill.models import load_model, load_tokenizer
+
+    decision, name = registry(0.5)
+    version = tracking.client().get_model_version(name, decision["version"])
+    assert version.source.startswith("models:/m-")  # the version is the logged model, not a folder of files
+    logged = tracking.client().get_logged_model(version.source.removeprefix("models:/"))
+    assert tracking.CHECKPOINT_TAG in logged.tags
+    prompt = "reverse: dbcaf"
+    student = str(registry.student_dir)
+    expected = generate_answers(load_model(student), load_tokenizer(student), [prompt], max_new_tokens=8, batch_size=1)[0]
+
+    served = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    assert served.metadata.flavors["transformers"]["task"] == "text-generation"
+    answer = served.predict([prompt])
+    assert answer[0].strip() == expected.strip()
+    pipeline = mlflow.transformers.load_model(f"models:/{name}@champion")
+    assert type(pipeline).__name__ == "TextGenerationPipeline"
+    from mydistill.tokenization import format_prompt
+
+    assert served.metadata.metadata["mydistill.prompt_template"] == format_prompt(load_tokenizer(student), "{prompt}")
