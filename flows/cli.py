@@ -124,7 +124,7 @@ def run(
                           "running it once more, finished stages answer from their artifacts", soft_wrap=True)
             result = distill_pipeline(config=cfg)
         elapsed = time.perf_counter() - start
-    print_summary(result, elapsed)
+    print_summary(result, elapsed, cfg.costs.currency)
 
 
 @app.command()
@@ -190,7 +190,7 @@ def demo_teacher(
     console.print(ensure_teacher(cfg.demo, progress=sys.stderr.isatty()))
 
 
-def print_summary(result: dict[str, Any], elapsed: float) -> None:
+def print_summary(result: dict[str, Any], elapsed: float, currency: str = "USD") -> None:
     report, decision = result["report"], result["decision"]
     table = Table(title=f"mydistill — pipeline finished in {elapsed:.0f} s")
     for column in ("model", "exact match", "% of teacher", "perplexity", "KL to teacher", "top-1 agree", "parameters"):
@@ -211,6 +211,11 @@ def print_summary(result: dict[str, Any], elapsed: float) -> None:
     if decision.get("registered"):
         alias = f", alias '{decision['alias']}'" if decision.get("alias") else ""
         console.print(f"registered {decision['model_name']} version {decision['version']}{alias}")
+    if result.get("cost"):
+        from mydistill.costs import cost_lines
+
+        for line in cost_lines(result["cost"], currency):
+            console.print(line)
     console.print(f"student: {result['plan']['finetune_uri'] or result['plan']['distill_uri']}")
     console.print(f"MLflow run: {result['mlflow_run_id']}")
 

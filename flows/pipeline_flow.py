@@ -37,10 +37,10 @@ def distill_pipeline(config: PipelineConfig = load_config("demo")) -> dict[str, 
         report = t.fresh_unless_done(t.evaluate, plan.evaluate_uri)(config, plan, plan.evaluate_uri, parent)
         decision = t.register(config, plan, report, parent)
     except BaseException:
-        t.close_pipeline_run(parent, report, decision, failed=True)
+        t.close_pipeline_run(config, parent, report, decision, failed=True)
         raise
-    t.close_pipeline_run(parent, report, decision)
-    return {"mlflow_run_id": parent, "report": report, "decision": decision, "plan": plan.as_dict()}
+    cost = t.close_pipeline_run(config, parent, report, decision)
+    return {"mlflow_run_id": parent, "report": report, "decision": decision, "plan": plan.as_dict(), "cost": cost}
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ def _tracked(config: PipelineConfig, stage: str, run):
     try:
         result = run(plan, parent)
     except BaseException:
-        t.close_pipeline_run(parent, None, None, failed=True)
+        t.close_pipeline_run(config, parent, None, None, failed=True)
         raise
-    t.close_pipeline_run(parent, result if stage == "evaluate" else None, None)
+    t.close_pipeline_run(config, parent, result if stage == "evaluate" else None, None)
     return result
 
 

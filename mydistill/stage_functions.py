@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
-from mydistill import io, tracking
+from mydistill import costs, io, tracking
 from mydistill.config import DISTILL_ONLY_FIELDS, PipelineConfig
 from mydistill.mix import TASK_TRAIN_FILE, TRAIN_FILE, VAL_FILE, run_mix
 from mydistill.plan import StagePlan, baseline_steps, signal_mode, signal_temperature
@@ -42,12 +43,17 @@ def generate(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None = N
     from mydistill.generation import generate_responses
 
     sweep_debris(plan.generate_uri)
+    started = time.perf_counter()
     with tracking.stage_run(parent_run_id, "generate", cfg.tracking.experiment) as run_id:
         manifest = generate_responses(
             plan.prompts_uri, plan.generate_uri, teacher=plan.teacher_uri, teacher_id=plan.teacher_id,
             cfg=cfg.generate, progress=progress,
         )
         if run_id:
+            tracking.log_metrics(run_id, costs.stage_cost(
+                wall_s=time.perf_counter() - started, gpu=cfg.generate.backend != "openai" and _on_gpu(cfg.generate.device),
+                teacher_api=cfg.generate.backend == "openai", **_teacher_tokens(manifest),
+            ))
             tracking.log_params(run_id, {"generate": cfg.generate.public_dict(), "teacher": plan.teacher_uri})
             tracking.log_dataset(run_id, io.read_records(plan.prompts_uri), name="prompts", source=plan.prompts_uri, context="input")
             responses = io.read_records(plan.generate_uri)
@@ -60,12 +66,14 @@ def generate(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None = N
 def mix(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None = None) -> dict[str, Any]:
     require_done(plan.generate_uri, "generate")
     sweep_debris(plan.mix_uri)
+    started = time.perf_counter()
     with tracking.stage_run(parent_run_id, "mix", cfg.tracking.experiment) as run_id:
         manifest = run_mix(
             plan.generate_uri, plan.real_uri, plan.mix_uri,
             prompt_field=cfg.data.prompt_field, answer_field=cfg.data.answer_field, **cfg.mix.model_dump(),
         )
         if run_id:
+            tracking.log_metrics(run_id, costs.stage_cost(wall_s=time.perf_counter() - started))
             tracking.log_params(run_id, {"mix": cfg.mix.model_dump()})
             tracking.log_metrics(run_id, _numbers(manifest["stats"]))
             for name, context in ((TRAIN_FILE, "training"), (VAL_FILE, "validation"), (TASK_TRAIN_FILE, "training")):
@@ -86,12 +94,14 @@ def teacher_signal(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | No
     # what the store is made with, concretely: the loss temperature and the mode 'auto' stands for
     signal_cfg = cfg.signal.model_copy(update={"temperature": signal_temperature(cfg), "mode": signal_mode(cfg)})
     sweep_debris(plan.signal_uri)
+    started = time.perf_counter()
     with tracking.stage_run(parent_run_id, "signal", cfg.tracking.experiment) as run_id:
         manifest = compute_teacher_signal(
             data_uri, plan.teacher_uri, plan.signal_uri, max_length=cfg.distill.max_length, teacher_id=plan.teacher_id,
             cfg=signal_cfg, divergence=cfg.distill.loss.divergence,
         )
         if run_id:
+            tracking.log_metrics(run_id, costs.stage_cost(wall_s=time.perf_counter() - started, gpu=_on_gpu(cfg.signal.device)))
             tracking.log_params(run_id, {"signal": signal_cfg.model_dump(), "teacher": plan.teacher_uri, "output_uri": plan.signal_uri})
             tracking.log_metrics(run_id, {**_numbers(manifest["counts"]), "bytes_per_token": manifest["bytes_per_token"]})
     return manifest
@@ -144,6 +154,7 @@ def train(
         require_done(plan.distill_uri, "distill")
     job = train_job(cfg, plan, stage)
     sweep_debris(job.output_uri)
+    started = time.perf_counter()
     with tracking.stage_run(parent_run_id, stage, cfg.tracking.experiment) as run_id:
         if run_id:
             tracking.log_params(run_id, {
@@ -158,6 +169,12 @@ def train(
             env={"MLFLOW_TRACKING_URI": tracking.current_uri()},
         )
         if run_id:
+            train_cfg = job.train_config()
+            tracking.log_metrics(run_id, costs.stage_cost(
+                wall_s=time.perf_counter() - started, gpu=_on_gpu(train_cfg.device),
+                processes=train_cfg.num_processes if train_cfg.launcher != "none" else 1,
+                train_tokens=0 if manifest == before else manifest.get("tokens_seen", 0),
+            ))
             if manifest == before:
                 # an earlier run made this checkpoint from the same inputs: show its curves here too
                 tracking.set_tags(run_id, {"mydistill.reused": "true"})
@@ -182,6 +199,7 @@ def evaluate(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None = N
     require_done(plan.student_uri, "finetune" if plan.finetune_uri else "distill")
     require_done(plan.baseline_uri, "baseline")
     sweep_debris(plan.evaluate_uri)
+    started = time.perf_counter()
     with tracking.stage_run(parent_run_id, "evaluate", cfg.tracking.experiment) as run_id:
         report = evaluate_models(
             models, plan.eval_uri, plan.evaluate_uri, answer_field=cfg.data.answer_field,
@@ -189,6 +207,9 @@ def evaluate(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None = N
             batch_size=cfg.evaluate.batch_size, num_samples=cfg.evaluate.num_samples,
         )
         if run_id:
+            tracking.log_metrics(run_id, costs.stage_cost(
+                wall_s=time.perf_counter() - started, gpu=_on_gpu("auto"), eval_examples=report["num_examples"] * len(models),
+            ))
             tracking.log_params(run_id, {"evaluate": cfg.evaluate.model_dump(), "models": models})
             tracking.log_dataset(run_id, io.read_records(plan.eval_uri), name="eval", source=plan.eval_uri, context="evaluation")
             tracking.log_metrics(run_id, summary_metrics(report))
@@ -210,6 +231,35 @@ def evaluate(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None = N
 def summary_metrics(report: dict[str, Any]) -> dict[str, float]:
     """Flat ``<model>_<metric>`` numbers from an evaluation report."""
     return {f"{model}_{k}": float(v) for model, m in report["models"].items() for k, v in m.items() if isinstance(v, (int, float))}
+
+
+def _on_gpu(device: str) -> bool:
+    """Whether a stage configured for ``device`` runs on GPUs here ('auto': when CUDA is available)."""
+    if device.startswith("cuda"):
+        return True
+    if device != "auto":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _teacher_tokens(manifest: dict[str, Any]) -> dict[str, float]:
+    """Teacher tokens this run paid for: those of the responses generated now, not of reused ones."""
+    counts = manifest.get("counts", {})
+    made, reused = counts.get("generated"), counts.get("reused")
+    share = made / (made + reused) if made is not None and reused is not None and made + reused else 1.0
+    return {
+        "teacher_prompt_tokens": manifest.get("prompt_tokens", 0) * share,
+        "teacher_completion_tokens": manifest.get("completion_tokens", 0) * share,
+    }
+
+
+def run_costs(cfg: PipelineConfig, parent_run_id: str, teacher_retained: float | None = None) -> dict[str, float]:
+    """The pipeline run's cost: its stages' ``cost/*`` summed, priced with ``costs:``; logged on the run."""
+    total = costs.priced(costs.total_cost(tracking.child_metrics(parent_run_id)), cfg.costs, teacher_retained)
+    tracking.log_metrics(parent_run_id, total)
+    return total
 
 
 def sweep_debris(uri: str) -> None:

@@ -194,6 +194,15 @@ def set_tags(run_id: str, tags: Mapping[str, str]) -> None:
     client().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
+def child_metrics(parent_run_id: str) -> list[dict[str, float]]:
+    """The latest metrics of every child run of ``parent_run_id``."""
+    parent = client().get_run(parent_run_id)
+    children = client().search_runs(
+        [parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=1000,
+    )
+    return [dict(run.data.metrics) for run in children]
+
+
 def metrics_logger(run_id: str):
     """A ``(metrics, step)`` callback for the training loop that logs into ``run_id``."""
 

@@ -229,12 +229,14 @@ def train(
             bar[0].update(bar[1], advance=1, description=f"{job.stage} loss={out.loss.item():.3f}")
         if step % cfg.log_every == 0 or step == cfg.steps:
             elapsed = time.perf_counter() - window_start
+            window_all_ranks = global_sum(window_tokens, run.device)
+            run.manifest_extra["tokens_seen"] = run.manifest_extra.get("tokens_seen", 0) + window_all_ranks  # for the cost report
             metrics = {
                 "loss": out.loss.item(),
                 **{k: float(v) for k, v in out.metrics.items()},
                 "lr": run.engine.lr(),
                 "grad_norm": grad_norm,
-                "tokens_per_s": global_sum(window_tokens, run.device) / elapsed,
+                "tokens_per_s": window_all_ranks / elapsed,
                 "step_time_s": time.perf_counter() - step_start,
                 "peak_memory_mb": peak_memory_mb(run.device),
                 **({"on_policy_batches": float(run.on_policy.sampled_batches)} if run.on_policy is not None else {}),

@@ -17,7 +17,7 @@ from prefect import Task, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 
-from mydistill import io, stage_functions, tracking
+from mydistill import costs, io, stage_functions, tracking
 from mydistill.config import PipelineConfig
 from mydistill.plan import StagePlan
 
@@ -168,7 +168,11 @@ def train(config: PipelineConfig, plan: StagePlan, stage: str, output_uri: str, 
 def evaluate(config: PipelineConfig, plan: StagePlan, output_uri: str, parent_run_id: str | None = None) -> dict[str, Any]:
     report = stage_functions.evaluate(config, plan, parent_run_id)
     mlflow_run = tracking.run_reference(parent_run_id) if parent_run_id else None
-    create_markdown_artifact(markdown=report_markdown(report, mlflow_run), key="evaluation", description="Student vs teacher vs baseline")
+    spent = None
+    if parent_run_id:  # what the stages so far cost (registration adds nothing worth counting)
+        retained = report["models"].get("student", {}).get("teacher_retained")
+        spent = costs.cost_lines(costs.priced(costs.total_cost(tracking.child_metrics(parent_run_id)), config.costs, retained), config.costs.currency)
+    create_markdown_artifact(markdown=report_markdown(report, mlflow_run, spent), key="evaluation", description="Student vs teacher vs baseline")
     get_run_logger().info("evaluation: %s", {m: round(v["exact_match"], 3) for m, v in report["models"].items()})
     return report
 
@@ -207,15 +211,22 @@ def open_pipeline_run(config: PipelineConfig, plan: StagePlan) -> str:
 
 
 @task(name="close-mlflow-run", task_run_name="close-mlflow-run", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient)
-def close_pipeline_run(run_id: str, report: dict[str, Any] | None, decision: dict[str, Any] | None, failed: bool = False) -> None:
+def close_pipeline_run(
+    config: PipelineConfig, run_id: str, report: dict[str, Any] | None, decision: dict[str, Any] | None, failed: bool = False,
+) -> dict[str, float]:
+    """Log the summary and what the run cost on the pipeline's MLflow run, then end it; returns the cost."""
     if report:
         tracking.log_metrics(run_id, stage_functions.summary_metrics(report))
     if decision:
         tracking.set_tags(run_id, {"mydistill.gate": "passed" if decision["passed"] else "failed"})
+    retained = (report or {}).get("models", {}).get("student", {}).get("teacher_retained")
+    cost = stage_functions.run_costs(config, run_id, retained)
+    get_run_logger().info("run cost: %s", "; ".join(costs.cost_lines(cost, config.costs.currency)))
     tracking.end_run(run_id, "FAILED" if failed else "FINISHED")
+    return cost
 
 
-def report_markdown(report: dict[str, Any], mlflow_run: dict[str, Any] | None = None) -> str:
+def report_markdown(report: dict[str, Any], mlflow_run: dict[str, Any] | None = None, cost: list[str] | None = None) -> str:
     """The evaluation table, and where the MLflow run is (a link with a server, the run id with a local store)."""
     lines = [
         "| model | exact match | % of teacher | perplexity | KL to teacher | top-1 agreement | parameters |",
@@ -232,6 +243,8 @@ def report_markdown(report: dict[str, Any], mlflow_run: dict[str, Any] | None = 
         else:
             where = f"run `{mlflow_run['run_id']}` in `{mlflow_run['tracking_uri']}`"
         lines += ["", f"**MLflow:** {where}: parameters, training curves, plots and samples."]
+    if cost:
+        lines += ["", "**What this run cost:**", *[f"- {line}" for line in cost]]
     return "\n".join(lines)
 
 

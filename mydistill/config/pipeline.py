@@ -286,6 +286,18 @@ class RegisterConfig(_Section):
     )
 
 
+class CostsConfig(_Section):
+    """Prices that turn a run's measured device time and tokens into money (each optional)."""
+
+    gpu_hour: float | None = Field(None, ge=0, description="Price of one GPU-hour (training and local teacher stages on GPUs).")
+    cpu_hour: float | None = Field(None, ge=0, description="Price of one CPU worker process-hour.")
+    api_prompt_per_1k_tokens: float | None = Field(None, ge=0, description="API teacher: price per 1,000 prompt tokens.")
+    api_completion_per_1k_tokens: float | None = Field(
+        None, ge=0, description="API teacher: price per 1,000 completion tokens."
+    )
+    currency: str = Field("USD", description="What the prices are in (shown beside the total).")
+
+
 class TrackingConfig(_Section):
     experiment: str = Field("mydistill", description="MLflow experiment name.")
     tracking_uri: str | None = Field(
@@ -343,6 +355,7 @@ class PipelineConfig(_Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Evaluation.")
     registry: RegisterConfig = Field(default_factory=RegisterConfig, description="Model registration and quality gate.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
+    costs: CostsConfig = Field(default_factory=CostsConfig, description="Prices for the run's cost report (optional).")
 
     @model_validator(mode="after")
     def _teacher_dtype_everywhere(self) -> PipelineConfig:

@@ -85,6 +85,10 @@ def test_pipeline_runs_end_to_end_and_tracks_everything(harness, config):
     assert parent.data.tags["prefect.flow_run_id"] == str(flow_run_id)
     assert parent.data.params["mix.teacher_fraction"] == "0.7"
     assert "student_exact_match" in parent.data.metrics
+    # what the run cost, per stage and summed on the pipeline run (CPU here: no GPU-hours)
+    assert parent.data.metrics["cost/wall_s"] > 0 and parent.data.metrics["cost/train_tokens"] > 0
+    assert parent.data.metrics["cost/teacher_prompt_tokens"] > 0 and parent.data.metrics["cost/gpu_s"] == 0
+    assert result["cost"]["cost/wall_s"] == parent.data.metrics["cost/wall_s"]
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
