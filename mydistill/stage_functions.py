@@ -250,8 +250,8 @@ def _teacher_tokens(manifest: dict[str, Any]) -> dict[str, float]:
     made, reused = counts.get("generated"), counts.get("reused")
     share = made / (made + reused) if made is not None and reused is not None and made + reused else 1.0
     return {
-        "teacher_prompt_tokens": manifest.get("prompt_tokens", 0) * share,
-        "teacher_completion_tokens": manifest.get("completion_tokens", 0) * share,
+        "teacher_prompt_tokens": counts.get("prompt_tokens", 0) * share,
+        "teacher_completion_tokens": counts.get("completion_tokens", 0) * share,
     }
 
 

@@ -47,9 +47,16 @@ def task_states(flow_run_id) -> dict[str, str]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {r.name: r.state.name for r in runs}
+    import time
+
+    # the API records task-run states from events, a moment after the flow returns: wait for them
+    deadline = time.monotonic() + 30
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        if all(r.state is not None for r in runs) or time.monotonic() > deadline:
+            return {r.name: r.state.name if r.state else "Unknown" for r in runs}
+        time.sleep(0.5)
 
 
 def flow_run_logs(flow_run_id) -> list[str]:
