@@ -1,18 +1,21 @@
 """Distillation losses: the divergence family, the chunked fused path, hidden states, the objective.
 
-Plain reference functions (``fn(student_logits, teacher_logits, **params)`` on ``(N, V)``) live in
-:mod:`.divergences`; the memory-efficient path from hidden states in :mod:`.chunked`; layer-wise
+The teacher's signal is one type (:mod:`.signal`: dense logits, hidden states + head, top-k, an
+ensemble); each divergence is written once, in one table (:mod:`.table`), which drives the plain
+reference functions on ``(N, V)`` logits (:mod:`.divergences`) and the memory-efficient path from
+hidden states (:mod:`.chunked`); layer-wise
 distillation in :mod:`.hidden` (TED's stage 1, training the teacher filters, in :mod:`.ted`); the
 config section and the trainer-facing module in :mod:`.config` and :mod:`.objective`; the cross-tokenizer ULD loss in :mod:`.uld`. See docs/losses.md.
 """
 
+from mydistill.config.losses import HiddenStateLossConfig, LossConfig, StepByStepConfig
 from mydistill.losses.chunked import (
     FusedLinearDistillFunction,
+    auto_chunk_size,
     chunked_cross_entropy,
     chunked_distill_loss,
     chunked_divergence,
 )
-from mydistill.config.losses import HiddenStateLossConfig, LossConfig, StepByStepConfig
 from mydistill.losses.divergences import (
     DIVERGENCE_NAMES,
     DIVERGENCES,
@@ -38,12 +41,29 @@ from mydistill.losses.hidden import (
 from mydistill.losses.multitask import step_by_step_loss
 from mydistill.losses.objective import DistillObjective, LossOutput
 from mydistill.losses.ted import TeacherFilterFit, filter_task_loss, fit_teacher_filters
-from mydistill.losses.teacher import TeacherEnsemble, TopKTeacher, VocabSizeMismatch
+from mydistill.losses.signal import (
+    DenseLogits,
+    HiddenHead,
+    TeacherEnsemble,
+    TeacherSignal,
+    TopKTeacher,
+    VocabSizeMismatch,
+    teacher_from_parts,
+)
+from mydistill.losses.table import DIVERGENCE_TABLE, Divergence, DistillMix
 from mydistill.losses.uld import uld_loss
 
 __all__ = [
     "DIVERGENCES",
     "DIVERGENCE_NAMES",
+    "DIVERGENCE_TABLE",
+    "DenseLogits",
+    "Divergence",
+    "DistillMix",
+    "HiddenHead",
+    "TeacherSignal",
+    "auto_chunk_size",
+    "teacher_from_parts",
     "DistillLossParts",
     "DistillObjective",
     "FusedLinearDistillFunction",

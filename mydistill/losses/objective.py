@@ -14,16 +14,39 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mydistill.losses.chunked import chunked_distill_loss
 from mydistill.config.losses import LossConfig
-from mydistill.losses.divergences import DistillLossParts, distill_loss
+from mydistill.losses.chunked import chunked_distill_loss
+from mydistill.losses.divergences import distill_loss
 from mydistill.losses.hidden import HiddenStateDistiller
-from mydistill.losses.teacher import TopKTeacher
+from mydistill.losses.signal import TeacherSignal, teacher_from_parts
+from mydistill.losses.table import DistillMix
+
+
+_TEACHER_KWARGS = {
+    "teacher_logits": "logits",
+    "teacher_hidden": "hidden",
+    "teacher_head_weight": "head_weight",
+    "teacher_head_bias": "head_bias",
+    "teacher_topk": "topk",
+}
+
+
+def _teacher_from_kwargs(
+    teacher: TeacherSignal | None, parts: dict[str, Any], weights: Sequence[float] | None
+) -> TeacherSignal | None:
+    """The objective's keyword form (``teacher_hidden=..., teacher_head_weight=...``) as one signal."""
+    unknown = sorted(set(parts) - set(_TEACHER_KWARGS))
+    if unknown:
+        raise TypeError(f"DistillObjective got unexpected keyword arguments {unknown}")
+    if teacher is not None:
+        raise ValueError(f"give the teacher either as teacher= or as {sorted(parts)}, not both")
+    return teacher_from_parts(**{_TEACHER_KWARGS[k]: v for k, v in parts.items()}, weights=weights)
 
 
 @dataclass
@@ -32,36 +55,6 @@ class LossOutput:
 
     loss: Tensor
     metrics: dict[str, float] = field(default_factory=dict)
-
-
-def _list(x: Tensor | Sequence[Tensor] | None) -> list[Tensor]:
-    if x is None:
-        return []
-    return [x] if isinstance(x, Tensor) else list(x)
-
-
-def _drop_unweighted(
-    weights: Sequence[float] | None, *per_teacher: Tensor | Sequence[Tensor | None] | None
-) -> tuple[list[float] | None, list[Tensor | Sequence[Tensor | None] | None]]:
-    """Leave out the teachers whose weight is 0 (``teacher_weights: [1, 0]`` is the first teacher alone).
-
-    ``per_teacher`` are the per-teacher arguments (logits, hidden states, heads, biases), each None,
-    one tensor, or a list with one entry per weight. Returns the positive weights and the arguments
-    with the same teachers kept, so a zero-weight teacher costs no vocabulary-sized work.
-    """
-    if weights is None or all(w > 0 for w in weights):
-        return (None if weights is None else list(weights)), list(per_teacher)
-    keep = [i for i, w in enumerate(weights) if w > 0]
-    kept: list[Tensor | Sequence[Tensor | None] | None] = []
-    for arg in per_teacher:
-        if arg is None:
-            kept.append(None)
-            continue
-        if isinstance(arg, Tensor) or len(arg) != len(weights):
-            n = 1 if isinstance(arg, Tensor) else len(arg)
-            raise ValueError(f"got {len(weights)} teacher weights (some 0) for {n} teacher signals; give one per teacher")
-        kept.append([arg[i] for i in keep])
-    return [weights[i] for i in keep], kept
 
 
 class DistillObjective(nn.Module):
@@ -110,15 +103,12 @@ class DistillObjective(nn.Module):
         student_hidden: Tensor,
         student_head_weight: Tensor,
         labels: Tensor | None,
-        teacher_logits: Tensor | Sequence[Tensor] | None = None,
-        teacher_hidden: Tensor | Sequence[Tensor] | None = None,
-        teacher_head_weight: Tensor | Sequence[Tensor] | None = None,
-        teacher_topk: TopKTeacher | None = None,
+        teacher: TeacherSignal | None = None,
         student_hidden_states: Sequence[Tensor] | None = None,
         teacher_hidden_states: Sequence[Tensor] | None = None,
         attention_mask: Tensor | None = None,
         student_head_bias: Tensor | None = None,
-        teacher_head_bias: Tensor | Sequence[Tensor | None] | None = None,
+        **teacher_parts: Any,
     ) -> LossOutput:
         """Compute the loss for one batch.
 
@@ -128,58 +118,36 @@ class DistillObjective(nn.Module):
             student_head_weight: ``(V, H)`` the student's output projection; ``student_head_bias`` ``(V,)``.
             labels: ``(B, T)`` or ``(N,)``; ``cfg.ignore_index`` marks tokens to skip in every logit term.
                 None is allowed only for pure KD (``alpha = 1``); ``attention_mask`` then marks valid tokens.
-            teacher_logits: ``(B, T, V)`` aligned with ``student_hidden`` (a list for several teachers).
-            teacher_hidden, teacher_head_weight, teacher_head_bias: the teacher's final hidden states
-                ``(B, T, H_t)`` and head ``(V, H_t)`` instead of its logits (lists for several teachers).
-            teacher_topk: a cached sparse teacher, ``(B, T, k)`` ids and log-probs.
+            teacher: the teacher's signal aligned with ``student_hidden`` (any :class:`TeacherSignal`).
+            teacher_parts: or the trainer's keyword form, turned into one by
+                :func:`~mydistill.losses.signal.teacher_from_parts` with ``cfg.teacher_weights``:
+                ``teacher_logits`` ``(B, T, V)``; ``teacher_hidden``, ``teacher_head_weight``,
+                ``teacher_head_bias`` (final hidden states ``(B, T, H_t)`` and head ``(V, H_t)``);
+                ``teacher_topk`` (a store's sparse teacher); lists for several teachers.
             student_hidden_states, teacher_hidden_states: per-layer states (``output_hidden_states``),
                 needed when ``cfg.hidden`` is set and a teacher is given.
             attention_mask: ``(B, T)`` positions that count for the hidden-state term.
         """
         cfg = self.cfg
-        has_teacher = teacher_logits is not None or teacher_hidden is not None or teacher_topk is not None
+        teacher = teacher if not teacher_parts else _teacher_from_kwargs(teacher, teacher_parts, cfg.teacher_weights)
+        has_teacher = teacher is not None
         mask = attention_mask if labels is None else None
-        teacher_weights = cfg.teacher_weights
-        if teacher_topk is None:  # a store's top-k teacher arrives already combined
-            teacher_weights, (teacher_logits, teacher_hidden, teacher_head_weight, teacher_head_bias) = _drop_unweighted(
-                teacher_weights, teacher_logits, teacher_hidden, teacher_head_weight, teacher_head_bias
-            )
+        mix = DistillMix.from_config(cfg)
         if cfg.chunked:
             parts = chunked_distill_loss(
                 student_hidden,
                 student_head_weight,
-                student_head_bias,
+                teacher,
                 labels=labels,
                 mask=mask,
-                teacher_logits=teacher_logits,
-                teacher_hidden=teacher_hidden,
-                teacher_weight=teacher_head_weight,
-                teacher_bias=teacher_head_bias,
-                teacher_topk=teacher_topk,
-                teacher_weights=teacher_weights,
-                divergence=cfg.divergence,
-                temperature=cfg.temperature,
-                alpha=cfg.alpha,
-                beta=cfg.beta,
-                skew_alpha=cfg.skew_alpha,
-                ignore_index=cfg.ignore_index,
+                mix=mix,
+                student_bias=student_head_bias,
                 chunk_size=cfg.chunk_size,
                 compute_agreement=has_teacher,
             )
         else:
-            parts = self._plain(
-                student_hidden,
-                student_head_weight,
-                student_head_bias,
-                labels,
-                mask,
-                teacher_logits,
-                teacher_hidden,
-                teacher_head_weight,
-                teacher_head_bias,
-                teacher_topk,
-                teacher_weights,
-            )
+            student_logits = F.linear(student_hidden, student_head_weight, student_head_bias)
+            parts = distill_loss(student_logits, teacher, labels=labels, mask=mask, mix=mix, compute_agreement=has_teacher)
 
         loss = parts.loss
         named: dict[str, Tensor] = {"kd": parts.kd, "ce": parts.ce, "tokens": parts.num_tokens.float()}
@@ -198,55 +166,6 @@ class DistillObjective(nn.Module):
         named["loss"] = loss.detach()
         values = torch.stack([v.float().reshape(()) for v in named.values()]).tolist()  # one device sync
         return LossOutput(loss=loss, metrics=dict(zip(named, values, strict=True)))
-
-    def _plain(
-        self,
-        student_hidden: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        labels: Tensor | None,
-        mask: Tensor | None,
-        teacher_logits: Tensor | Sequence[Tensor] | None,
-        teacher_hidden: Tensor | Sequence[Tensor] | None,
-        teacher_weight: Tensor | Sequence[Tensor] | None,
-        teacher_bias: Tensor | Sequence[Tensor | None] | None,
-        teacher_topk: TopKTeacher | None,
-        teacher_weights: Sequence[float] | None,
-    ) -> DistillLossParts:
-        cfg = self.cfg
-        student_logits = F.linear(student_hidden, weight, bias)
-        teacher: Tensor | list[Tensor] | TopKTeacher | None
-        if teacher_hidden is not None:
-            hiddens, heads = _list(teacher_hidden), _list(teacher_weight)
-            if len(heads) != len(hiddens):
-                raise ValueError(
-                    f"got {len(hiddens)} teacher hidden-state tensors but {len(heads)} teacher head weights"
-                )
-            biases = [None] * len(hiddens) if teacher_bias is None else _list(teacher_bias)  # type: ignore[arg-type]
-            with torch.no_grad():
-                teacher = [F.linear(h, w, b) for h, w, b in zip(hiddens, heads, biases, strict=True)]
-        elif teacher_topk is not None:
-            teacher = teacher_topk
-        elif teacher_logits is not None:
-            teacher = _list(teacher_logits)
-        else:
-            teacher = None
-        if isinstance(teacher, list) and len(teacher) == 1:
-            teacher = teacher[0]
-        return distill_loss(
-            student_logits,
-            teacher,
-            labels=labels,
-            mask=mask,
-            divergence=cfg.divergence,
-            temperature=cfg.temperature,
-            alpha=cfg.alpha,
-            beta=cfg.beta,
-            skew_alpha=cfg.skew_alpha,
-            ignore_index=cfg.ignore_index,
-            teacher_weights=teacher_weights if isinstance(teacher, list) else None,
-            compute_agreement=teacher is not None,
-        )
 
     def combine_step_by_step(self, label: LossOutput, rationale: LossOutput) -> LossOutput:
         """Distilling step-by-step: weight the label-task pass and the rationale-task pass.

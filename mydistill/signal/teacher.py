@@ -2,7 +2,7 @@
 
 :class:`StoreTeacher` is what the distill stage builds when a store is configured: it checks every
 store against the run (tokenizer, training data, vocabulary), then turns the examples of a batch
-into one :class:`~mydistill.losses.teacher.TopKTeacher` ``(B, T, K)`` aligned with the batch's
+into one :class:`~mydistill.losses.signal.TopKTeacher` ``(B, T, K)`` aligned with the batch's
 shifted labels, ready for ``DistillObjective(..., teacher_topk=...)``. Several stores are mixed per
 token with :func:`~mydistill.signal.combine.combine_topk`.
 """
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from mydistill import io
-from mydistill.losses.teacher import TopKTeacher, normalized_weights
+from mydistill.losses.signal import TopKTeacher, normalized_weights
 from mydistill.signal.combine import combine_topk
 from mydistill.signal.format import example_key
 from mydistill.signal.store import SignalStore, StoreMismatch

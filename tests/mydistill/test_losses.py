@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from mydistill.losses import (
     DIVERGENCES,
+    DistillMix,
     LossConfig,
     TeacherEnsemble,
     TopKTeacher,
@@ -26,7 +27,7 @@ from mydistill.losses import (
     tvd,
 )
 from mydistill.losses.divergences import DIVERGENCE_NAMES, divergence_kwargs
-from mydistill.losses.teacher import MIN_RESIDUAL
+from mydistill.losses.signal import MIN_RESIDUAL
 
 FAST = settings(max_examples=12, deadline=None)
 DISTRIBUTION_DIVERGENCES = [n for n in DIVERGENCE_NAMES if n != "logit_mse"]
@@ -201,7 +202,7 @@ def test_zero_valid_tokens_is_zero_with_zero_gradient():
     s = torch.randn(3, 5, requires_grad=True)
     t = torch.randn(3, 5)
     labels = torch.full((3,), -100)
-    parts = distill_loss(s, t, labels=labels, alpha=0.5, temperature=2.0)
+    parts = distill_loss(s, t, labels=labels, mix=DistillMix(alpha=0.5, temperature=2.0))
     assert parts.loss.item() == 0.0
     parts.loss.backward()
     assert torch.equal(s.grad, torch.zeros_like(s))
@@ -235,7 +236,7 @@ def test_hinton_mix_weights_soft_and_hard_terms():
     s, t = torch.randn(6, 9, generator=gen), torch.randn(6, 9, generator=gen)
     labels = torch.randint(0, 9, (6,), generator=gen)
     labels[2] = -100
-    parts = distill_loss(s, t, labels=labels, alpha=0.3, temperature=2.0, divergence="reverse_kl")
+    parts = distill_loss(s, t, labels=labels, mix=DistillMix("reverse_kl", temperature=2.0, alpha=0.3))
     kd = reverse_kl(s, t, labels=labels, temperature=2.0)
     ce = torch.nn.functional.cross_entropy(s, labels, ignore_index=-100)
     torch.testing.assert_close(parts.loss, 0.3 * 4.0 * kd + 0.7 * ce)
@@ -245,7 +246,7 @@ def test_hinton_mix_weights_soft_and_hard_terms():
     no_teacher = distill_loss(s, None, labels=labels)
     torch.testing.assert_close(no_teacher.loss, ce)
     with pytest.raises(ValueError, match="needs labels"):
-        distill_loss(s, t, alpha=0.5)
+        distill_loss(s, t, mix=DistillMix(alpha=0.5))
 
 
 # ------------------------------------------------------------------------- sparse teacher
@@ -304,9 +305,9 @@ def test_ensemble_is_a_weighted_average_of_probabilities():
     got = forward_kl(s, TeacherEnsemble([t1, t2], weights=[1.0, 3.0]), temperature=temperature)
     torch.testing.assert_close(got, expected)
     # a list of tensors is an ensemble too; equal weights by default; one teacher is itself
-    torch.testing.assert_close(
-        distill_loss(s, [t1, t2], alpha=1.0, temperature=temperature, teacher_weights=[1, 3]).kd, expected
-    )
+    mix = DistillMix(alpha=1.0, temperature=temperature)
+    torch.testing.assert_close(distill_loss(s, TeacherEnsemble([t1, t2], [1, 3]), mix=mix).kd, expected)
+    torch.testing.assert_close(distill_loss(s, [t1, t2], mix=mix).kd, distill_loss(s, TeacherEnsemble([t1, t2]), mix=mix).kd)
     torch.testing.assert_close(forward_kl(s, TeacherEnsemble([t1, t1])), forward_kl(s, t1))
 
 

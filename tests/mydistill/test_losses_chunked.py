@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from mydistill.losses import (
     DIVERGENCES,
+    DistillMix,
+    HiddenHead,
     TeacherEnsemble,
     TopKTeacher,
     VocabSizeMismatch,
@@ -17,6 +19,7 @@ from mydistill.losses import (
     chunked_distill_loss,
     chunked_divergence,
     distill_loss,
+    teacher_from_parts,
 )
 from mydistill.losses.divergences import DIVERGENCE_NAMES, divergence_kwargs
 
@@ -43,20 +46,20 @@ def make_case(
 
 
 def teacher_args(case, kind: str, k: int):
-    """(kwargs for chunked_distill_loss, teacher argument for the plain distill_loss)."""
+    """(the teacher signal for chunked_distill_loss, the logits-based teacher for the plain distill_loss)."""
     t_logits = [th @ tw.T for th, tw in zip(case["th"], case["tw"], strict=True)]
+    heads = [HiddenHead(th, tw) for th, tw in zip(case["th"], case["tw"], strict=True)]
     if kind == "logits":
-        return {"teacher_logits": t_logits[0]}, t_logits[0]
+        return t_logits[0], t_logits[0]
     if kind == "hidden":
-        return {"teacher_hidden": case["th"][0], "teacher_weight": case["tw"][0]}, t_logits[0]
+        return heads[0], t_logits[0]
     if kind in ("topk", "topk_full"):
         topk = TopKTeacher.from_logits(t_logits[0], k=k if kind == "topk" else t_logits[0].shape[-1])
-        return {"teacher_topk": topk}, topk
+        return topk, topk
     if kind == "ensemble_logits":
-        return {"teacher_logits": t_logits, "teacher_weights": [0.3, 0.7]}, TeacherEnsemble(t_logits, [0.3, 0.7])
+        return TeacherEnsemble(t_logits, [0.3, 0.7]), TeacherEnsemble(t_logits, [0.3, 0.7])
     if kind == "ensemble_hidden":
-        kw = {"teacher_hidden": case["th"], "teacher_weight": case["tw"], "teacher_weights": [0.3, 0.7]}
-        return kw, TeacherEnsemble(t_logits, [0.3, 0.7])
+        return TeacherEnsemble(heads, [0.3, 0.7]), TeacherEnsemble(t_logits, [0.3, 0.7])
     raise AssertionError(kind)
 
 
@@ -64,17 +67,26 @@ def run_plain(case, teacher, **kw):
     h = case["h"].clone().requires_grad_()
     w = case["w"].clone().requires_grad_()
     b = None if case["b"] is None else case["b"].clone().requires_grad_()
-    parts = distill_loss(F.linear(h, w, b), teacher, labels=case["labels"], compute_agreement=teacher is not None, **kw)
+    parts = distill_loss(
+        F.linear(h, w, b), teacher, labels=case["labels"], mix=DistillMix(**kw), compute_agreement=teacher is not None
+    )
     parts.loss.backward()
     return parts, (h.grad, w.grad, None if b is None else b.grad)
 
 
-def run_chunked(case, teacher_kw, chunk_size, **kw):
+def run_chunked(case, teacher, chunk_size, **kw):
     h = case["h"].clone().requires_grad_()
     w = case["w"].clone().requires_grad_()
     b = None if case["b"] is None else case["b"].clone().requires_grad_()
     parts = chunked_distill_loss(
-        h, w, b, labels=case["labels"], chunk_size=chunk_size, compute_agreement=bool(teacher_kw), **teacher_kw, **kw
+        h,
+        w,
+        teacher,
+        labels=case["labels"],
+        mix=DistillMix(**kw),
+        student_bias=b,
+        chunk_size=chunk_size,
+        compute_agreement=teacher is not None,
     )
     parts.loss.backward()
     return parts, (h.grad, w.grad, None if b is None else b.grad)
@@ -121,9 +133,9 @@ PAIRS = [
 def test_chunked_equals_plain(name, kind, seed, n, vocab, chunk_size, temperature, alpha, bias, data):
     case = make_case(seed, n, vocab, width=8, bias=bias)
     k = data.draw(st.integers(1, vocab))
-    teacher_kw, teacher = teacher_args(case, kind, k)
+    signal, teacher = teacher_args(case, kind, k)
     kw = {"divergence": name, "temperature": temperature, "alpha": alpha, "beta": 0.35, "skew_alpha": 0.2}
-    assert_same(run_plain(case, teacher, **kw), run_chunked(case, teacher_kw, chunk_size, **kw))
+    assert_same(run_plain(case, teacher, **kw), run_chunked(case, signal, chunk_size, **kw))
 
 
 @pytest.mark.parametrize("name", DIVERGENCE_NAMES)
@@ -141,8 +153,8 @@ def test_chunked_divergence_equals_the_registry_function(name):
         name,
         h2,
         w2,
-        case["b"],
-        teacher_logits=logits[0],
+        logits[0],
+        student_bias=case["b"],
         labels=case["labels"],
         temperature=2.0,
         chunk_size=5,
@@ -157,9 +169,9 @@ def test_chunked_divergence_equals_the_registry_function(name):
 @pytest.mark.parametrize("name", ["forward_kl", "generalized_jsd", "skew_reverse_kl"])
 def test_chunked_matches_plain_in_float64_tightly(name):
     case = make_case(3, 17, 29, 5, bias=True, dtype=torch.float64)
-    teacher_kw, teacher = teacher_args(case, "topk", k=9)
+    signal, teacher = teacher_args(case, "topk", k=9)
     kw = {"divergence": name, "temperature": 1.7, "alpha": 0.6, "beta": 0.4, "skew_alpha": 0.1}
-    plain, chunked = run_plain(case, teacher, **kw), run_chunked(case, teacher_kw, 4, **kw)
+    plain, chunked = run_plain(case, teacher, **kw), run_chunked(case, signal, 4, **kw)
     torch.testing.assert_close(chunked[0].loss, plain[0].loss, atol=1e-12, rtol=1e-12)
     for c, p in zip(chunked[1], plain[1], strict=True):
         torch.testing.assert_close(c, p, atol=1e-12, rtol=1e-12)
@@ -190,11 +202,8 @@ def test_identical_student_and_teacher_give_zero_kd():
         parts = chunked_distill_loss(
             case["h"],
             case["w"],
-            teacher_hidden=case["h"],
-            teacher_weight=case["w"],
-            divergence=name,
-            alpha=1.0,
-            temperature=2.0,
+            HiddenHead(case["h"], case["w"]),
+            mix=DistillMix(name, temperature=2.0, alpha=1.0),
             chunk_size=5,
         )
         assert abs(parts.loss.item()) < 1e-6, name
@@ -207,7 +216,9 @@ def test_zero_valid_tokens_gives_zero_loss_and_zero_gradients():
     h = case["h"].clone().requires_grad_()
     w = case["w"].clone().requires_grad_()
     b = case["b"].clone().requires_grad_()
-    parts = chunked_distill_loss(h, w, b, labels=case["labels"], teacher_logits=torch.randn(6, 9), temperature=2.0)
+    parts = chunked_distill_loss(
+        h, w, torch.randn(6, 9), labels=case["labels"], mix=DistillMix(temperature=2.0), student_bias=b
+    )
     assert parts.loss.item() == 0.0 and parts.num_tokens.item() == 0
     parts.loss.backward()
     for g in (h.grad, w.grad, b.grad):
@@ -220,7 +231,7 @@ def test_backward_scales_with_the_incoming_gradient_and_leaves_the_teacher_alone
     grads = []
     for scale in (1.0, 3.0):
         h = case["h"].clone().requires_grad_()
-        loss = chunked_distill_loss(h, case["w"], labels=case["labels"], teacher_logits=t_logits, chunk_size=3).loss
+        loss = chunked_distill_loss(h, case["w"], t_logits, labels=case["labels"], chunk_size=3).loss
         (scale * loss).backward()
         grads.append(h.grad)
     torch.testing.assert_close(grads[1], 3.0 * grads[0])
@@ -231,13 +242,13 @@ def test_no_grad_and_grad_paths_agree_and_leading_dims_flatten():
     case = make_case(5, 12, 11, 6, bias=True)
     t_logits = torch.randn(12, 11)
     with torch.no_grad():
-        a = chunked_distill_loss(case["h"], case["w"], case["b"], labels=case["labels"], teacher_logits=t_logits).loss
+        a = chunked_distill_loss(case["h"], case["w"], t_logits, labels=case["labels"], student_bias=case["b"]).loss
     b = chunked_distill_loss(
         case["h"].reshape(3, 4, 6).requires_grad_(),
         case["w"],
-        case["b"],
+        t_logits.reshape(3, 4, 11),
         labels=case["labels"].reshape(3, 4),
-        teacher_logits=t_logits.reshape(3, 4, 11),
+        student_bias=case["b"],
         chunk_size=5,
     ).loss
     torch.testing.assert_close(a, b.detach(), **TOL)
@@ -246,13 +257,12 @@ def test_no_grad_and_grad_paths_agree_and_leading_dims_flatten():
 def test_bfloat16_inputs_run_in_fp32_and_stay_close():
     case = make_case(6, 16, 32, 8, bias=True)
     t_logits = torch.randn(16, 32)
-    ref = chunked_distill_loss(
-        case["h"], case["w"], case["b"], labels=case["labels"], teacher_logits=t_logits, temperature=2.0
-    ).loss
+    mix = DistillMix(temperature=2.0)
+    ref = chunked_distill_loss(case["h"], case["w"], t_logits, labels=case["labels"], mix=mix, student_bias=case["b"]).loss
     h = case["h"].bfloat16().requires_grad_()
     w = case["w"].bfloat16().requires_grad_()
     low = chunked_distill_loss(
-        h, w, case["b"].bfloat16(), labels=case["labels"], teacher_logits=t_logits.bfloat16(), temperature=2.0
+        h, w, t_logits.bfloat16(), labels=case["labels"], mix=mix, student_bias=case["b"].bfloat16()
     )
     low.loss.backward()
     assert low.loss.dtype == torch.float32
@@ -265,25 +275,19 @@ def test_input_errors_are_clear():
     case = make_case(0, 4, 9, 4, bias=False)
     h, w, labels = case["h"], case["w"], case["labels"]
     with pytest.raises(VocabSizeMismatch, match="teacher 1 of the ensemble has a vocabulary of 10"):
-        chunked_distill_loss(h, w, labels=labels, teacher_logits=[torch.randn(4, 9), torch.randn(4, 10)])
+        chunked_distill_loss(h, w, [torch.randn(4, 9), torch.randn(4, 10)], labels=labels)
     with pytest.raises(VocabSizeMismatch, match="the teacher has a vocabulary of 12"):
-        chunked_distill_loss(h, w, labels=labels, teacher_hidden=torch.randn(4, 3), teacher_weight=torch.randn(12, 3))
+        chunked_distill_loss(h, w, HiddenHead(torch.randn(4, 3), torch.randn(12, 3)), labels=labels)
     with pytest.raises(ValueError, match="one teacher signal"):
-        chunked_distill_loss(
-            h,
-            w,
-            labels=labels,
-            teacher_logits=torch.randn(4, 9),
-            teacher_topk=TopKTeacher.from_logits(torch.randn(4, 9), 3),
-        )
+        teacher_from_parts(logits=torch.randn(4, 9), topk=TopKTeacher.from_logits(torch.randn(4, 9), 3))
     with pytest.raises(ValueError, match="one dense teacher"):
         chunked_distill_loss(
-            h, w, labels=labels, divergence="logit_mse", teacher_topk=TopKTeacher.from_logits(torch.randn(4, 9), 3)
+            h, w, TopKTeacher.from_logits(torch.randn(4, 9), 3), labels=labels, mix=DistillMix("logit_mse")
         )
     with pytest.raises(ValueError, match="needs labels"):
         chunked_distill_loss(h, w)
     with pytest.raises(ValueError, match="positions"):
-        chunked_distill_loss(h, w, labels=labels, teacher_logits=torch.randn(5, 9))
+        chunked_distill_loss(h, w, torch.randn(5, 9), labels=labels)
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_distill_loss(h, w, labels=labels, chunk_size=0)
 
@@ -296,6 +300,6 @@ def test_teacher_with_excluded_tokens_matches_plain_and_is_finite(name):
     t_logits[:, :3] = -torch.inf
     kw = {"divergence": name, "temperature": 1.5, "alpha": 0.8, "beta": 0.4, "skew_alpha": 0.1}
     plain = run_plain(case, t_logits, **kw)
-    chunked = run_chunked(case, {"teacher_logits": t_logits}, 4, **kw)
+    chunked = run_chunked(case, t_logits, 4, **kw)
     assert torch.isfinite(chunked[0].loss) and all(torch.isfinite(g).all() for g in chunked[1] if g is not None)
     assert_same(plain, chunked)
