@@ -161,8 +161,11 @@ class LossConfig(BaseModel):
         allow_inf_nan=False,
         description="skew_kl / skew_reverse_kl mixing alpha in [0, 1] (DistiLLM uses 0.1).",
     )
-    chunk_size: int = Field(
-        1024, gt=0, description="Tokens per chunk in the fused loss; work memory is 3-6 x chunk_size x V x 4 bytes."
+    chunk_size: int | None = Field(
+        1024,
+        gt=0,
+        description="Tokens per chunk in the fused loss; work memory is 4-6 x chunk_size x V x 4 bytes; null "
+        "chooses it from the shapes (the work buffers about the size of the head).",
     )
     chunked: bool = Field(
         True,

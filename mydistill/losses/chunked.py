@@ -135,7 +135,7 @@ def _kd_chunk(z: Tensor, teacher: TeacherSignal, mix: DistillMix, ws: _Workspace
     if entry.fused is not None and ids is None and _FUSED["enabled"]:
         rows, grad = entry.fused(z, target, ws.get("s", c))
     else:
-        rows, grad = rows_and_grad(entry, z, target, ids, mix.param)
+        rows, grad = rows_and_grad(entry, z, target, ids, mix.param, out=ws.get("s", c))
     return rows, grad, top
 
 
@@ -262,7 +262,7 @@ def _apply(hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan) -> 
         loss, stats, _ = _run_chunks(hidden, weight, bias, plan, (False, False, False))
     n = stats[3].clamp_min(1)
     agreement = stats[2] / n if plan.compute_agreement else None
-    return DistillLossParts(loss=loss, kd=stats[0] / n, ce=stats[1] / n, teacher_agreement=agreement, num_tokens=stats[3].long())
+    return DistillLossParts(loss, kd=stats[0] / n, ce=stats[1] / n, teacher_agreement=agreement, num_tokens=stats[3].long())
 
 
 def chunked_distill_loss(
@@ -323,8 +323,8 @@ def chunked_divergence(
     row = lookup(name)
     if set(param) - {row.param}:
         raise TypeError(f"{name} takes {row.param or 'no parameter'}, got {sorted(param)}")
-    field = {"beta": "beta", "alpha": "skew_alpha"}.get(row.param or "")
-    mix = DistillMix(name, temperature, 1.0, **({field: param[row.param]} if field and row.param in param else {}))  # type: ignore[index]
+    fields = {"beta": "beta", "alpha": "skew_alpha"}
+    mix = DistillMix(name, temperature, 1.0, **{fields[key]: value for key, value in param.items()})
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
     plan = _plan(hidden, student_weight, teacher, labels, mask, mix, chunk_size, False, kd_only=True)
     return _apply(hidden, student_weight, student_bias, plan).loss
@@ -342,6 +342,7 @@ def chunked_cross_entropy(
 ) -> Tensor:
     """Hard-label cross-entropy from hidden states without materialising ``(N, V)`` logits."""
     mix = DistillMix(ignore_index=ignore_index)
-    return chunked_distill_loss(
+    parts = chunked_distill_loss(
         student_hidden, student_weight, labels=labels, mask=mask, mix=mix, student_bias=student_bias, chunk_size=chunk_size
-    ).loss
+    )
+    return parts.loss

@@ -147,7 +147,9 @@ class DistillObjective(nn.Module):
             )
         else:
             student_logits = F.linear(student_hidden, student_head_weight, student_head_bias)
-            parts = distill_loss(student_logits, teacher, labels=labels, mask=mask, mix=mix, compute_agreement=has_teacher)
+            parts = distill_loss(
+                student_logits, teacher, labels=labels, mask=mask, mix=mix, compute_agreement=has_teacher
+            )
 
         loss = parts.loss
         named: dict[str, Tensor] = {"kd": parts.kd, "ce": parts.ce, "tokens": parts.num_tokens.float()}

@@ -371,7 +371,10 @@ def teacher_from_parts(
                 f"got {len(hiddens)} teacher hidden-state tensors but {len(heads)} teacher head weights; "
                 "give one head per teacher"
             )
-        biases = [None] * len(hiddens) if head_bias is None else [head_bias] if isinstance(head_bias, Tensor) else list(head_bias)
+        if head_bias is None:
+            biases: list[Tensor | None] = [None] * len(hiddens)
+        else:
+            biases = [head_bias] if isinstance(head_bias, Tensor) else list(head_bias)
         members = [HiddenHead(h, w, b) for h, w, b in zip(hiddens, heads, biases, strict=True)]
     else:
         members = [logits] if isinstance(logits, Tensor) else list(logits)  # type: ignore[list-item]

@@ -27,7 +27,7 @@ so the extra memory is one ``(chunk_size, V)`` fp32 block plus its gradient, wha
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,6 +132,26 @@ def _back_maps(distiller: HiddenStateDistiller) -> nn.ModuleList:
     return maps
 
 
+def _unsharded_final_norm(teacher: Any) -> nn.Module:
+    final_norm = final_norm_of(teacher)
+    if any(hasattr(p, "ds_id") for p in final_norm.parameters()):
+        raise ValueError(
+            "TED stage 1 needs the whole teacher on each process, but this one is partitioned by ZeRO-3 "
+            "(distill.teacher_sharding: zero3); train the filters with an unsharded teacher and load them with "
+            "HiddenStateDistiller.load_teacher_filters"
+        )
+    return final_norm
+
+
+def _take(batches: Iterable[dict[str, Tensor]], steps: int) -> Iterator[dict[str, Tensor]]:
+    batch_iter = iter(batches)
+    for step in range(steps):
+        try:
+            yield next(batch_iter)
+        except StopIteration:
+            raise ValueError(f"fit_teacher_filters got {step} batches for {steps} steps") from None
+
+
 def fit_teacher_filters(
     distiller: HiddenStateDistiller,
     teacher: Any,
@@ -164,13 +184,7 @@ def fit_teacher_filters(
         raise ValueError(f"steps must be positive, got {steps}")
     filters = distiller.teacher_filters
     back_maps = _back_maps(distiller)
-    final_norm = final_norm_of(teacher)
-    if any(hasattr(p, "ds_id") for p in final_norm.parameters()):
-        raise ValueError(
-            "TED stage 1 needs the whole teacher on each process, but this one is partitioned by ZeRO-3 "
-            "(distill.teacher_sharding: zero3); train the filters with an unsharded teacher and load them with "
-            "HiddenStateDistiller.load_teacher_filters"
-        )
+    final_norm = _unsharded_final_norm(teacher)
     head = teacher.lm_head
     head_weight = head.weight.detach()
     head_bias = head.bias.detach() if getattr(head, "bias", None) is not None else None
@@ -183,12 +197,7 @@ def fit_teacher_filters(
     fit = TeacherFilterFit()
     layers = [t for _, t in distiller.pairs]
     try:
-        batch_iter = iter(batches)
-        for step in range(steps):
-            try:
-                batch = next(batch_iter)
-            except StopIteration:
-                raise ValueError(f"fit_teacher_filters got {step} batches for {steps} steps") from None
+        for batch in _take(batches, steps):
             with torch.no_grad():
                 out = teacher.model(
                     input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True

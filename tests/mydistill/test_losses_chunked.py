@@ -10,17 +10,20 @@ from hypothesis import strategies as st
 
 from mydistill.losses import (
     DIVERGENCES,
+    DenseLogits,
     DistillMix,
     HiddenHead,
     TeacherEnsemble,
     TopKTeacher,
     VocabSizeMismatch,
+    auto_chunk_size,
     chunked_cross_entropy,
     chunked_distill_loss,
     chunked_divergence,
     distill_loss,
     teacher_from_parts,
 )
+from mydistill.losses.chunked import hand_fused
 from mydistill.losses.divergences import DIVERGENCE_NAMES, divergence_kwargs
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -303,3 +306,90 @@ def test_teacher_with_excluded_tokens_matches_plain_and_is_finite(name):
     chunked = run_chunked(case, t_logits, 4, **kw)
     assert torch.isfinite(chunked[0].loss) and all(torch.isfinite(g).all() for g in chunked[1] if g is not None)
     assert_same(plain, chunked)
+
+
+@pytest.mark.parametrize("kind", ["logits", "hidden", "ensemble_hidden"])
+def test_hand_fused_forward_kl_equals_its_autograd_form(kind):
+    # forward_kl's hand-fused rows + gradient against autograd of the same table row, per chunk
+    case = make_case(11, 21, 37, 8, bias=True)
+    signal, teacher = teacher_args(case, kind, k=5)
+    kw = {"divergence": "forward_kl", "temperature": 1.7, "alpha": 0.6}
+    fused = run_chunked(case, signal, 4, **kw)
+    with hand_fused(False):
+        derived = run_chunked(case, signal, 4, **kw)
+    assert_same(derived, fused)
+    assert_same(run_plain(case, teacher, **kw), derived)
+
+
+def _allocation_sizes(fn) -> list[int]:
+    """Bytes of every CPU allocation made while ``fn`` runs (the torch profiler's memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return [
+        e.nbytes()
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU and e.nbytes() > 0
+    ]
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want).norm() / want.norm())
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "generalized_jsd"])
+def test_bf16_chunked_matches_fp32_plain_without_fp32_vocab_buffers(divergence):
+    """bf16 head and hidden states in: loss and gradients within 1e-2 (relative, Frobenius) of the fp32
+    plain path on the same bf16 values, and no allocation as large as an fp32 (V, H) head or (N, V) logits."""
+    n, vocab, width, chunk = 96, 1000, 64, 16
+    gen = torch.Generator().manual_seed(12)
+    h = torch.randn(n, width, generator=gen).bfloat16()
+    w = (torch.randn(vocab, width, generator=gen) * width**-0.5 * 3).bfloat16()
+    th = torch.randn(n, 48, generator=gen).bfloat16()
+    tw = (torch.randn(vocab, 48, generator=gen) * 0.4).bfloat16()
+    labels = torch.randint(0, vocab, (n,), generator=gen)
+    labels[::7] = -100
+    mix = DistillMix(divergence, temperature=2.0, alpha=0.7)
+
+    h32, w32 = h.float().requires_grad_(), w.float().requires_grad_()
+    ref = distill_loss(h32 @ w32.T, th.float() @ tw.float().T, labels=labels, mix=mix)
+    ref.loss.backward()
+
+    h16, w16 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    out: dict[str, object] = {}
+
+    def step() -> None:
+        parts = chunked_distill_loss(h16, w16, HiddenHead(th, tw), labels=labels, mix=mix, chunk_size=chunk)
+        out["saved"] = [t.dtype for t in parts.loss.grad_fn.saved_tensors if t is not None]
+        parts.loss.backward()
+        out["loss"] = parts.loss.detach()
+
+    sizes = _allocation_sizes(step)
+    assert out["saved"] == [torch.bfloat16, torch.bfloat16]  # d hidden, d head: kept in bf16, no fp32 copies
+    assert h16.grad.dtype == w16.grad.dtype == torch.bfloat16
+    assert max(sizes) < min(vocab * width, n * vocab) * 4, "an fp32 (V, H) or (N, V) buffer was allocated"
+    assert max(sizes) >= chunk * vocab * 4  # the profiler did see the (chunk, V) fp32 work buffers
+    want = float(ref.loss.detach())
+    assert abs(float(out["loss"]) - want) <= 1e-2 * abs(want)
+    assert _relative_error(h16.grad, h32.grad) < 1e-2
+    assert _relative_error(w16.grad, w32.grad) < 1e-2
+
+
+def test_chunk_size_is_chosen_from_the_shapes():
+    head = torch.empty(50, 4096, dtype=torch.bfloat16)
+    assert auto_chunk_size(100_000, head) == 512  # 4 x (512, V) fp32 = the (V, 4096) bf16 head
+    assert auto_chunk_size(100_000, head.float()) == 1024
+    assert auto_chunk_size(100_000, torch.empty(50, 8)) == 16  # the floor
+    assert auto_chunk_size(7, head) == 7  # never more rows than there are
+    case = make_case(9, 40, 23, 8, bias=False)
+    signal, teacher = teacher_args(case, "hidden", k=1)
+    assert_same(run_plain(case, teacher, alpha=0.5), run_chunked(case, signal, None, alpha=0.5))
+
+
+def test_zero_weight_teacher_is_left_out_of_the_signal():
+    a, b = torch.randn(4, 9), torch.randn(4, 9)
+    single = teacher_from_parts(logits=[a, b], weights=[2.0, 0.0])
+    assert isinstance(single, DenseLogits) and single.logits is a
+    both = teacher_from_parts(hidden=[a, b], head_weight=[torch.randn(5, 9)] * 2, weights=[1.0, 3.0])
+    assert isinstance(both, TeacherEnsemble) and list(both.weights) == [1.0, 3.0]

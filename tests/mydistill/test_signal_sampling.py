@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mydistill.losses import TopKTeacher, distill_loss
+from mydistill.losses import DistillMix, TeacherEnsemble, TopKTeacher, distill_loss
 from mydistill.signal import combine_topk, sparsify
 from mydistill.signal.teacher import pretempered
 
@@ -65,7 +65,7 @@ def test_sampled_signal_in_the_loss_library(logits):
     signal = sparsify(logits, 8, mode="sampled", sampled_tokens=8, generator=torch.Generator().manual_seed(3))
     teacher = TopKTeacher(signal.token_ids, signal.log_probs, signal.residual)
     student = torch.randn(6, 80, requires_grad=True)
-    loss = distill_loss(student, teacher, divergence="forward_kl", temperature=1.0, alpha=1.0).loss
+    loss = distill_loss(student, teacher, mix=DistillMix("forward_kl", temperature=1.0, alpha=1.0)).loss
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
 
@@ -86,9 +86,9 @@ def test_lossless_teachers_combine_to_the_dense_ensemble(logits, divergence, tem
     student = torch.randn(6, 80, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     teachers = [TopKTeacher.from_logits(logits, 80), TopKTeacher.from_logits(other, 80)]
     combined = combine_topk(teachers, [3, 1], temperature=temperature, vocab_size=80)
-    got = distill_loss(student, combined, divergence=divergence, temperature=temperature, alpha=1.0).loss
+    got = distill_loss(student, combined, mix=DistillMix(divergence, temperature=temperature, alpha=1.0)).loss
     want = distill_loss(
-        student, [logits, other], teacher_weights=[3, 1], divergence=divergence, temperature=temperature, alpha=1.0
+        student, TeacherEnsemble([logits, other], [3, 1]), mix=DistillMix(divergence, temperature=temperature, alpha=1.0)
     ).loss
     assert got.item() == pytest.approx(want.item(), rel=1e-9)
 
@@ -99,8 +99,8 @@ def test_identical_sparse_teachers_combine_to_the_same_teacher(logits):
     combined = combine_topk([teacher, teacher], [1, 4], temperature=2.0, vocab_size=80)
     assert combined.k == 7
     for divergence in ("forward_kl", "reverse_kl"):
-        a = distill_loss(student, combined, divergence=divergence, temperature=2.0, alpha=1.0).loss
-        b = distill_loss(student, teacher, divergence=divergence, temperature=2.0, alpha=1.0).loss
+        a = distill_loss(student, combined, mix=DistillMix(divergence, temperature=2.0, alpha=1.0)).loss
+        b = distill_loss(student, teacher, mix=DistillMix(divergence, temperature=2.0, alpha=1.0)).loss
         assert a.item() == pytest.approx(b.item(), rel=1e-9)
 
 

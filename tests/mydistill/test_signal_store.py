@@ -239,7 +239,7 @@ def test_two_stores_are_mixed_with_the_loss_weights(tmp_path, data_uri, mix_reco
 
 
 def test_store_at_the_loss_temperature_matches_the_exact_tempered_teacher(tmp_path, data_uri, mix_records, tiny_model_dir):
-    from mydistill.losses import distill_loss
+    from mydistill.losses import DistillMix, distill_loss
     from mydistill.signal.teacher import pretempered
 
     model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
@@ -251,9 +251,9 @@ def test_store_at_the_loss_temperature_matches_the_exact_tempered_teacher(tmp_pa
     student = torch.randn(*logits.shape, generator=torch.Generator().manual_seed(0))
     valid = (labels != IGNORE_INDEX).reshape(-1)
     flat = lambda t: t.flatten().rows(valid)  # noqa: E731
-    got = distill_loss(student.reshape(-1, 261)[valid], flat(source.batch_topk(list(range(6)), labels)), temperature=2.0, alpha=1.0)
+    got = distill_loss(student.reshape(-1, 261)[valid], flat(source.batch_topk(list(range(6)), labels)), mix=DistillMix(temperature=2.0, alpha=1.0))
     exact = TopKTeacher.from_logits(logits / 2.0, 16)
-    want = distill_loss(student.reshape(-1, 261)[valid], flat(pretempered(exact, 2.0, 261)), temperature=2.0, alpha=1.0)
+    want = distill_loss(student.reshape(-1, 261)[valid], flat(pretempered(exact, 2.0, 261)), mix=DistillMix(temperature=2.0, alpha=1.0))
     assert got.loss.item() == pytest.approx(want.loss.item(), rel=0.02, abs=1e-4)
     with pytest.raises(StoreMismatch, match="temperature 2.0 but distill.loss.temperature is 3.0"):
         StoreTeacher([out], records=mix_records, tokenizer=tokenizer, vocab_size=261, temperature=3.0)
