@@ -329,15 +329,13 @@ class TeacherEnsemble(TeacherSignal):
         return acc
 
 
-def as_signal(teacher: Any, weights: Sequence[float] | None = None) -> TeacherSignal | None:
-    """Accept a :class:`TeacherSignal`, a logits tensor, or a list of dense teachers (an ensemble)."""
+def as_signal(teacher: Any) -> TeacherSignal | None:
+    """Accept a :class:`TeacherSignal`, a logits tensor, or a list of dense teachers (equal weights)."""
     if teacher is None or isinstance(teacher, TeacherSignal):
-        if weights is not None:
-            raise ValueError("give teacher weights inside the TeacherEnsemble, not beside a single teacher")
         return teacher
     if isinstance(teacher, Tensor):
         return DenseLogits(teacher)
-    return TeacherEnsemble(list(teacher), weights)
+    return TeacherEnsemble(list(teacher))
 
 
 def teacher_from_parts(
