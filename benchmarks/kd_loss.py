@@ -269,7 +269,8 @@ def main() -> None:
             )
             if vocab == 128_256:
                 last = {"mem": mem_ratio, "speed": speed_ratio, "tokens": tokens}
-    print(f"hand-fused forward KL vs autograd per chunk: {min(fused_gain):.2f}x to {max(fused_gain):.2f}x faster")
+    if args.repeats > 0:
+        print(f"hand-fused forward KL vs autograd per chunk: {min(fused_gain):.2f}x to {max(fused_gain):.2f}x faster")
     if last is None:
         print("(V = 128,256 not in --vocab: no summary line)")
         return
