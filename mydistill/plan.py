@@ -100,7 +100,8 @@ def make_plan(cfg: PipelineConfig) -> StagePlan:
 def _signal_content(cfg: PipelineConfig) -> dict[str, Any]:
     # what the store holds; batch sizes, shard size and device only change how it is computed
     content = cfg.signal.model_dump(include={"k", "sampled_tokens", "seed"})
-    return {**content, "mode": signal_mode(cfg), "temperature": signal_temperature(cfg)}
+    # a served teacher is named by its endpoint and model (empty for the local backend: its keys stay as they were)
+    return {**content, **cfg.signal.source_params(), "mode": signal_mode(cfg), "temperature": signal_temperature(cfg)}
 
 
 def signal_mode(cfg: PipelineConfig) -> str:

@@ -96,10 +96,18 @@ def teacher_signal(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | No
     sweep_debris(plan.signal_uri)
     started = time.perf_counter()
     with tracking.stage_run(parent_run_id, "signal", cfg.tracking.experiment) as run_id:
-        manifest = compute_teacher_signal(
-            data_uri, plan.teacher_uri, plan.signal_uri, max_length=cfg.distill.max_length, teacher_id=plan.teacher_id,
-            cfg=signal_cfg, divergence=cfg.distill.loss.divergence,
-        )
+        if cfg.signal.backend == "openai":  # a served teacher scores the mix; the student's tokenizer checks it
+            from mydistill.signal.served import compute_served_signal
+
+            manifest = compute_served_signal(
+                data_uri, cfg.student.init_uri or plan.teacher_uri, plan.signal_uri, cfg=signal_cfg,
+                max_length=cfg.distill.max_length, temperature=signal_cfg.temperature,
+            )
+        else:
+            manifest = compute_teacher_signal(
+                data_uri, plan.teacher_uri, plan.signal_uri, max_length=cfg.distill.max_length, teacher_id=plan.teacher_id,
+                cfg=signal_cfg, divergence=cfg.distill.loss.divergence,
+            )
         if run_id:
             tracking.log_metrics(run_id, costs.stage_cost(wall_s=time.perf_counter() - started, gpu=_on_gpu(cfg.signal.device)))
             tracking.log_params(run_id, {"signal": signal_cfg.model_dump(), "teacher": plan.teacher_uri, "output_uri": plan.signal_uri})

@@ -68,10 +68,11 @@ class SignalStoreWriter:
     ``close()`` and write the manifest with :func:`write_store_manifest`.
     """
 
-    def __init__(self, uri: str, *, slots: int, shard_bytes: int = 256 * 2**20) -> None:
+    def __init__(self, uri: str, *, slots: int, shard_bytes: int = 256 * 2**20, first_shard: int = 0) -> None:
         self.uri = uri
         self.slots = slots
         self.shard_bytes = shard_bytes
+        self.first_shard = first_shard  # the number of this writer's first shard file (another writer made the ones before)
         self.shards: list[dict[str, Any]] = []
         self.keys: set[bytes] = set()
         self.tokens = 0
@@ -97,10 +98,30 @@ class SignalStoreWriter:
         if len(self._buffer) >= self.shard_bytes:
             self._commit_shard()
 
+    def resume(self, shards: list[dict[str, Any]]) -> None:
+        """Continue a store whose first shards (as :meth:`close` lists them) a crashed run already committed:
+        their keys come from their indexes, and the next shard gets the next number."""
+        if self.shards or self._rows:
+            raise RuntimeError("resume() must come before add()")
+        for shard in shards:
+            fs, path = io.filesystem(io.join(self.uri, shard["index"]))
+            index = np.load(_pyio.BytesIO(fs.cat_file(path)), allow_pickle=False)
+            for hi, lo in zip(index["key_hi"].tolist(), index["key_lo"].tolist(), strict=True):
+                self.keys.add(hi.to_bytes(8, "big") + lo.to_bytes(8, "big"))
+            self.tokens += int(shard["tokens"])
+            self.bytes += int(shard["bytes"])
+            self.shards.append(dict(shard))
+
+    def flush(self) -> dict[str, Any] | None:
+        """Commit what was added since the last shard as a shard now; returns its entry (None if nothing was)."""
+        before = len(self.shards)
+        self._commit_shard()
+        return self.shards[-1] if len(self.shards) > before else None
+
     def _commit_shard(self) -> None:
         if not self._rows:
             return
-        number = len(self.shards)
+        number = self.first_shard + len(self.shards)
         data_name, index_name = shard_names(number)
         index = np.array(self._rows, dtype=INDEX_DTYPE)
         index = index[np.lexsort((index["key_lo"], index["key_hi"]))]
