@@ -246,3 +246,33 @@ def test_the_config_names_what_a_served_teacher_needs():
         SignalConfig(backend="openai", api_base="http://h/v1", api_key_env="sk-123")
     cfg = SignalConfig(backend="openai", api_base="http://user:pw@h/v1")
     assert cfg.resolved_mode("forward_kl") == "topk" and "pw" not in str(cfg.model_dump())
+
+
+def test_the_signal_stage_with_a_served_teacher_feeds_the_distill_stage(server, teacher, tmp_path):
+    """The pipeline's signal stage (signal.backend: openai) writes the store; the distill job trains from it."""
+    from mydistill.config import load_config
+    from mydistill.demo.task import make_examples
+    from mydistill.mix import TRAIN_FILE, VAL_FILE
+    from mydistill.plan import make_plan
+    from mydistill.stage_functions import teacher_signal, train_job
+    from mydistill.train import run_training
+
+    cfg = load_config("demo", [
+        f"work_dir={tmp_path}", f"teacher.uri={teacher}", "signal.enabled=true", "signal.backend=openai",
+        f"signal.api_base={server.api_base}", f"signal.k={K}", "distill.max_length=48", "distill.steps=4",
+        "distill.batch_size=8", "distill.eval_every=4", "distill.log_every=2", "distill.warmup_steps=1",
+    ])
+    plan = make_plan(cfg)
+    rows = [{"prompt": e["prompt"], "response": e["answer"], "source": "teacher"} for e in make_examples(16, seed=9)]
+    io.write_records(io.join(plan.mix_uri, TRAIN_FILE), rows)
+    io.write_records(io.join(plan.mix_uri, VAL_FILE), rows[:4])
+    io.write_manifest(plan.mix_uri, stage="mix", inputs={})
+    manifest = teacher_signal(cfg, plan)
+    assert manifest["backend"] == "openai" and manifest["mode"] == "topk" and manifest["counts"]["examples"] == 16
+    assert manifest["temperature"] == 1.0 and manifest["requested_temperature"] == cfg.distill.loss.temperature
+    assert teacher_signal(cfg, plan)["inputs_sha256"] == manifest["inputs_sha256"]  # a re-run reuses it
+
+    job = train_job(cfg, plan, "distill")
+    assert job.signal_uris == [plan.signal_uri]
+    trained = run_training(job)
+    assert trained["inputs"]["signal_uris"] == [plan.signal_uri] and trained["history"][-1]["kd"] > 0
