@@ -17,10 +17,19 @@ is a real truncation), built and trained locally (no model hub):
 4. every final student is scored with the *same* yardstick: the distill loss against the dense
    online teacher (alpha * T² * KL + (1 - alpha) * CE) on held-out examples.
 
-``loss_gap = |loss(store) - loss(online)| / loss(online)``. The last line is for the default
-store at k = 64 (32 exact + 32 sampled entries); the line before it is for top-k at k = 64.
+The **served** stores come from the same teacher behind the project's OpenAI-compatible server
+(``python -m mydistill.generation.serve``, a subprocess on 127.0.0.1) through the signal stage's
+``backend: openai`` path (``/v1/completions`` with ``echo`` + ``logprobs: k``, every record's
+tokens checked): ``served topk-64`` from a server that applies the request's temperature to its
+log-probs (``--logprobs-mode processed``, as vLLM's ``processed_logprobs``), to compare with the
+local ``topk-64``; ``served topk-64 raw`` from one that returns raw log-probs (vLLM's default),
+which the stage records as T = 1, to compare with ``topk-64 at T=1``.
 
-Usage: python benchmarks/teacher_cache.py [--steps 150] [--examples 3000] [--threads 2]
+``loss_gap = |loss(store) - loss(online)| / loss(online)``. The last line is for the default
+store at k = 64 (32 exact + 32 sampled entries); the line before it is for top-k at k = 64, and
+the one before that for the served top-k at k = 64.
+
+Usage: python benchmarks/teacher_cache.py [--steps 150] [--examples 3000] [--threads 2] [--stores all]
 The last line is ``bytes_per_token=<x> loss_gap=<|store-online|/online>`` for the default store.
 """
 
@@ -185,6 +194,38 @@ def dense_distill_loss(student, teacher, tokenizer, examples, loss_cfg: LossConf
     return {k: v / tokens for k, v in totals.items()}
 
 
+class TeacherServer:
+    """``python -m mydistill.generation.serve`` on a free port of 127.0.0.1 (stopped by close())."""
+
+    def __init__(self, model_dir: str, *args: str) -> None:
+        import subprocess
+        import sys
+
+        cmd = [sys.executable, "-m", "mydistill.generation.serve", "--model", model_dir, "--port", "0", "--dtype", "float32", *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("serving "):
+                self.api_base = line.split(" at ")[1].strip()
+                return
+        raise RuntimeError("the teacher server exited before serving")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def served_store(teacher_dir: str, tokenizer, data_uri: str, uri: str, *, k: int, temperature: float, processed: bool) -> dict:
+    from mydistill.signal.served import compute_served_signal
+
+    server = TeacherServer(teacher_dir, "--max-logprobs", str(k), *(("--logprobs-mode", "processed") if processed else ()))
+    try:
+        cfg = SignalConfig(backend="openai", api_base=server.api_base, k=k, mode="topk", api_batch_size=16, concurrency=2)
+        return compute_served_signal(data_uri, teacher_dir, uri, cfg=cfg, max_length=MAX_LENGTH, temperature=temperature, tokenizer=tokenizer)
+    finally:
+        server.close()
+
+
 def store_size(uri: str) -> int:
     return sum(os.path.getsize(os.path.join(uri, f)) for f in os.listdir(uri))
 
@@ -199,7 +240,14 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--stores", default="all",
+        help="comma-separated subset of: default, sampled, topk, topk-T1, topk-8, served, served-raw (topk and default always run)",
+    )
     args = parser.parse_args()
+    chosen = {"default", "sampled", "topk", "topk-T1", "topk-8", "served", "served-raw"} if args.stores == "all" else {
+        *args.stores.split(","), "default", "topk"
+    }
     torch.set_num_threads(args.threads)
     begin = time.perf_counter()
 
@@ -234,19 +282,28 @@ def main() -> None:
         exact = default_cfg.exact_tokens(mode)
         default = f"default: {mode}-{exact}+{args.k - exact}" if mode == "sampled" else f"default: topk-{args.k}"
         wide = args.k + default_cfg.sampled_tokens
-        for name, cfg in (
-            (default, default_cfg),
-            (f"sampled-{args.k}+{wide - args.k}", SignalConfig(k=wide, mode="sampled", temperature=t_loss, device="cpu", batch_size=64)),
-            (f"topk-{args.k}", SignalConfig(k=args.k, mode="topk", temperature=t_loss, device="cpu", batch_size=64)),
-            (f"topk-{args.k} at T=1", SignalConfig(k=args.k, mode="topk", temperature=1.0, device="cpu", batch_size=64)),
-            ("topk-8", SignalConfig(k=8, mode="topk", temperature=t_loss, device="cpu", batch_size=64)),
+        for key, name, cfg in (
+            ("default", default, default_cfg),
+            ("sampled", f"sampled-{args.k}+{wide - args.k}", SignalConfig(k=wide, mode="sampled", temperature=t_loss, device="cpu", batch_size=64)),
+            ("topk", f"topk-{args.k}", SignalConfig(k=args.k, mode="topk", temperature=t_loss, device="cpu", batch_size=64)),
+            ("topk-T1", f"topk-{args.k} at T=1", SignalConfig(k=args.k, mode="topk", temperature=1.0, device="cpu", batch_size=64)),
+            ("topk-8", "topk-8", SignalConfig(k=8, mode="topk", temperature=t_loss, device="cpu", batch_size=64)),
+            ("served", f"served topk-{args.k}", None),
+            ("served-raw", f"served topk-{args.k} raw", None),
         ):
+            if key not in chosen:
+                continue
             uri = os.path.join(tmp, name.replace(" ", "-").replace("=", "").replace(":", "").replace("+", "p"))
             t0 = time.perf_counter()
-            manifest = compute_teacher_signal(
-                data_uri, teacher_dir, uri, cfg=cfg, max_length=MAX_LENGTH, teacher=teacher, tokenizer=tokenizer,
-                divergence=loss_cfg.divergence,
-            )
+            if cfg is None:  # the same teacher behind the project's server, through signal.backend: openai
+                manifest = served_store(
+                    teacher_dir, tokenizer, data_uri, uri, k=args.k, temperature=t_loss, processed=key == "served"
+                )
+            else:
+                manifest = compute_teacher_signal(
+                    data_uri, teacher_dir, uri, cfg=cfg, max_length=MAX_LENGTH, teacher=teacher, tokenizer=tokenizer,
+                    divergence=loss_cfg.divergence,
+                )
             tokens = manifest["counts"]["tokens"]
             stores[name] = {
                 "uri": uri,
@@ -266,9 +323,14 @@ def main() -> None:
             f"top-{args.k} of {vocab} at T={t_loss}: residual mass mean {residuals.mean():.4f}, median "
             f"{residuals.median():.2e}, max {residuals.max():.3f} (the tail the top-k cannot show)"
         )
-        at_one = SignalStore(stores[f"topk-{args.k} at T=1"]["uri"])
-        residuals = torch.cat([torch.from_numpy(at_one.get(key).residual) for key in list(at_one.keys())[:500]])
-        print(f"top-{args.k} of {vocab} at T=1: residual mass mean {residuals.mean():.4f}, median {residuals.median():.2e}")
+        if f"topk-{args.k} at T=1" in stores:
+            at_one = SignalStore(stores[f"topk-{args.k} at T=1"]["uri"])
+            residuals = torch.cat([torch.from_numpy(at_one.get(key).residual) for key in list(at_one.keys())[:500]])
+            print(f"top-{args.k} of {vocab} at T=1: residual mass mean {residuals.mean():.4f}, median {residuals.median():.2e}")
+        for name in (f"served topk-{args.k}", f"served topk-{args.k} raw"):
+            if name in stores:
+                m = SignalStore(stores[name]["uri"]).manifest
+                print(f"{name}: stored at T={m['temperature']} (asked {m['requested_temperature']}), {stores[name]['seconds']:.0f}s to score")
         print()
         print("| store | mode | slots/token | bytes/token (blocks) | bytes/token (all files) | unique examples | tokens |")
         print("|---|---|---|---|---|---|---|")
@@ -296,6 +358,10 @@ def main() -> None:
             gap = abs(r["loss"] - base) / base
             print(f"| {name} | {r['loss']:.4f} | {gap:.2%} | {r['kd']:.4f} | {r['ce']:.4f} | {r['teacher_agreement']:.1%} |")
         print(f"\ntotal {time.perf_counter() - begin:.0f}s", flush=True)
+        for name in (f"served topk-{args.k} raw", f"served topk-{args.k}"):
+            if name in results:
+                gap = abs(results[name]["loss"] - base) / base
+                print(f"{name.replace(' ', '-')}: bytes_per_token={stores[name]['total']:.1f} loss_gap={gap:.4f}")
         gap = abs(results[f"topk-{args.k}"]["loss"] - base) / base
         print(f"topk-{args.k}: bytes_per_token={stores[f'topk-{args.k}']['total']:.1f} loss_gap={gap:.4f}")
         gap = abs(results[default]["loss"] - base) / base

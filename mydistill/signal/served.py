@@ -69,7 +69,7 @@ logger = logging.getLogger(__name__)
 PROGRESS_NAME = "progress.json"
 # Scored at the start of every run to identify the model behind the URL; short, so it fits any context.
 PROBE_TEXT = "The quick brown fox: sort dbcaf, 0 1 2 3."
-PROBE_POSITIONS = 24  # positions of the probe kept in the manifest
+PROBE_POSITIONS, PROBE_TOP = 16, 8  # positions of the probe, and entries per position, kept in the manifest
 
 
 class ServedTeacherError(RuntimeError):
@@ -374,7 +374,7 @@ def probe_teacher(scorer: CompletionsScorer, temperature: float) -> dict[str, An
         tempered = _probe_once(scorer, temperature)
         applied = _applied_temperature(raw, tempered, temperature)
     positions = [
-        None if p is None else sorted(([t, round(v, 6)] for t, v in p.items()), key=lambda tv: -tv[1])
+        None if p is None else sorted(([t, round(v, 5)] for t, v in p.items()), key=lambda tv: -tv[1])[:PROBE_TOP]
         for p in raw.positions[: PROBE_POSITIONS + 1]
     ]
     return {"model": raw.model, "token_ids": raw.token_ids, "top_logprobs": positions, "temperature_applied": applied}
