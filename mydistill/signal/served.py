@@ -140,7 +140,8 @@ class CompletionsScorer:
 
         url = f"{self.api_base}/models"
         try:
-            with httpx.Client(headers=self._headers(), timeout=self.cfg.timeout_s, transport=_sync(self.transport)) as client:
+            # (a test's httpx.MockTransport serves sync and async clients alike)
+            with httpx.Client(headers=self._headers(), timeout=self.cfg.timeout_s, transport=self.transport) as client:
                 response = client.get(url)
         except httpx.TransportError as e:
             raise APIError(f"{mask_url(url)} is unreachable ({type(e).__name__}: {e}); is the teacher server running?") from None
@@ -308,11 +309,6 @@ class CompletionsScorer:
                 table[piece] = None if piece in table else i  # ambiguous text names no id
             self._piece_ids = table
         return self._piece_ids.get(name)
-
-
-def _sync(transport: Any) -> Any:
-    """A sync twin of a test's async mock transport (``httpx.MockTransport`` serves both)."""
-    return transport
 
 
 # ----------------------------------------------------------------------------------------------

@@ -276,3 +276,26 @@ def test_the_signal_stage_with_a_served_teacher_feeds_the_distill_stage(server, 
     assert job.signal_uris == [plan.signal_uri]
     trained = run_training(job)
     assert trained["inputs"]["signal_uris"] == [plan.signal_uri] and trained["history"][-1]["kd"] > 0
+
+
+def test_a_record_the_server_rejects_is_refused_by_number(server, teacher, mix, tmp_path):
+    rows = io.read_records(mix)
+    long = {"prompt": rows[0]["prompt"], "response": " ".join(["abcdefgh"] * 20)}  # past the teacher's 64 positions
+    data = str(tmp_path / "train.jsonl")
+    io.write_records(data, rows[:6] + [long])
+    with pytest.raises(RecordsRefused, match=r"for 1 of 7 distinct examples cannot be stored \(1 HTTP 400\), e\.g\. record 7 .*maximum context length"):
+        compute_served_signal(data, teacher, str(tmp_path / "s"), cfg=served_cfg(server), max_length=200, temperature=1.0)
+
+
+def test_a_refused_key_or_a_wrong_url_stops_the_stage_with_what_to_check(teacher, mix, tmp_path, monkeypatch):
+    monkeypatch.setenv("MYDISTILL_TEST_SIGNAL_KEY", "sk-secret-123")
+
+    def answer(status):
+        return httpx.MockTransport(lambda request: httpx.Response(status, json={"error": {"message": "nope"}}))
+
+    cfg = SignalConfig(backend="openai", api_base="http://teacher.invalid/v1", api_key_env="MYDISTILL_TEST_SIGNAL_KEY", k=K)
+    with pytest.raises(APIError, match="MYDISTILL_TEST_SIGNAL_KEY \\(it is set\\)") as error:
+        compute_served_signal(mix, teacher, str(tmp_path / "s"), cfg=cfg, max_length=48, temperature=1.0, transport=answer(401))
+    assert "sk-secret-123" not in str(error.value)
+    with pytest.raises(APIError, match="Check signal.api_base"):
+        compute_served_signal(mix, teacher, str(tmp_path / "s"), cfg=cfg, max_length=48, temperature=1.0, transport=answer(404))
