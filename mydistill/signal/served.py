@@ -40,6 +40,7 @@ import asyncio
 import logging
 import math
 import os
+import re
 import statistics
 import time
 from collections import Counter
@@ -389,9 +390,11 @@ def _probe_once(scorer: CompletionsScorer, temperature: float) -> Scored:
     if isinstance(answer, str):
         hint = ""
         if answer.startswith("HTTP 4") and "logprobs" in answer:
+            cap = re.search(r"max(?:imum)? allowed:? (\d+)", answer)
             hint = (
                 f" The server caps log-probs per position below signal.k = {scorer.cfg.k}: start vLLM with "
-                f"--max-logprobs {scorer.cfg.k} (its default is 20), or lower signal.k."
+                f"--max-logprobs {scorer.cfg.k} (its default is 20), or set signal.k to at most "
+                f"{cap.group(1) if cap else 'its cap'}."
             )
         raise ServedTeacherError(f"{mask_url(scorer.api_base)}: the probe request was refused: {answer}.{hint}")
     listed = [p for p in answer.positions[1:] if p is not None]

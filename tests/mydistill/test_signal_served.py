@@ -158,7 +158,7 @@ def test_an_endpoint_without_enough_log_probs_is_a_clear_error(server, teacher, 
 
 
 def test_k_over_the_servers_cap_names_the_flag(server, teacher, mix, tmp_path):
-    with pytest.raises(ServedTeacherError, match="--max-logprobs 40"):
+    with pytest.raises(ServedTeacherError, match="--max-logprobs 40 .*set signal.k to at most 32"):
         compute_served_signal(mix, teacher, str(tmp_path / "s"), cfg=served_cfg(server, k=40), max_length=48, temperature=1.0)
 
 
