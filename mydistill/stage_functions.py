@@ -109,7 +109,9 @@ def teacher_signal(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | No
                 cfg=signal_cfg, divergence=cfg.distill.loss.divergence,
             )
         if run_id:
-            tracking.log_metrics(run_id, costs.stage_cost(wall_s=time.perf_counter() - started, gpu=_on_gpu(cfg.signal.device)))
+            tracking.log_metrics(run_id, costs.stage_cost(
+                wall_s=time.perf_counter() - started, gpu=cfg.signal.backend == "local" and _on_gpu(cfg.signal.device),
+            ))  # a served teacher's GPUs are the server's, not this stage's
             tracking.log_params(run_id, {"signal": signal_cfg.model_dump(), "teacher": plan.teacher_uri, "output_uri": plan.signal_uri})
             tracking.log_metrics(run_id, {**_numbers(manifest["counts"]), "bytes_per_token": manifest["bytes_per_token"]})
     return manifest
