@@ -7,8 +7,9 @@ It serves ``POST /v1/chat/completions`` (non-streaming), ``POST /v1/completions`
 ``max_tokens`` 0 or 1), ``GET /v1/models`` and ``GET /health``, so a teacher on one machine can feed
 ``generate.backend: openai`` and ``signal.backend: openai`` runs elsewhere, and so both can be tested
 against a real server. Like vLLM, it returns at most ``--max-logprobs`` (default 20) entries per
-position and raw log-probs (temperature not applied) unless started with ``--logprobs-mode processed``. Requests that arrive together are decoded together (micro-
-batching through :class:`~mydistill.generation.hf.HFBackend`). For production serving use vLLM
+position and raw log-probs (temperature not applied) unless started with ``--logprobs-mode
+processed``. Requests that arrive together are decoded (or scored) together (micro-batching
+through :class:`~mydistill.generation.hf.HFBackend`). For production serving use vLLM
 or TGI; this is the dependency-free stand-in (standard library HTTP server).
 
 Options for testing clients: ``--api-key-env VAR`` requires ``Authorization: Bearer $VAR``;
@@ -16,7 +17,8 @@ Options for testing clients: ``--api-key-env VAR`` requires ``Authorization: Bea
 each distinct request first gets these error statuses, one per attempt, then succeeds; ``"scoring":
 "no_logprobs" | "fewer_logprobs" | "extra_bos" | "perturb"`` makes every scoring answer wrong in that
 way: no log-probs, one entry fewer than asked, a BOS token the client did not send, or the
-log-probs of another model) and ``GET /admin/stats``. The server binds to 127.0.0.1 unless told otherwise.
+log-probs of another model) and ``GET /admin/stats``. The server binds to 127.0.0.1 unless told
+otherwise.
 """
 
 from __future__ import annotations

@@ -299,3 +299,18 @@ def test_a_refused_key_or_a_wrong_url_stops_the_stage_with_what_to_check(teacher
     assert "sk-secret-123" not in str(error.value)
     with pytest.raises(APIError, match="Check signal.api_base"):
         compute_served_signal(mix, teacher, str(tmp_path / "s"), cfg=cfg, max_length=48, temperature=1.0, transport=answer(404))
+
+
+def test_the_plan_names_a_served_store_apart_and_leaves_local_stores_where_they_were(tmp_path):
+    from mydistill.config import load_config
+    from mydistill.plan import _signal_content, make_plan
+
+    local = load_config("demo", [f"work_dir={tmp_path}", "signal.enabled=true"])
+    served = load_config("demo", [f"work_dir={tmp_path}", "signal.enabled=true", "signal.backend=openai",
+                                  "signal.api_base=http://teacher:8000/v1"])
+    other = load_config("demo", [f"work_dir={tmp_path}", "signal.enabled=true", "signal.backend=openai",
+                                 "signal.api_base=http://teacher:8000/v1", "signal.api_model=teacher-b"])
+    assert "backend" not in _signal_content(local)  # a local store's address is unchanged by this feature
+    uris = {make_plan(c).signal_uri for c in (local, served, other)}
+    assert len(uris) == 3 and make_plan(served).mix_uri == make_plan(local).mix_uri
+    assert _signal_content(served)["mode"] == "topk"  # auto: a server lists no tail to sample
