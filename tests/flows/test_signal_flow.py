@@ -73,3 +73,32 @@ def test_the_signal_flow_runs_the_stage_alone(config):
     assert state.is_failed()
     with pytest.raises(ValueError, match="signal.enabled is false"):
         state.result()
+
+
+def test_the_signal_and_distill_flows_with_a_served_teacher(config):
+    """signal.backend: openai in the flows: the project's server serves the pipeline's teacher, the signal
+    flow writes the store from its /v1/completions answers, and the distill flow trains from that store."""
+    from flows.stage_flows import distill_flow, signal_flow
+    from mydistill.signal import SignalConfig
+    from tests.mydistill import generation_fixtures as fx
+
+    plan = make_plan(config)
+    if io.read_manifest(plan.mix_uri) is None:  # this test run alone: make the stages before it first
+        run_pipeline(config)
+    server = fx.ServerProcess(plan.teacher_uri, "--model-name", "demo-teacher", "--dtype", "float32", "--max-logprobs", "64")
+    try:
+        signal = SignalConfig(**{**config.signal.model_dump(), "backend": "openai", "api_base": server.api_base})
+        served = config.model_copy(update={"signal": signal})
+        served_plan = make_plan(served)
+        state = signal_flow(config=served, return_state=True)
+        assert state.is_completed(), state
+        assert state.result() == served_plan.signal_uri != plan.signal_uri
+        store = io.read_manifest(served_plan.signal_uri)
+        assert store["backend"] == "openai" and store["teacher"]["model"] == "demo-teacher" and store["mode"] == "topk"
+        assert store["counts"]["examples"] == io.read_manifest(plan.signal_uri)["counts"]["examples"]
+        state = distill_flow(config=served, return_state=True)
+        assert state.is_completed(), state
+        distilled = io.read_manifest(served_plan.distill_uri)
+        assert distilled["inputs"]["signal_uris"] == [served_plan.signal_uri] and distilled["history"][-1]["kd"] > 0
+    finally:
+        server.close()
