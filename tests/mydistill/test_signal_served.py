@@ -83,7 +83,9 @@ def test_the_served_store_equals_the_local_store(server, teacher, mix, tmp_path,
     compute_teacher_signal(mix, teacher, local, cfg=SignalConfig(k=K, mode="topk", temperature=1.0, device="cpu"), max_length=48)
     served = str(tmp_path / "served")
     manifest = compute_served_signal(
-        mix, teacher, served, cfg=served_cfg(server, logprobs_mode=mode, api_prompt=prompt, concurrency=3), max_length=48,
+        mix, teacher, served, max_length=48,
+        # token-id prompts also go several to a request (a list prompt; choices matched by index)
+        cfg=served_cfg(server, logprobs_mode=mode, api_prompt=prompt, concurrency=3, api_batch_size=3 if prompt == "token_ids" else 1),
         temperature=1.0,
     )
     assert manifest["counts"]["examples"] == 20 and len(manifest["shards"]) == 3
