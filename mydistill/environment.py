@@ -8,8 +8,10 @@ ephemeral API gets time to migrate a fresh database.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-from mydistill.config import REPO_ROOT
+# the repository root, computed here: importing the config (pydantic) would slow every CLI start
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 DEFAULTS = {
     "PREFECT_HOME": str(REPO_ROOT / ".prefect"),
