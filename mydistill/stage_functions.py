@@ -418,6 +418,9 @@ def register(cfg: PipelineConfig, plan: StagePlan, report: dict[str, Any], paren
         tracking.log_params(run_id, {"register": reg.model_dump(), "student_uri": plan.student_uri})
         tracking.log_metrics(run_id, {tracking.SCORE_METRIC: score, **({"teacher_retained": retained} if retained is not None else {})})
         model = log_model(cfg, plan, run_id, plan.student_uri)  # found: the training stage logged it
+        # the pipeline run lists its student under "Logged models"; the register run took it as input
+        tracking.link_model(parent_run_id, model["model_id"], as_output=True)
+        tracking.link_model(run_id, model["model_id"], as_output=False)
         version = tracking.register_model_version(
             reg.model_name, model, register_run_id=run_id,
             tags={

@@ -369,6 +369,16 @@ def log_checkpoint_model(
     return {"model_id": info.model_id, "model_uri": info.model_uri, "run_id": run_id}
 
 
+def link_model(run_id: str, model_id: str, *, as_output: bool) -> None:
+    """Show a logged model on another run's page: as its output (the pipeline run's student) or input."""
+    from mlflow.entities import LoggedModelInput, LoggedModelOutput
+
+    if as_output:
+        client().log_outputs(run_id, [LoggedModelOutput(model_id=model_id, step=0)])
+    else:
+        client().log_inputs(run_id, models=[LoggedModelInput(model_id=model_id)])
+
+
 def _version(package: str) -> str:
     from importlib.metadata import version
 

@@ -251,6 +251,8 @@ def test_the_registered_champion_is_an_mlflow_model_that_answers_as_the_checkpoi
     assert version.source.startswith("models:/m-")  # the version is the logged model, not a folder of files
     logged = tracking.client().get_logged_model(version.source.removeprefix("models:/"))
     assert tracking.CHECKPOINT_TAG in logged.tags
+    parent = tracking.client().get_run(tracking.client().get_run(version.run_id).data.tags[tracking.PARENT_TAG])
+    assert [m.model_id for m in parent.outputs.model_outputs] == [logged.model_id]  # "Logged models" of the pipeline run
     prompt = "reverse: dbcaf"
     student = str(registry.student_dir)
     expected = generate_answers(load_model(student), load_tokenizer(student), [prompt], max_new_tokens=8, batch_size=1)[0]
