@@ -280,8 +280,8 @@ def _reachable(uri: str, what: str) -> list[Problem]:
 
     endpoint = mask_url(options.get("client_kwargs", {}).get("endpoint_url")) or "AWS"
     fs = s3fs.S3FileSystem(
-        skip_instance_cache=True, connect_timeout=NETWORK_TIMEOUT_S, read_timeout=NETWORK_TIMEOUT_S,
-        config_kwargs={"retries": {"max_attempts": 1}}, **options,
+        skip_instance_cache=True, **options,
+        config_kwargs={"connect_timeout": NETWORK_TIMEOUT_S, "read_timeout": NETWORK_TIMEOUT_S, "retries": {"max_attempts": 1}},
     )
     try:
         fs.ls(bucket)

@@ -123,3 +123,9 @@ def test_check_command_prints_one_line_per_problem_and_exits_2(tmp_path, good_in
     assert out.returncode == 2
     assert "1 problem(s) with this run's inputs:" in out.stdout and "Traceback" not in out.stdout + out.stderr
     assert "prefect" not in out.stdout.lower()
+
+
+def test_a_reachable_bucket_passes_and_a_missing_one_is_named(good_inputs, s3_endpoint):
+    assert preflight(config({**good_inputs, "work": "s3://mydistill-test/runs"})) == []
+    problems = [str(p) for p in preflight(config({**good_inputs, "work": "s3://no-such-bucket/runs"}))]
+    assert problems == [f"work_dir s3://no-such-bucket/runs: bucket 'no-such-bucket' does not exist at {s3_endpoint}"]
