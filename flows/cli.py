@@ -162,17 +162,26 @@ def plan(
     config: Annotated[str, typer.Argument(help="Preset name or YAML file.")] = "demo",
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides")] = None,
 ) -> None:
-    """Show where each stage of this config reads and writes, and which are already done."""
-    from mydistill import io
+    """Show each input's fingerprint, where each stage reads and writes, and which stages a run
+    would re-run (and why) or answer from their finished artifacts."""
+    from mydistill import changes, io
     from mydistill.plan import make_plan
 
-    p = make_plan(_load(config, overrides))
-    table = Table("artifact", "uri", "done")
-    for name, uri in p.as_dict().items():
-        if uri and name.endswith("_uri"):
-            done = io.read_manifest(uri) is not None if not uri.endswith(".jsonl") else io.exists(uri)
-            table.add_row(name.removesuffix("_uri"), uri, "✓" if done else "")
-    console.print(table)
+    cfg = _load(config, overrides)
+    p = make_plan(cfg)
+    found = changes.what_changed(p, changes.previous_run(cfg.work_dir, cfg.name))
+    inputs = Table("input", "uri", "fingerprint", "files", "bytes", "since the last run", title="inputs")
+    for name, fp in p.fingerprints.items():
+        moved = found["inputs"].get(name)
+        parts = [k.split(".", 1)[1] for k in found["parts"] if k.startswith(f"{name}.")]
+        since = "first run" if found["first_run"] else (f"changed ({', '.join(parts) or 'content'})" if moved else "unchanged")
+        inputs.add_row(name, str(fp["uri"]), fp["sha256"], str(fp.get("files", "—")), f"{fp.get('bytes', 0):,}" if "bytes" in fp else "—", since)
+    console.print(inputs)
+    stages = Table("stage", "output", "next run", "why", title="stages")
+    for stage, uri in p.stage_uris().items():
+        s = found["stages"][stage]
+        stages.add_row(stage, uri, "[green]cached[/green]" if s["status"] == "cached" else "[yellow]runs[/yellow]", s["why"])
+    console.print(stages)
 
 
 @app.command("demo-teacher")

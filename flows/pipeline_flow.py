@@ -22,9 +22,11 @@ def distill_pipeline(config: PipelineConfig = load_config("demo")) -> dict[str, 
     plan = make_plan(config)
     if config.demo is not None:
         t.prepare_demo(config, plan)
+        plan = make_plan(config)  # again: the demo's data and teacher exist now, with fingerprints
     parent = t.open_pipeline_run(config, plan)
     report = decision = None
     try:
+        t.what_changed(config, plan, parent)
         t.fresh_unless_done(t.generate, plan.generate_uri)(config, plan, plan.generate_uri, parent)
         t.fresh_unless_done(t.mix, plan.mix_uri)(config, plan, plan.mix_uri, parent)
         if plan.signal_uri:
@@ -36,6 +38,7 @@ def distill_pipeline(config: PipelineConfig = load_config("demo")) -> dict[str, 
             t.fresh_unless_done(t.train, plan.baseline_uri)(config, plan, "baseline", plan.baseline_uri, parent)
         report = t.fresh_unless_done(t.evaluate, plan.evaluate_uri)(config, plan, plan.evaluate_uri, parent)
         decision = t.register(config, plan, report, parent)
+        t.record_run(config, plan, parent, decision)
     except BaseException:
         t.close_pipeline_run(config, parent, report, decision, failed=True)
         raise

@@ -31,6 +31,7 @@ def generate_flow(config: PipelineConfig = load_config("demo")) -> str:
     def run(plan, parent):
         if config.demo is not None:
             t.prepare_demo(config, plan)
+            plan = make_plan(config)  # the demo's data and teacher exist now, with fingerprints
         return t.fresh_unless_done(t.generate, plan.generate_uri)(config, plan, plan.generate_uri, parent)
 
     return _tracked(config, "generate", run)

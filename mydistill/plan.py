@@ -1,19 +1,35 @@
-"""Where each stage of a pipeline run reads and writes: a plan computed from the config alone.
+"""Where each stage of a pipeline run reads and writes: a plan computed from the config and from
+what the inputs hold.
 
 Every stage's output URI is ``<work_dir>/<stage>-<hash>`` where the hash covers the config
-sections that stage depends on and the hashes of its upstream stages. The same config therefore
-always names the same artifacts (a re-run finds them and skips the work), a changed config names
-new ones (nothing is overwritten), and any stage can be run alone from the artifacts of the
-stages before it.
+sections that stage depends on, the fingerprints (:mod:`mydistill.fingerprint`) of the inputs it
+reads and the hashes of its upstream stages. The same config on unchanged inputs therefore names
+the same artifacts (a re-run finds them and skips the work); a changed config, or data or a
+teacher changed in place at the same URI, names new ones for exactly the stages downstream of the
+change (nothing is overwritten); and any stage can be run alone from the artifacts before it.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mydistill import io
-from mydistill.config import RUN_ONLY_FIELDS, PipelineConfig, TrainConfig
+from mydistill.config import DISTILL_ONLY_FIELDS, RUN_ONLY_FIELDS, PipelineConfig, TrainConfig
+from mydistill.fingerprint import fingerprint, part
+
+STAGES = ("generate", "mix", "signal", "distill", "finetune", "baseline", "evaluate")
+# What each stage reads: fingerprinted inputs (``teacher.tokenizer`` is one part of the teacher's)
+# and earlier stages. The plan's hashes follow this; `mydistill plan` explains re-runs with it.
+STAGE_READS: dict[str, tuple[str, ...]] = {
+    "generate": ("teacher", "prompts"),
+    "mix": ("generate", "real"),
+    "signal": ("mix", "teacher"),
+    "distill": ("mix", "signal", "teacher", "student_init", "extra_teachers", "signal_extra"),
+    "finetune": ("distill", "mix"),
+    "baseline": ("real", "student_init", "teacher.tokenizer"),
+    "evaluate": ("finetune", "distill", "baseline", "teacher", "eval"),
+}
 
 
 @dataclass(frozen=True)
@@ -31,6 +47,9 @@ class StagePlan:
     baseline_uri: str | None
     evaluate_uri: str
     signal_uri: str | None = None  # the teacher-signal store (signal.enabled), between mix and distill
+    response_cache_uri: str | None = None  # teacher responses kept across runs (generate.reuse_responses)
+    # input name -> fingerprint (mydistill.fingerprint) of what it held when the plan was made
+    fingerprints: dict[str, Any] = field(default_factory=dict)
 
     @property
     def student_uri(self) -> str:
@@ -40,13 +59,17 @@ class StagePlan:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def stage_uris(self) -> dict[str, str]:
+        """``{stage: output URI}`` of the stages this plan runs, in pipeline order."""
+        return {s: uri for s in STAGES if (uri := getattr(self, f"{s}_uri"))}
+
 
 def _key(*parts: Any) -> str:
     return io.sha256_of(parts)[:12]
 
 
-def _training(cfg: TrainConfig) -> dict[str, Any]:
-    return cfg.model_dump(exclude=RUN_ONLY_FIELDS)
+def _training(cfg: TrainConfig, exclude: set[str] = frozenset()) -> dict[str, Any]:
+    return cfg.model_dump(exclude=RUN_ONLY_FIELDS | set(exclude))
 
 
 def make_plan(cfg: PipelineConfig) -> StagePlan:
@@ -66,20 +89,34 @@ def make_plan(cfg: PipelineConfig) -> StagePlan:
         )
     assert teacher_uri and prompts_uri and real_uri and eval_uri  # guaranteed by PipelineConfig
     teacher_id = cfg.teacher.id or teacher_uri.rstrip("/").rsplit("/", 1)[-1]
-    student = cfg.student.model_dump()
+    fps = input_fingerprints(cfg, teacher_uri=teacher_uri, prompts_uri=prompts_uri, real_uri=real_uri, eval_uri=eval_uri)
+    sha = {name: fp["sha256"] for name, fp in fps.items()}
+    # the student as its stages read it: a pretrained folder (by content) or an architecture
+    student = {**cfg.student.model_dump(), "init": sha.get("student_init")}
+    extra = {"extra_teachers": [sha[f"extra_teacher_{i}"] for i in range(len(cfg.distill.extra_teachers))]}
 
-    generate = _key("generate", teacher_uri, prompts_uri, cfg.generate.content_params())
-    mix = _key("mix", generate, real_uri, cfg.data.model_dump(), cfg.mix.model_dump())
-    signal = _key("signal", mix, teacher_uri, _signal_content(cfg), cfg.distill.max_length) if cfg.signal.enabled else None
+    generate = _key("generate", teacher_uri, sha["teacher"], teacher_id, prompts_uri, sha["prompts"], cfg.generate.content_params())
+    mix = _key("mix", generate, real_uri, sha["real"], cfg.data.model_dump(), cfg.mix.model_dump())
+    signal = _key("signal", mix, teacher_uri, sha["teacher"], _signal_content(cfg), cfg.distill.max_length) if cfg.signal.enabled else None
+    signal_extra = [sha[f"signal_extra_{i}"] for i in range(len(cfg.signal.extra_uris))]
     distill = _key(
-        "distill", mix, teacher_uri, student, _training(cfg.distill), cfg.distill.loss.model_dump(),
-        *([signal, cfg.signal.extra_uris] if signal else []),
+        "distill", mix, teacher_uri, sha["teacher"], student, _training(cfg.distill), cfg.distill.loss.model_dump(), extra,
+        *([signal, cfg.signal.extra_uris, signal_extra] if signal else []),
     )
     finetune = _key("finetune", distill, _training(cfg.finetune)) if cfg.finetune.enabled else None
+    # the baseline reads the real data's split of the mix (independent of the teacher's responses)
+    # and, without a pretrained student, the teacher's tokenizer: nothing of stage 1's
     baseline = (
-        _key("baseline", mix, student, _training(cfg.distill), baseline_steps(cfg)) if cfg.evaluate.baseline else None
+        _key(
+            "baseline", real_uri, sha["real"], cfg.data.model_dump(), cfg.mix.model_dump(include={"val_fraction", "dedup", "seed"}),
+            student, None if cfg.student.init_uri else part(fps["teacher"], "tokenizer"),
+            _training(cfg.distill, exclude=DISTILL_ONLY_FIELDS), baseline_steps(cfg),
+        )
+        if cfg.evaluate.baseline else None
     )
-    evaluate = _key("evaluate", finetune or distill, baseline, eval_uri, cfg.evaluate.model_dump())
+    evaluate = _key(
+        "evaluate", finetune or distill, baseline, sha["teacher"], eval_uri, sha["eval"], cfg.data.model_dump(), cfg.evaluate.model_dump(),
+    )
     return StagePlan(
         teacher_uri=teacher_uri,
         teacher_id=teacher_id,
@@ -94,7 +131,32 @@ def make_plan(cfg: PipelineConfig) -> StagePlan:
         baseline_uri=io.join(root, f"baseline-{baseline}") if baseline else None,
         evaluate_uri=io.join(root, f"evaluate-{evaluate}"),
         signal_uri=io.join(root, f"signal-{signal}") if signal else None,
+        response_cache_uri=io.join(root, "response-cache") if cfg.generate.reuse_responses else None,
+        fingerprints=fps,
     )
+
+
+def input_fingerprints(cfg: PipelineConfig, *, teacher_uri: str, prompts_uri: str, real_uri: str, eval_uri: str) -> dict[str, Any]:
+    """The fingerprint of every input the pipeline reads: datasets, teacher, student init, other
+    teachers and teacher-signal stores. One listing per input, no dataset read."""
+    teacher_kind = "model"
+    if cfg.generate.backend == "openai" and not io.exists(teacher_uri):
+        teacher_kind = "name"  # an API-served teacher: known by its name (and endpoint)
+    fps = {
+        "teacher": fingerprint(teacher_uri, kind=teacher_kind),
+        "prompts": fingerprint(prompts_uri),
+        "real": fingerprint(real_uri),
+        "eval": fingerprint(eval_uri),
+    }
+    if teacher_kind == "name" and cfg.generate.api_base:
+        fps["teacher"] = fingerprint(f"{cfg.generate.api_base}#{cfg.generate.api_model or teacher_uri}", kind="name")
+    if cfg.student.init_uri:
+        fps["student_init"] = fingerprint(cfg.student.init_uri, kind="model")
+    for i, t in enumerate(cfg.distill.extra_teachers):
+        fps[f"extra_teacher_{i}"] = fingerprint(t.uri, kind="model")
+    for i, uri in enumerate(cfg.signal.extra_uris):
+        fps[f"signal_extra_{i}"] = fingerprint(uri)
+    return fps
 
 
 def _signal_content(cfg: PipelineConfig) -> dict[str, Any]:

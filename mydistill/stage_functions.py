@@ -14,8 +14,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mydistill import costs, io, tracking
+from mydistill import costs, io, lineage, tracking
 from mydistill.config import DISTILL_ONLY_FIELDS, PipelineConfig
+from mydistill.fingerprint import fingerprint
 from mydistill.mix import TASK_TRAIN_FILE, TRAIN_FILE, VAL_FILE, run_mix
 from mydistill.plan import StagePlan, baseline_steps, signal_mode, signal_temperature
 from mydistill.training.launch import launch_training
@@ -47,7 +48,8 @@ def generate(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None = N
     with tracking.stage_run(parent_run_id, "generate", cfg.tracking.experiment) as run_id:
         manifest = generate_responses(
             plan.prompts_uri, plan.generate_uri, teacher=plan.teacher_uri, teacher_id=plan.teacher_id,
-            cfg=cfg.generate, progress=progress,
+            cfg=cfg.generate, progress=progress, cache_uri=plan.response_cache_uri,
+            teacher_fingerprint=plan.fingerprints["teacher"]["sha256"], lineage=teacher_lineage(plan),
         )
         if run_id:
             tracking.log_metrics(run_id, costs.stage_cost(
@@ -107,6 +109,7 @@ def teacher_signal(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | No
             manifest = compute_teacher_signal(
                 data_uri, plan.teacher_uri, plan.signal_uri, max_length=cfg.distill.max_length, teacher_id=plan.teacher_id,
                 cfg=signal_cfg, divergence=cfg.distill.loss.divergence,
+                lineage={**teacher_lineage(plan), "temperature": signal_cfg.temperature, "k": signal_cfg.k},
             )
         if run_id:
             tracking.log_metrics(run_id, costs.stage_cost(
@@ -126,7 +129,7 @@ def train_job(cfg: PipelineConfig, plan: StagePlan, stage: str) -> TrainJob:
             stage="distill", data_uri=io.join(plan.mix_uri, TRAIN_FILE), val_uri=io.join(plan.mix_uri, VAL_FILE),
             output_uri=plan.distill_uri, tokenizer_uri=tokenizer_uri, teacher_uri=plan.teacher_uri, teacher_dtype=cfg.teacher.dtype,
             signal_uris=_signal_uris(cfg, plan), train=cfg.distill.model_dump(),
-            inputs={**_data_inputs(plan, TRAIN_FILE), **_signal_inputs(cfg, plan)}, **init,
+            inputs={**_data_inputs(plan, TRAIN_FILE), **_signal_inputs(cfg, plan), "lineage": student_lineage(cfg, plan)}, **init,
         )
     if stage == "finetune":
         assert plan.finetune_uri
@@ -134,7 +137,10 @@ def train_job(cfg: PipelineConfig, plan: StagePlan, stage: str) -> TrainJob:
             stage="finetune", data_uri=io.join(plan.mix_uri, TASK_TRAIN_FILE), val_uri=io.join(plan.mix_uri, VAL_FILE),
             output_uri=plan.finetune_uri, tokenizer_uri=plan.distill_uri, init_uri=plan.distill_uri,
             train=cfg.finetune.model_dump(exclude={"enabled"}),
-            inputs={**_data_inputs(plan, TASK_TRAIN_FILE), "init": (io.read_manifest(plan.distill_uri) or {}).get("inputs_sha256")},
+            inputs={
+                **_data_inputs(plan, TASK_TRAIN_FILE), "init": (io.read_manifest(plan.distill_uri) or {}).get("inputs_sha256"),
+                "lineage": student_lineage(cfg, plan),
+            },
         )
     if stage == "baseline":
         assert plan.baseline_uri
@@ -143,7 +149,8 @@ def train_job(cfg: PipelineConfig, plan: StagePlan, stage: str) -> TrainJob:
         return TrainJob(
             stage="baseline", data_uri=io.join(plan.mix_uri, TASK_TRAIN_FILE), val_uri=io.join(plan.mix_uri, VAL_FILE),
             output_uri=plan.baseline_uri, tokenizer_uri=tokenizer_uri, train=train,
-            inputs=_data_inputs(plan, TASK_TRAIN_FILE), **init,
+            # the real data's split alone: the baseline does not depend on the teacher's responses
+            inputs={**_real_split_inputs(plan), "lineage": student_lineage(cfg, plan, with_teacher=False)}, **init,
         )
     raise ValueError(f"unknown training stage {stage!r}; expected distill, finetune or baseline")
 
@@ -162,6 +169,7 @@ def train(
         require_done(plan.signal_uri, "signal")
     if stage == "finetune":
         require_done(plan.distill_uri, "distill")
+    check_lineage(cfg, plan, stage)  # before anything is written or logged
     job = train_job(cfg, plan, stage)
     sweep_debris(job.output_uri)
     started = time.perf_counter()
@@ -298,6 +306,67 @@ def _signal_uris(cfg: PipelineConfig, plan: StagePlan) -> list[str]:
 def _signal_inputs(cfg: PipelineConfig, plan: StagePlan) -> dict[str, Any]:
     uris = _signal_uris(cfg, plan)
     return {"signal": [(io.read_manifest(u) or {}).get("inputs_sha256") for u in uris]} if uris else {}
+
+
+def _real_split_inputs(plan: StagePlan) -> dict[str, Any]:
+    files = (io.read_manifest(plan.mix_uri) or {}).get("files", {})
+    return {"data": (files.get(TASK_TRAIN_FILE) or {}).get("sha256"), "val": (files.get(VAL_FILE) or {}).get("sha256")}
+
+
+def teacher_lineage(plan: StagePlan) -> dict[str, Any]:
+    """The teacher as recorded in manifests: its fingerprint, and its tokenizer when it is a folder."""
+    fp = plan.fingerprints.get("teacher") or fingerprint(plan.teacher_uri, kind="model")
+    tokenizer = lineage.model_lineage(plan.teacher_uri, fp) if fp.get("kind") == "model" else {}
+    return {"teacher": fp["sha256"], "teacher_uri": plan.teacher_uri, **tokenizer}
+
+
+def student_lineage(cfg: PipelineConfig, plan: StagePlan, *, with_teacher: bool = True) -> dict[str, Any]:
+    """What a student checkpoint is made from: its tokenizer (the pretrained student's, else the
+    teacher's) and, for the distilled stages, the teacher's fingerprint."""
+    uri = cfg.student.init_uri or plan.teacher_uri
+    fp = plan.fingerprints.get("student_init" if cfg.student.init_uri else "teacher")
+    out = lineage.model_lineage(uri, fp)
+    if with_teacher:
+        out["teacher"] = (plan.fingerprints.get("teacher") or {}).get("sha256")
+    return out
+
+
+def check_lineage(cfg: PipelineConfig, plan: StagePlan, stage: str) -> list[str]:
+    """Refuse to join artifacts whose lineage disagrees (see :mod:`mydistill.lineage`); returns the
+    disagreements ``allow_lineage_mismatch`` let through, for the log."""
+    allow, notes = cfg.allow_lineage_mismatch, []
+    if stage == "distill":
+        # the teacher as it is now: a teacher replaced in place after generation must not pass
+        planned = plan.fingerprints.get("teacher") or {"kind": "model"}
+        now = fingerprint(plan.teacher_uri, kind="model") if planned["kind"] == "model" else planned
+        ours = {**student_lineage(cfg, plan), "teacher": now["sha256"]}
+        generated = lineage.recorded(io.read_manifest(plan.generate_uri))
+        notes += lineage.check(
+            ours, generated, keys=["teacher"], allow=allow,
+            ours_name=f"the teacher distilled online ({plan.teacher_uri}, fingerprint {now['sha256']})",
+            theirs_name=f"the responses in {plan.generate_uri} (generated by teacher {generated.get('teacher_uri')}, fingerprint {generated.get('teacher')})",
+            hint="Re-run the pipeline so that generation and distillation see the same teacher.",
+        )
+        for i, uri in enumerate(_signal_uris(cfg, plan)):
+            store = io.read_manifest(uri) or {}
+            theirs = {**lineage.recorded(store), "tokenizer": store.get("tokenizer_sha256")}
+            keys = ["tokenizer", "teacher"] if i == 0 else ["tokenizer"]  # extra stores are other teachers on purpose
+            notes += lineage.check(
+                ours, theirs, keys=keys, allow=allow,
+                ours_name=f"this run's student (tokenizer {ours['tokenizer'][:12]}, teacher {ours['teacher']})",
+                theirs_name=f"the teacher-signal store {uri} (tokenizer {str(theirs.get('tokenizer'))[:12]}, teacher {theirs.get('teacher')})",
+                hint="A store holds token ids of its teacher's tokenizer; recompute it for this teacher and student.",
+            )
+    if stage == "finetune" and plan.finetune_uri:
+        ours = student_lineage(cfg, plan, with_teacher=False)
+        init = lineage.recorded(io.read_manifest(plan.distill_uri))
+        notes += lineage.check(
+            ours, init, keys=lineage.TOKENIZER_KEYS, allow=allow,
+            ours_name=f"the student's tokenizer ({cfg.student.init_uri or plan.teacher_uri}, {ours['tokenizer'][:12]})",
+            theirs_name=f"the stage-1 checkpoint {plan.distill_uri} (trained with tokenizer {str(init.get('tokenizer'))[:12]})",
+            hint="Stage 2 would read token ids the stage-1 model was not trained on; re-run stage 1.",
+        )
+    return notes
 
 
 def _data_inputs(plan: StagePlan, name: str) -> dict[str, Any]:

@@ -484,3 +484,17 @@ def run_reference(run_id: str) -> dict[str, Any]:
 def model_version_url(name: str, version: str) -> str | None:
     base = ui_base_url()
     return f"{base}/#/models/{quote(name, safe='')}/versions/{version}" if base else None
+
+
+def pipeline_runs(experiment: str, run_name: str, max_results: int = 200) -> list[dict[str, Any]]:
+    """Earlier pipeline (parent) runs named ``run_name``, oldest first: id, start time, metrics, tags."""
+    runs = client().search_runs(
+        [experiment_id(experiment)],
+        filter_string=f"tags.`mydistill.pipeline` = 'true' and tags.`mlflow.runName` = '{run_name}'",
+        order_by=["attributes.start_time DESC"], max_results=max_results,
+    )
+    return [
+        {"run_id": r.info.run_id, "start_time": r.info.start_time, "status": r.info.status,
+         "metrics": dict(r.data.metrics), "tags": dict(r.data.tags)}
+        for r in reversed(runs)
+    ]

@@ -57,6 +57,11 @@ class GenerateConfig(BaseModel):
         description="Teacher backend: 'hf' (batched transformers, default), 'vllm' (GPU, optional extra) "
         "or 'openai' (any OpenAI-compatible HTTP API: a hosted model, a vLLM or TGI server).",
     )
+    reuse_responses: bool = Field(
+        True,
+        description="Reuse teacher responses from earlier runs (same teacher fingerprint, same content settings, "
+        "same prompt), kept under <work_dir>/response-cache: only new prompts go to the teacher.",
+    )
     max_new_tokens: int = Field(32, description="Most tokens generated per response (>= 1).")
     temperature: float = Field(0.0, description="Sampling temperature (>= 0); 0 means greedy decoding.")
     top_p: float = Field(1.0, description="Nucleus sampling: keep the smallest token set with this mass, in (0, 1].")

@@ -356,6 +356,12 @@ class PipelineConfig(_Section):
     registry: RegisterConfig = Field(default_factory=RegisterConfig, description="Model registration and quality gate.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
     costs: CostsConfig = Field(default_factory=CostsConfig, description="Prices for the run's cost report (optional).")
+    allow_lineage_mismatch: bool = Field(
+        False,
+        description="Let a stage join artifacts whose lineage disagrees (teacher responses by another teacher than "
+        "the one distilled online, a stage-1 checkpoint or teacher-signal store made with another tokenizer). "
+        "Off: such a join stops with one message naming both sides. Turn on only when that is what you intend.",
+    )
 
     @model_validator(mode="after")
     def _teacher_dtype_everywhere(self) -> PipelineConfig:

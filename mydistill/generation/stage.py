@@ -11,14 +11,23 @@ Output folder layout::
 A run that dies leaves whole shards behind; the next run with the same settings reads which
 (id, sample_index) pairs exist and generates only the rest, so every prompt ends up exactly once
 per sample. A finished run whose manifest matches the inputs is skipped.
+
+Across runs (a nightly run after new prompts arrived), responses are reused from a response cache
+(``cache_uri``): one folder per teacher fingerprint and content settings, holding shards of
+``{prompt_sha256, sample_index, completion}`` that each run adds to. Only prompts the cache does
+not know go to the teacher; a reused record is rebuilt exactly as it was first written. Cache
+shards are written atomically before the output shard holding the same responses, so a killed
+run loses nothing it paid the teacher for.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import re
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 PARAMS_NAME = "generate_params.json"
 SHARD_RE = re.compile(r"^part-(\d{5,})\.jsonl$")
+CACHE_SHARD_RE = re.compile(r"^responses-\d{20}-[0-9a-f]{6}\.jsonl$")
 STATUSES = ("ok", "empty", "truncated", "failed", "unparsed")
 FINISH_REASONS = ("stop", "length", "error")
 # Fields the stage writes; an input field with one of these names is kept as input_<name>.
@@ -181,13 +191,13 @@ def shard_name(index: int) -> str:
     return f"part-{index:05d}.jsonl"
 
 
-def list_shards(output_uri: str) -> list[str]:
+def list_shards(output_uri: str, pattern: re.Pattern[str] = SHARD_RE) -> list[str]:
     """Names of the committed shards in ``output_uri``, in order."""
     fs, path = io.filesystem(output_uri)
     if not fs.exists(path):
         return []
     names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
-    return sorted(n for n in names if SHARD_RE.match(n))
+    return sorted(n for n in names if pattern.match(n))
 
 
 def iter_responses(output_uri: str) -> Iterator[dict[str, Any]]:
@@ -305,6 +315,54 @@ def build_record(
 
 
 # ----------------------------------------------------------------------------------------------
+# responses kept across runs
+
+
+def prompt_sha256(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+
+
+class ResponseCache:
+    """Teacher completions kept across runs under ``<root>/<key>``, ``key`` naming the teacher's
+    fingerprint and the content settings (what decides the text); entries are keyed by
+    (sha256 of the prompt, sample index)."""
+
+    def __init__(self, root: str, *, teacher_fingerprint: str, params: dict[str, Any]):
+        self.key = io.sha256_of({"teacher": teacher_fingerprint, "generation": params})[:16]
+        self.uri = io.join(root, self.key)
+
+    def load(self) -> dict[tuple[str, int], dict[str, Any]]:
+        entries: dict[tuple[str, int], dict[str, Any]] = {}
+        for name in list_shards(self.uri, CACHE_SHARD_RE):
+            for entry in io.iter_records(io.join(self.uri, name)):
+                entries.setdefault((entry["prompt_sha256"], int(entry["sample_index"])), entry)
+        return entries
+
+    def add(self, records: Sequence[dict[str, Any]]) -> None:
+        """Keep the good completions of ``records`` (failed ones are asked again next time)."""
+        entries = [
+            {
+                "prompt_sha256": prompt_sha256(r["prompt"]),
+                "sample_index": r["sample_index"],
+                "completion": {
+                    "text": r["response"], "finish_reason": r["finish_reason"],
+                    "prompt_tokens": r["prompt_tokens"], "completion_tokens": r["completion_tokens"],
+                },
+            }
+            for r in records
+            if r["finish_reason"] != "error"
+        ]
+        if entries:
+            # a new name per write: concurrent runs never overwrite each other's shards
+            io.write_records(io.join(self.uri, f"responses-{time.time_ns():020d}-{uuid.uuid4().hex[:6]}.jsonl"), entries)
+
+
+def _cached_completion(entry: dict[str, Any]) -> Completion:
+    c = entry["completion"]
+    return Completion(c["text"], c["finish_reason"], c["prompt_tokens"], c["completion_tokens"])
+
+
+# ----------------------------------------------------------------------------------------------
 # the stage
 
 
@@ -319,6 +377,9 @@ def generate_responses(
     model: Any = None,
     tokenizer: Any = None,
     backend: TeacherBackend | None = None,
+    cache_uri: str | None = None,
+    teacher_fingerprint: str | None = None,
+    lineage: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Generate teacher responses for every prompt in ``prompts_uri`` into ``output_uri``; returns the manifest.
 
@@ -327,6 +388,10 @@ def generate_responses(
     openai). ``model`` / ``tokenizer`` are already-loaded objects to use instead of loading them
     (hf; a tokenizer also lets the openai backend count and truncate prompts). ``backend`` is an
     already-built :class:`TeacherBackend` that replaces the one ``cfg.backend`` names.
+
+    ``cache_uri`` keeps responses across runs (see the module docstring) for a teacher known by
+    ``teacher_fingerprint`` (default: :func:`mydistill.fingerprint.fingerprint` of ``teacher``);
+    ``lineage`` (teacher, tokenizer, chat template) is recorded in the manifest as it is given.
 
     Resumes a partial output made with the same settings; skips a finished one. Raises
     :class:`DataError` for a malformed prompts file (before writing anything), when no prompt
@@ -340,8 +405,17 @@ def generate_responses(
             f"{prompts_uri}: no prompts to generate from ({prompts.counts['records']} records, "
             f"{prompts.counts['empty']} empty, {prompts.counts['duplicate']} duplicates)"
         )
-    params = {"teacher_id": teacher_id, **cfg.content_params()}
+    if cache_uri is not None and teacher_fingerprint is None:
+        from mydistill.fingerprint import fingerprint
+
+        teacher_fingerprint = fingerprint(teacher, kind="model" if io.exists(teacher) else "name")["sha256"]
+    params = {
+        "teacher_id": teacher_id, **cfg.content_params(),
+        # a teacher changed in place at the same URI must not add to shards of the one before
+        **({"teacher_fingerprint": teacher_fingerprint} if teacher_fingerprint else {}),
+    }
     inputs = {"prompts_sha256": prompts.sha256, "generation": params}
+    cache = ResponseCache(cache_uri, teacher_fingerprint=teacher_fingerprint, params=cfg.content_params()) if cache_uri and teacher_fingerprint else None
 
     shards = list_shards(output_uri)
     manifest = io.read_manifest(output_uri)
@@ -380,8 +454,13 @@ def generate_responses(
         if pending and not shards:
             # Recorded before the first shard, so a later run can tell whether it may add to them.
             io.write_json(io.join(output_uri, PARAMS_NAME), {"generation": params})
-        run = _generate_shards(pending, backend, cfg, output_uri, shards, teacher_id=teacher_id, progress=progress)
+        reused = 0
+        if cache is not None and pending:
+            pending, reused = _write_reused(pending, cache.load(), cfg, output_uri, shards, teacher_id=teacher_id)
+            shards = list_shards(output_uri)
+        run = _generate_shards(pending, backend, cfg, output_uri, shards, teacher_id=teacher_id, progress=progress, cache=cache)
         run["resumed_records"] = len(done)
+        run["reused_records"] = reused
     finally:
         if owns_backend:
             backend.close()
@@ -395,6 +474,10 @@ def generate_responses(
         **{f"prompts_{k}": v for k, v in prompt_counts.items()},
         "prompt_tokens": summary["tokens"]["prompt"],
         "completion_tokens": summary["tokens"]["completion"],
+        # this run: asked of the teacher, taken from the response cache, found from an interrupted run
+        "generated": run["generated_records"],
+        "reused": run["reused_records"],
+        "resumed": run["resumed_records"],
     }
     manifest = io.write_manifest(
         output_uri,
@@ -410,16 +493,50 @@ def generate_responses(
         **summary,
         config=cfg.public_dict(),
         run=run,
+        **({"response_cache": cache.uri} if cache else {}),
+        **({"lineage": lineage} if lineage else {}),
     )
     logger.info(
-        "generate: %d records in %s (%s); this run generated %d at %.1f tokens/s",
+        "generate: %d records in %s (%s); this run generated %d at %.1f tokens/s and reused %d from earlier runs",
         summary["records"],
         output_uri,
         ", ".join(f"{k}={v}" for k, v in manifest["status_counts"].items() if v),
         run["generated_records"],
         run["tokens_per_s"],
+        run["reused_records"],
     )
     return manifest
+
+
+def _write_reused(
+    pending: list[tuple[PromptItem, PreparedPrompt, tuple[int, ...]]],
+    cached: dict[tuple[str, int], dict[str, Any]],
+    cfg: GenerateConfig,
+    output_uri: str,
+    shards: list[str],
+    *,
+    teacher_id: str,
+) -> tuple[list[tuple[PromptItem, PreparedPrompt, tuple[int, ...]]], int]:
+    """Write the responses the cache holds as output shards; returns what is left to generate and
+    how many records were reused."""
+    left: list[tuple[PromptItem, PreparedPrompt, tuple[int, ...]]] = []
+    records: list[dict[str, Any]] = []
+    for item, prompt, samples in pending:
+        key = prompt_sha256(item.prompt)
+        missing = tuple(s for s in samples if (key, s) not in cached)
+        if missing:
+            left.append((item, prompt, missing))
+        records += [
+            build_record(item, prompt, s, _cached_completion(cached[(key, s)]), teacher_id=teacher_id, sampling=_sampling_dict(cfg), cfg=cfg)
+            for s in samples if (key, s) in cached
+        ]
+    next_index = max((int(SHARD_RE.match(n).group(1)) for n in shards), default=-1) + 1  # type: ignore[union-attr]
+    for begin in range(0, len(records), cfg.shard_size):
+        io.write_records(io.join(output_uri, shard_name(next_index)), records[begin : begin + cfg.shard_size])
+        next_index += 1
+    if records:
+        logger.info("generate: %d response(s) reused from earlier runs, %d prompt(s) left for the teacher", len(records), len(left))
+    return left, len(records)
 
 
 def _sampling_dict(cfg: GenerateConfig) -> dict[str, Any]:
@@ -492,6 +609,7 @@ def _generate_shards(
     *,
     teacher_id: str,
     progress: bool,
+    cache: ResponseCache | None = None,
 ) -> dict[str, Any]:
     sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
     sampling_record = _sampling_dict(cfg)
@@ -535,6 +653,8 @@ def _generate_shards(
                             cfg=cfg,
                         )
                     )
+            if cache is not None:
+                cache.add(records)  # first: a run killed before the output shard still keeps these
             name = shard_name(next_index)
             io.write_records(io.join(output_uri, name), records)
             next_index += 1

@@ -77,6 +77,7 @@ def compute_teacher_signal(
     teacher: Any = None,
     tokenizer: Any = None,
     divergence: str = "forward_kl",
+    lineage: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the teacher-signal store for the records at ``data_uri``; returns its manifest.
 
@@ -84,7 +85,8 @@ def compute_teacher_signal(
     loaded from ``teacher_uri``. ``divergence``, that of the distill loss the store is made for,
     decides ``cfg.mode == "auto"`` (:meth:`SignalConfig.resolved_mode`), and the store, its inputs
     and its manifest only ever name the concrete mode. A store already made from the same inputs
-    is reused.
+    is reused. ``lineage`` (teacher fingerprint, tokenizer, …; :mod:`mydistill.lineage`) is
+    recorded in the manifest as given.
     """
     from mydistill.generation.hf import load_teacher, load_tokenizer, resolve_device
 
@@ -175,4 +177,5 @@ def compute_teacher_signal(
         temperature=store_temperature(cfg),
         max_length=max_length,
         seconds=seconds,
+        **({"lineage": lineage} if lineage else {}),
     )
