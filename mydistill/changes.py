@@ -52,6 +52,8 @@ def _inputs_read(stage: str, plan: StagePlan) -> set[str]:
         elif read == "signal_extra":
             if plan.signal_uri:
                 names |= {n for n in plan.fingerprints if n.startswith("signal_extra_")}
+        elif read.startswith("teacher.") and "student_init" in plan.fingerprints:
+            continue  # the baseline reads a pretrained student's tokenizer, not the teacher's
         elif read.partition(".")[0] in plan.fingerprints:
             names.add(read)
     return names

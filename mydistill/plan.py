@@ -19,7 +19,8 @@ from mydistill.config import DISTILL_ONLY_FIELDS, RUN_ONLY_FIELDS, PipelineConfi
 from mydistill.fingerprint import fingerprint, part
 
 STAGES = ("generate", "mix", "signal", "distill", "finetune", "baseline", "evaluate")
-# What each stage reads: fingerprinted inputs (``teacher.tokenizer`` is one part of the teacher's)
+# What each stage reads: fingerprinted inputs (``teacher.tokenizer`` is one part of the teacher's
+# fingerprint: the baseline reads the teacher's tokenizer and chat template, not its weights)
 # and earlier stages. The plan's hashes follow this; `mydistill plan` explains re-runs with it.
 STAGE_READS: dict[str, tuple[str, ...]] = {
     "generate": ("teacher", "prompts"),
@@ -27,7 +28,7 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
     "signal": ("mix", "teacher"),
     "distill": ("mix", "signal", "teacher", "student_init", "extra_teachers", "signal_extra"),
     "finetune": ("distill", "mix"),
-    "baseline": ("real", "student_init", "teacher.tokenizer"),
+    "baseline": ("real", "student_init", "teacher.tokenizer", "teacher.chat_template"),
     "evaluate": ("finetune", "distill", "baseline", "teacher", "eval"),
 }
 
@@ -109,7 +110,7 @@ def make_plan(cfg: PipelineConfig) -> StagePlan:
     baseline = (
         _key(
             "baseline", real_uri, sha["real"], cfg.data.model_dump(), cfg.mix.model_dump(include={"val_fraction", "dedup", "seed"}),
-            student, None if cfg.student.init_uri else part(fps["teacher"], "tokenizer"),
+            student, None if cfg.student.init_uri else [part(fps["teacher"], p) for p in ("tokenizer", "chat_template")],
             _training(cfg.distill, exclude=DISTILL_ONLY_FIELDS), baseline_steps(cfg),
         )
         if cfg.evaluate.baseline else None

@@ -464,7 +464,9 @@ def register(cfg: PipelineConfig, plan: StagePlan, report: dict[str, Any], paren
     of the teacher's exact match and beats the version the alias points to now (its
     ``mydistill.score`` tag). Every student is registered, passing or not; the decision and its
     reason are tags on the new version and on the register run, and ``decision.json`` there.
-    Without tracking (no parent run) or with the registry off, only the decision is returned.
+    Without tracking (no parent run) or with the registry off, only the decision is returned. A
+    checkpoint registered before with the same score (a nightly run on which nothing changed) is
+    not registered again: the decision says which version it is (``unchanged``).
     """
     reg = cfg.registry
     student = report["models"]["student"]

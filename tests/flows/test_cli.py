@@ -30,6 +30,8 @@ def test_plan_lists_every_stage(tmp_path):
     assert out.returncode == 0, out.stderr
     for stage in ("generate", "mix", "distill", "finetune", "baseline", "evaluate"):
         assert stage in out.stdout
+    for name in ("inputs", "prompts", "teacher", "fingerprint", "runs"):  # fingerprints, and what would run
+        assert name in out.stdout
 
 
 def test_a_run_that_prefect_loses_track_of_is_run_once_more_and_reported(monkeypatch):
