@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from mydistill import io
+from mydistill.fingerprint import MISSING
 
 TOKENIZER_KEYS = ("tokenizer", "chat_template", "vocab_size")
 
@@ -46,6 +47,8 @@ def model_lineage(uri: str, fingerprint: Mapping[str, Any] | None = None) -> dic
     from mydistill.fingerprint import fingerprint as fingerprint_of
 
     fp = fingerprint or fingerprint_of(uri, kind="model")
+    if fp["sha256"] == MISSING or fp.get("kind") != "model":
+        return {}  # nothing there yet (a plan made before the demo teacher exists), or an API name
     return dict(_tokenizer_lineage(uri, fp["sha256"]))
 
 

@@ -353,7 +353,7 @@ def check_lineage(cfg: PipelineConfig, plan: StagePlan, stage: str) -> list[str]
             keys = ["tokenizer", "teacher"] if i == 0 else ["tokenizer"]  # extra stores are other teachers on purpose
             notes += lineage.check(
                 ours, theirs, keys=keys, allow=allow,
-                ours_name=f"this run's student (tokenizer {ours['tokenizer'][:12]}, teacher {ours['teacher']})",
+                ours_name=f"this run's student (tokenizer {str(ours.get('tokenizer'))[:12]}, teacher {ours['teacher']})",
                 theirs_name=f"the teacher-signal store {uri} (tokenizer {str(theirs.get('tokenizer'))[:12]}, teacher {theirs.get('teacher')})",
                 hint="A store holds token ids of its teacher's tokenizer; recompute it for this teacher and student.",
             )
@@ -362,7 +362,7 @@ def check_lineage(cfg: PipelineConfig, plan: StagePlan, stage: str) -> list[str]
         init = lineage.recorded(io.read_manifest(plan.distill_uri))
         notes += lineage.check(
             ours, init, keys=lineage.TOKENIZER_KEYS, allow=allow,
-            ours_name=f"the student's tokenizer ({cfg.student.init_uri or plan.teacher_uri}, {ours['tokenizer'][:12]})",
+            ours_name=f"the student's tokenizer ({cfg.student.init_uri or plan.teacher_uri}, {str(ours.get('tokenizer'))[:12]})",
             theirs_name=f"the stage-1 checkpoint {plan.distill_uri} (trained with tokenizer {str(init.get('tokenizer'))[:12]})",
             hint="Stage 2 would read token ids the stage-1 model was not trained on; re-run stage 1.",
         )
