@@ -465,8 +465,8 @@ def register(cfg: PipelineConfig, plan: StagePlan, report: dict[str, Any], paren
     ``mydistill.score`` tag). Every student is registered, passing or not; the decision and its
     reason are tags on the new version and on the register run, and ``decision.json`` there.
     Without tracking (no parent run) or with the registry off, only the decision is returned. A
-    checkpoint registered before with the same score (a nightly run on which nothing changed) is
-    not registered again: the decision says which version it is (``unchanged``).
+    checkpoint registered before (a re-run, a nightly run on which nothing changed) is not
+    registered again: its earlier decision is returned (``reused``).
     """
     reg = cfg.registry
     student = report["models"]["student"]
