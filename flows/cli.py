@@ -177,6 +177,10 @@ def plan(
         since = "first run" if found["first_run"] else (f"changed ({', '.join(parts) or 'content'})" if moved else "unchanged")
         inputs.add_row(name, str(fp["uri"]), fp["sha256"], str(fp.get("files", "—")), f"{fp.get('bytes', 0):,}" if "bytes" in fp else "—", since)
     console.print(inputs)
+    missing = [name for name, fp in p.fingerprints.items() if fp["sha256"] == "missing"]
+    if missing:
+        console.print(f"[yellow]not there yet:[/yellow] {', '.join(missing)} (the demo makes its data and teacher on "
+                      "its first run); the stages' outputs get their final names once these exist")
     stages = Table("stage", "output", "next run", "why", title="stages")
     for stage, uri in p.stage_uris().items():
         s = found["stages"][stage]
