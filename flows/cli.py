@@ -164,7 +164,7 @@ def plan(
 ) -> None:
     """Show each input's fingerprint, where each stage reads and writes, and which stages a run
     would re-run (and why) or answer from their finished artifacts."""
-    from mydistill import changes, io
+    from mydistill import changes
     from mydistill.plan import make_plan
 
     cfg = _load(config, overrides)
