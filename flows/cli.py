@@ -205,19 +205,14 @@ def demo_teacher(
 
 def print_summary(result: dict[str, Any], elapsed: float, currency: str = "USD") -> None:
     report, decision = result["report"], result["decision"]
+    from mydistill.evaluate import summary_table
+
     table = Table(title=f"mydistill — pipeline finished in {elapsed:.0f} s")
-    for column in ("model", "exact match", "% of teacher", "perplexity", "KL to teacher", "top-1 agree", "parameters"):
+    columns, rows = summary_table(report)
+    for column in columns:
         table.add_column(column, justify="right" if column != "model" else "left")
-    for name, m in report["models"].items():
-        table.add_row(
-            name,
-            f"{m['exact_match']:.1%}",
-            f"{m['teacher_retained']:.1%}" if "teacher_retained" in m else "—",
-            f"{m['perplexity']:.3f}",
-            f"{m['kl_to_teacher']:.3f}" if "kl_to_teacher" in m else "—",
-            f"{m['top1_agreement']:.1%}" if "top1_agreement" in m else "—",
-            f"{m['parameters']:,}",
-        )
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
     gate = "[green]passed[/green]" if decision["passed"] else "[yellow]not passed[/yellow]"
     console.print(f"quality gate {gate}: {decision['reason']}")

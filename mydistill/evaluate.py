@@ -1,38 +1,54 @@
-"""The evaluate stage: task metric, perplexity, agreement with the teacher, sizes.
+"""The evaluate stage: answer metrics, perplexity, agreement with the teacher, calibration, sizes.
 
-Every model is scored on the same held-out labelled data:
+Every model (teacher, student, baseline) answers the held-out prompts greedily, each through its
+own tokenizer, and is scored on:
 
-- ``exact_match``: greedy answer (whitespace-stripped) equals the reference;
+- the answer metrics named in ``evaluate.metrics`` (:mod:`mydistill.metrics`: ``exact`` — stored
+  as ``exact_match`` —, ``contains``, ``extract``, ``rouge_l``, ``chrf``; ``judge`` from
+  :mod:`mydistill.judge`), overall and per category when eval rows carry one;
 - ``perplexity``: exp of the mean next-token cross-entropy on the reference responses;
 - ``kl_to_teacher`` / ``top1_agreement``: mean KL(teacher ‖ model) and the share of response
-  positions where both pick the same token, teacher-forced on the references;
+  positions where both pick the same token, teacher-forced on the references: only for a model
+  whose vocabulary is the teacher's (ids mean the same strings);
+- ``text_agreement``: ROUGE-L between the model's answer and the teacher's, for every model, so
+  that models with another tokenizer are compared too;
+- ``calibration_ece``: expected calibration error of the first answer token (confidence = the
+  top token's probability, correct = it is the reference's first token), with
+  ``first_token_accuracy``;
+- ``answer_words`` and ``length_vs_teacher`` (mean answer length over the teacher's: a student
+  that pads its answers shows > 1);
 - ``parameters``.
 
-``teacher_retained`` is a model's exact match as a fraction of the teacher's.
+``teacher_retained`` is a model's ``gate_metric`` score as a fraction of the teacher's; a teacher
+scoring 0 leaves it undefined (None, with ``retained_undefined`` saying why), never 0.
 
 A student distilled step-by-step answers behind its label prefix (``prompt_prefix`` in its
 checkpoint's manifest); each model is prompted with its own prefix ('' for the others), and the
-teacher-forced metrics score the same response tokens for every model.
+teacher-forced metrics score the same response tokens for every model sharing a tokenizer.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from mydistill import io
+from mydistill.metrics import TEXT_METRICS, expected_calibration_error, mean, report_key, rouge_l, score_answers
 from mydistill.models import count_parameters, load_model, load_tokenizer
 from mydistill.tokenization import (
-    IGNORE_INDEX, TokenizedExample, collate, prompt_prefix_of, shift_labels, tokenize_example, with_prefix,
+    IGNORE_INDEX, TokenizedExample, collate, prompt_prefix_of, shift_labels, tokenize_example, tokenizer_sha256, with_prefix,
 )
 
 METRICS_FILE = "metrics.json"
 SAMPLES_FILE = "samples.jsonl"
 PLOT_FILE = "comparison.png"
+# the teacher-forced batch: logits are (B, T, V) floats per model, and V is ~50k-150k for real models
+FORCED_BATCH = 16
 
 
 def normalise_answer(text: str) -> str:
@@ -51,12 +67,16 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[str], *, max_new_
 
 
 @torch.no_grad()
-def response_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits at response positions (M, V) and their target tokens (M,)."""
+def response_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits at response positions (M, V), their target tokens (M,), and for each row the index
+    in those M of its first response position (B,) (-1 for a row with no response token)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = shift_labels(batch["labels"])
     mask = labels != IGNORE_INDEX
-    return logits[mask].float(), labels[mask]
+    counts = mask.sum(1)
+    starts = torch.cumsum(counts, 0) - counts
+    first = torch.where(counts > 0, starts, torch.full_like(starts, -1))
+    return logits[mask].float(), labels[mask], first
 
 
 def _same_responses(examples: dict[str, list[TokenizedExample]]) -> None:
@@ -72,9 +92,11 @@ def _same_responses(examples: dict[str, list[TokenizedExample]]) -> None:
 
 @torch.no_grad()
 def teacher_forced_metrics(
-    models: dict[str, Any], teacher_name: str | None, tokenizer: Any, records: list[dict[str, Any]], max_length: int = 128,
+    models: dict[str, Any], teacher_name: str | None, tokenizer: Any, records: list[dict[str, Any]], max_length: int = 512,
     prompt_prefixes: dict[str, str] | None = None,
 ) -> dict[str, dict[str, float]]:
+    """Perplexity and first-token calibration for ``models`` (which share ``tokenizer``), and KL /
+    top-1 agreement with ``teacher_name`` when it is among them."""
     prefixes = {name: (prompt_prefixes or {}).get(name, "") for name in models}
     examples = {
         prefix: [tokenize_example(tokenizer, with_prefix(prefix, r["prompt"]), r["response"], max_length) for r in records]
@@ -83,9 +105,11 @@ def teacher_forced_metrics(
     if len(examples) > 1:
         _same_responses(examples)
     sums: dict[str, dict[str, float]] = {name: {"nll": 0.0, "kl": 0.0, "agree": 0.0} for name in models}
+    first: dict[str, tuple[list[float], list[bool]]] = {name: ([], []) for name in models}
     count = 0
-    for start in range(0, len(records), 64):
-        batches = {prefix: collate(rows[start : start + 64], tokenizer.pad_token_id) for prefix, rows in examples.items()}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for start in range(0, len(records), FORCED_BATCH):
+        batches = {prefix: collate(rows[start : start + FORCED_BATCH], pad) for prefix, rows in examples.items()}
         outputs = {}
         for name, model in models.items():
             batch = batches[prefixes[name]]
@@ -93,20 +117,39 @@ def teacher_forced_metrics(
         targets = next(iter(outputs.values()))[1].cpu()
         count += targets.numel()
         teacher_logp = F.log_softmax(outputs[teacher_name][0].cpu(), -1) if teacher_name else None
-        for name, (logits, labels) in outputs.items():
+        for name, (logits, labels, starts) in outputs.items():
             logp = F.log_softmax(logits.cpu(), -1)
-            sums[name]["nll"] += F.nll_loss(logp, labels.cpu(), reduction="sum").item()
+            labels = labels.cpu()
+            sums[name]["nll"] += F.nll_loss(logp, labels, reduction="sum").item()
+            rows = starts[starts >= 0].cpu()
+            top_p, top_id = logp[rows].exp().max(-1)
+            first[name][0].extend(top_p.tolist())
+            first[name][1].extend((top_id == labels[rows]).tolist())
             if teacher_logp is not None:
                 sums[name]["kl"] += (teacher_logp.exp() * (teacher_logp - logp)).sum().item()
                 sums[name]["agree"] += (teacher_logp.argmax(-1) == logp.argmax(-1)).sum().item()
+            del logp  # (M, V) fp32 per model: free before the next one
     out = {}
     for name, s in sums.items():
-        metrics = {"perplexity": float(torch.exp(torch.tensor(s["nll"] / max(count, 1))))}
+        confidences, correct = first[name]
+        metrics = {
+            "perplexity": float(torch.exp(torch.tensor(s["nll"] / max(count, 1)))),
+            "calibration_ece": expected_calibration_error(confidences, correct),
+            "first_token_accuracy": mean([float(c) for c in correct]),
+        }
         if teacher_name and name != teacher_name:
             metrics["kl_to_teacher"] = s["kl"] / max(count, 1)
             metrics["top1_agreement"] = s["agree"] / max(count, 1)
         out[name] = metrics
     return out
+
+
+def retention(score: float, teacher_score: float, metric: str) -> tuple[float | None, str | None]:
+    """``score / teacher_score`` and None, or None and why when the teacher scores 0 (a ratio to
+    nothing is undefined, not 0%)."""
+    if teacher_score > 0:
+        return score / teacher_score, None
+    return None, f"the teacher scores 0 on {metric}, so the share of its score a student keeps is undefined"
 
 
 def comparison_figure(report: dict[str, Any]) -> Any:
@@ -116,13 +159,14 @@ def comparison_figure(report: dict[str, Any]) -> Any:
     import matplotlib.pyplot as plt
 
     names = list(report["models"])
-    scores = [report["models"][n]["exact_match"] for n in names]
+    key = report_key(report.get("gate_metric", "exact"))
+    scores = [report["models"][n].get(key, 0.0) for n in names]
     fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
     bars = ax.bar(names, scores, color=["#4c72b0", "#55a868", "#c44e52", "#8172b2"][: len(names)])
     ax.bar_label(bars, labels=[f"{s:.1%}" for s in scores])
     ax.set_ylim(0, 1.1)
-    ax.set_ylabel("exact match")
-    ax.set_title("held-out task accuracy")
+    ax.set_ylabel(key)
+    ax.set_title("held-out task score")
     fig.tight_layout()
     return fig
 
@@ -170,6 +214,9 @@ def loss_curves_figure(histories: dict[str, list[dict[str, float]]]) -> Any:
     return fig
 
 
+JudgeFn = Callable[[Sequence[str], Sequence[str], Sequence[str], Sequence[str] | None], list[float]]
+
+
 def evaluate_models(
     model_uris: dict[str, str],
     eval_uri: str,
@@ -178,6 +225,12 @@ def evaluate_models(
     teacher_name: str | None = "teacher",
     answer_field: str = "answer",
     prompt_field: str = "prompt",
+    category_field: str | None = "category",
+    metrics: Sequence[str] = ("exact", "contains"),
+    extract_pattern: str = "last_number",
+    gate_metric: str = "exact",
+    judge: JudgeFn | None = None,
+    judge_id: str | None = None,
     max_new_tokens: int = 16,
     batch_size: int = 100,
     num_samples: int = 10,
@@ -185,9 +238,18 @@ def evaluate_models(
 ) -> dict[str, Any]:
     """Score every model in ``model_uris`` on ``eval_uri``; write metrics, samples and a plot.
 
-    Returns the report (also ``metrics.json`` under ``output_uri``). Skipped when ``output_uri``
-    already holds a report for the same models and data.
+    ``judge(prompts, answers, references, teacher_answers)`` grades answers for the ``judge``
+    metric (:func:`mydistill.judge.make_judge`); ``judge_id`` names it in the cache key. Returns
+    the report (also ``metrics.json`` under ``output_uri``). Skipped when ``output_uri`` already
+    holds a report for the same models, data and metrics.
     """
+    unknown = [m for m in metrics if m not in (*TEXT_METRICS, "judge")]
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; expected some of {', '.join((*TEXT_METRICS, 'judge'))}")
+    if gate_metric not in metrics:
+        raise ValueError(f"gate metric {gate_metric!r} is not among the computed metrics {list(metrics)}")
+    if "judge" in metrics and judge is None:
+        raise ValueError("the judge metric needs a judge (evaluate.judge: base_url and model)")
     records = io.read_records(eval_uri)
     if not records:
         raise io.DataError(f"{eval_uri}: evaluation set is empty")
@@ -200,6 +262,9 @@ def evaluate_models(
         "models": {name: (io.read_manifest(uri) or {}).get("inputs_sha256", uri) for name, uri in model_uris.items()},
         "eval_sha256": io.records_sha256(records),
         "max_new_tokens": max_new_tokens,
+        "metrics": list(metrics), "gate_metric": gate_metric,
+        **({"extract": extract_pattern} if "extract" in metrics else {}),
+        **({"judge": judge_id} if "judge" in metrics else {}),
         **({"prompt_prefixes": prefixes} if any(prefixes.values()) else {}),
     }
     done = io.manifest_matches(output_uri, inputs)
@@ -208,38 +273,66 @@ def evaluate_models(
 
     prompts = [r[prompt_field] for r in records]
     references = [str(r[answer_field]) for r in records]
-    tokenizer = load_tokenizer(next(iter(model_uris.values())))
+    tokenizers = {name: load_tokenizer(uri) for name, uri in model_uris.items()}
     models = {name: load_model(uri, device=device).eval() for name, uri in model_uris.items()}
     answers = {
         name: generate_answers(
-            model, tokenizer, [with_prefix(prefixes[name], p) for p in prompts], max_new_tokens=max_new_tokens,
+            model, tokenizers[name], [with_prefix(prefixes[name], p) for p in prompts], max_new_tokens=max_new_tokens,
             batch_size=batch_size,
         )
         for name, model in models.items()
     }
-    forced = teacher_forced_metrics(
-        models, teacher_name if teacher_name in models else None, tokenizer,
-        [{"prompt": p, "response": a} for p, a in zip(prompts, references, strict=True)], prompt_prefixes=prefixes,
-    )
-    report: dict[str, Any] = {"num_examples": len(records), "models": {}}
+    teacher = teacher_name if teacher_name in models else None
+    scores = {name: score_answers(metrics, answers[name], references, extract_pattern=extract_pattern) for name in models}
+    if "judge" in metrics:
+        assert judge is not None
+        for name in models:
+            scores[name]["judge"] = judge(prompts, answers[name], references, answers[teacher] if teacher else None)
+
+    # teacher-forced metrics within each group of models sharing a tokenizer: ids fed to a model
+    # must be its own; KL / top-1 agreement only where the teacher is in the same group
+    groups: dict[str, list[str]] = {}
+    for name, tok in tokenizers.items():
+        groups.setdefault(tokenizer_sha256(tok), []).append(name)
+    forced_records = [{"prompt": p, "response": a} for p, a in zip(prompts, references, strict=True)]
+    forced: dict[str, dict[str, float]] = {}
+    for names in groups.values():
+        forced.update(teacher_forced_metrics(
+            {n: models[n] for n in names}, teacher if teacher in names else None, tokenizers[names[0]], forced_records,
+            prompt_prefixes=prefixes,
+        ))
+
+    report: dict[str, Any] = {
+        "num_examples": len(records), "metrics": [report_key(m) for m in metrics], "gate_metric": gate_metric, "models": {},
+    }
     if any(prefixes.values()):
         report["prompt_prefixes"] = {name: prefix for name, prefix in prefixes.items() if prefix}
+    words = {name: [len(a.split()) for a in answers[name]] for name in models}
     for name, model in models.items():
-        correct = sum(normalise_answer(a) == normalise_answer(ref) for a, ref in zip(answers[name], references, strict=True))
-        report["models"][name] = {
-            "exact_match": correct / len(records),
-            "parameters": count_parameters(model),
-            **forced[name],
-        }
-    if teacher_name in report["models"]:
-        teacher_score = report["models"][teacher_name]["exact_match"]
-        teacher_params = report["models"][teacher_name]["parameters"]
+        m: dict[str, Any] = {report_key(k): mean(v) for k, v in scores[name].items()}
+        m.update(parameters=count_parameters(model), answer_words=mean(words[name]), **forced[name])
+        report["models"][name] = m
+    gate_key = report_key(gate_metric)
+    if teacher:
+        t = report["models"][teacher]
         for name, m in report["models"].items():
-            if name != teacher_name:
-                m["teacher_retained"] = m["exact_match"] / teacher_score if teacher_score else 0.0
-                m["parameters_vs_teacher"] = m["parameters"] / teacher_params
+            if name == teacher:
+                continue
+            m["teacher_retained"], why = retention(m[gate_key], t[gate_key], gate_metric)
+            if why:
+                report["retained_undefined"] = why
+            m["parameters_vs_teacher"] = m["parameters"] / t["parameters"]
+            m["text_agreement"] = mean([rouge_l(a, b) for a, b in zip(answers[name], answers[teacher], strict=True)])
+            m["length_vs_teacher"] = m["answer_words"] / t["answer_words"] if t["answer_words"] else None
+            if "kl_to_teacher" not in m:
+                m["tokenizer"] = "differs from the teacher's: text-level agreement only"
+    categories = [r.get(category_field) if category_field else None for r in records]
+    if any(c is not None for c in categories):
+        report["by_category"] = _by_category(categories, scores)
+
     samples = [
-        {"prompt": p, "reference": ref, **{name: answers[name][i] for name in models}}
+        {"prompt": p, "reference": ref, **({"category": categories[i]} if categories[i] is not None else {}),
+         **{name: answers[name][i] for name in models}}
         for i, (p, ref) in enumerate(zip(prompts, references, strict=True))
     ]
     report["samples"] = samples[:num_samples]
@@ -255,3 +348,46 @@ def evaluate_models(
     io.write_json(io.join(output_uri, METRICS_FILE), report)
     io.write_manifest(output_uri, stage="evaluate", inputs=inputs, files=[METRICS_FILE, SAMPLES_FILE, PLOT_FILE])
     return report
+
+
+def _by_category(categories: Sequence[Any], scores: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+    """``{category: {"count": n, model: {metric: mean}}}`` for rows that carry a category."""
+    out: dict[str, Any] = {}
+    for category in sorted({str(c) for c in categories if c is not None}):
+        rows = [i for i, c in enumerate(categories) if c is not None and str(c) == category]
+        out[category] = {"count": len(rows)} | {
+            name: {report_key(k): mean([v[i] for i in rows]) for k, v in per_metric.items()}
+            for name, per_metric in scores.items()
+        }
+    return out
+
+
+def summary_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Column names and formatted rows (one per model) of the report, for the CLI and Prefect
+    summaries: the chosen answer metrics, % of teacher on the gate metric, then the rest."""
+    keys = report.get("metrics") or ["exact_match"]
+    gate = report.get("gate_metric", "exact")
+    undefined = report.get("retained_undefined")
+    columns = ["model", *keys, f"% of teacher ({gate})", "perplexity", "KL to teacher", "top-1 agree",
+               "text agree", "ECE (1st token)", "length × teacher", "parameters"]
+
+    def pct(v: Any) -> str:
+        return f"{v:.1%}" if isinstance(v, (int, float)) else "—"
+
+    def num(v: Any, fmt: str = ".3f") -> str:
+        return format(v, fmt) if isinstance(v, (int, float)) else "—"
+
+    rows = []
+    for name, m in report["models"].items():
+        if "teacher_retained" in m:
+            retained = pct(m["teacher_retained"]) if m["teacher_retained"] is not None else "undefined"
+        else:
+            retained = "—"
+        rows.append([
+            name, *(pct(m.get(k)) for k in keys), retained, num(m.get("perplexity")), num(m.get("kl_to_teacher")),
+            pct(m.get("top1_agreement")), pct(m.get("text_agreement")), num(m.get("calibration_ece")),
+            num(m.get("length_vs_teacher"), ".2f"), f"{m['parameters']:,}",
+        ])
+    if undefined:
+        rows.append([f"note: {undefined}"] + [""] * (len(columns) - 1))
+    return columns, rows

@@ -88,3 +88,94 @@ def check_same_vocabulary(teacher_tokenizer: Any, student_tokenizer: Any) -> Non
         f"id: {moved}. Logit distillation needs one tokenizer: build the student with the "
         "teacher's tokenizer."
     )
+
+
+def cut_student(teacher: Any, layers: list[int]) -> Any:
+    """A student made of the teacher's embeddings, the blocks ``layers`` (in that order), its final
+    norm and output head: a Llama/Qwen/Mistral-style decoder (``model.layers``) with fewer blocks.
+
+    The new model is built from the teacher's config with ``num_hidden_layers=len(layers)`` and
+    loaded from renamed state-dict keys (teacher block ``layers[j]`` → student block ``j``), so every
+    block keeps its own ``layer_idx`` for the KV cache. Raises ValueError for another layout or an
+    index out of range.
+    """
+    import copy
+    import re
+
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(teacher.config)
+    total = getattr(config, "num_hidden_layers", None)
+    if not isinstance(total, int) or not hasattr(getattr(teacher, "model", None), "layers"):
+        raise ValueError(
+            f"cannot cut a student from a {type(teacher).__name__}: expected a decoder with model.layers and "
+            "config.num_hidden_layers (Llama, Qwen, Mistral style)"
+        )
+    bad = [i for i in layers if not 0 <= i < total]
+    if bad or not layers:
+        raise ValueError(f"student layers {bad or layers} out of range: the teacher has {total} blocks (0..{total - 1})")
+    config.num_hidden_layers = len(layers)
+    for per_layer in ("layer_types",):  # per-block settings (sliding vs full attention) follow their block
+        values = getattr(config, per_layer, None)
+        if isinstance(values, list) and len(values) == total:
+            setattr(config, per_layer, [values[i] for i in layers])
+    new_index = {old: new for new, old in enumerate(layers)}
+    block = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+    state = {}
+    for key, value in teacher.state_dict().items():
+        match = block.match(key)
+        if match is None:
+            state[key] = value.clone()  # embeddings, final norm, head
+        elif int(match.group(1)) in new_index:
+            state[f"model.layers.{new_index[int(match.group(1))]}.{match.group(2)}"] = value.clone()
+    student = AutoModelForCausalLM.from_config(config, dtype=next(teacher.parameters()).dtype)
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (getattr(config, "tie_word_embeddings", False) and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"the cut student does not fit its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    student.tie_weights()
+    return student
+
+
+def teacher_fingerprint(uri: str) -> str:
+    """What identifies a model folder cheaply: its manifest's input hash when it has one, else its
+    config and the names and sizes of its files."""
+    from mydistill import io
+
+    manifest = io.read_manifest(uri) or {}
+    if manifest.get("inputs_sha256"):
+        return str(manifest["inputs_sha256"])
+    fs, path = io.filesystem(uri)
+    files = sorted((entry["name"].rsplit("/", 1)[-1], entry.get("size")) for entry in fs.ls(path, detail=True))
+    return io.sha256_of([io.read_json(join(uri, "config.json")), files])
+
+
+def ensure_cut_student(teacher_uri: str, layers: list[int] | None, keep_every: int | None, output_uri: str) -> dict[str, Any]:
+    """Write (once) the student cut from the teacher at ``teacher_uri`` to ``output_uri`` (model + the
+    teacher's tokenizer) with a manifest recording the teacher, its fingerprint and the kept blocks."""
+    from mydistill import io
+
+    config = io.read_json(join(teacher_uri, "config.json"))
+    total = int(config.get("num_hidden_layers", 0))
+    if layers is None:
+        assert keep_every
+        layers = list(range(0, total, keep_every))
+        layers = layers if layers[-1] == total - 1 else [*layers, total - 1]
+    inputs = {"teacher": teacher_fingerprint(teacher_uri), "layers": layers}
+    if io.manifest_matches(output_uri, inputs):
+        return io.read_manifest(output_uri) or {}
+    teacher = load_model(teacher_uri)
+    student = cut_student(teacher, layers)
+    tokenizer = load_tokenizer(teacher_uri)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as local:
+        student.save_pretrained(local)
+        tokenizer.save_pretrained(local)
+        io.copy_dir(local, output_uri)
+    # the manifest last: a folder without one is unfinished and made again
+    return io.write_manifest(
+        output_uri, stage="student-init", inputs=inputs, files=[],
+        extra={"from_teacher": teacher_uri, "teacher_layers": layers, "teacher_num_layers": total,
+               "parameters": count_parameters(student), "teacher_parameters": count_parameters(teacher)},
+    )

@@ -51,6 +51,7 @@ class StagePlan:
     response_cache_uri: str | None = None  # teacher responses kept across runs (generate.reuse_responses)
     # input name -> fingerprint (mydistill.fingerprint) of what it held when the plan was made
     fingerprints: dict[str, Any] = field(default_factory=dict)
+    student_init_uri: str | None = None  # the student cut from the teacher (student.init.from_teacher)
 
     @property
     def student_uri(self) -> str:
@@ -93,8 +94,12 @@ def make_plan(cfg: PipelineConfig) -> StagePlan:
     fps = input_fingerprints(cfg, teacher_uri=teacher_uri, prompts_uri=prompts_uri, real_uri=real_uri, eval_uri=eval_uri)
     sha = {name: fp["sha256"] for name, fp in fps.items()}
     # the student as its stages read it: a pretrained folder (by content) or an architecture
-    student = {**cfg.student.model_dump(), "init": sha.get("student_init")}
     extra = {"extra_teachers": [sha[f"extra_teacher_{i}"] for i in range(len(cfg.distill.extra_teachers))]}
+    student_init = (
+        _key("student-init", sha.get("teacher", teacher_uri), cfg.student.init.model_dump()) if cfg.student.init.from_teacher else None
+    )
+    # the student as its stages read it: a pretrained folder (by content), a cut of the teacher, or an architecture
+    student = {**cfg.student.model_dump(), "init": sha.get("student_init"), "cut_from_teacher": student_init}
 
     generate = _key("generate", teacher_uri, sha["teacher"], teacher_id, prompts_uri, sha["prompts"], cfg.generate.content_params())
     mix = _key("mix", generate, real_uri, sha["real"], cfg.data.model_dump(), cfg.mix.model_dump())
@@ -134,6 +139,7 @@ def make_plan(cfg: PipelineConfig) -> StagePlan:
         signal_uri=io.join(root, f"signal-{signal}") if signal else None,
         response_cache_uri=io.join(root, "response-cache") if cfg.generate.reuse_responses else None,
         fingerprints=fps,
+        student_init_uri=io.join(root, f"student-init-{student_init}") if student_init else None,
     )
 
 

@@ -122,14 +122,16 @@ def teacher_signal(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | No
 
 def train_job(cfg: PipelineConfig, plan: StagePlan, stage: str) -> TrainJob:
     """The training job for ``stage`` in this plan: ``distill``, ``finetune`` or ``baseline``."""
-    init = {"init_uri": cfg.student.init_uri, "arch": None if cfg.student.init_uri else cfg.student.arch.model_dump()}
-    tokenizer_uri = cfg.student.init_uri or plan.teacher_uri
+    init_uri = plan.student_init_uri or cfg.student.init_uri
+    init = {"init_uri": init_uri, "arch": None if init_uri else cfg.student.arch.model_dump()}
+    tokenizer_uri = init_uri or plan.teacher_uri
+    cut = {"student_init": (io.read_manifest(plan.student_init_uri) or {}).get("inputs")} if plan.student_init_uri else {}
     if stage == "distill":
         return TrainJob(
             stage="distill", data_uri=io.join(plan.mix_uri, TRAIN_FILE), val_uri=io.join(plan.mix_uri, VAL_FILE),
             output_uri=plan.distill_uri, tokenizer_uri=tokenizer_uri, teacher_uri=plan.teacher_uri, teacher_dtype=cfg.teacher.dtype,
             signal_uris=_signal_uris(cfg, plan), train=cfg.distill.model_dump(),
-            inputs={**_data_inputs(plan, TRAIN_FILE), **_signal_inputs(cfg, plan), "lineage": student_lineage(cfg, plan)}, **init,
+            inputs={**_data_inputs(plan, TRAIN_FILE), **_signal_inputs(cfg, plan), "lineage": student_lineage(cfg, plan), **cut}, **init,
         )
     if stage == "finetune":
         assert plan.finetune_uri
@@ -150,9 +152,20 @@ def train_job(cfg: PipelineConfig, plan: StagePlan, stage: str) -> TrainJob:
             stage="baseline", data_uri=io.join(plan.mix_uri, TASK_TRAIN_FILE), val_uri=io.join(plan.mix_uri, VAL_FILE),
             output_uri=plan.baseline_uri, tokenizer_uri=tokenizer_uri, train=train,
             # the real data's split alone: the baseline does not depend on the teacher's responses
-            inputs={**_real_split_inputs(plan), "lineage": student_lineage(cfg, plan, with_teacher=False)}, **init,
+            inputs={**_real_split_inputs(plan), "lineage": student_lineage(cfg, plan, with_teacher=False), **cut}, **init,
         )
     raise ValueError(f"unknown training stage {stage!r}; expected distill, finetune or baseline")
+
+
+def prepare_student_init(cfg: PipelineConfig, plan: StagePlan) -> dict[str, Any] | None:
+    """With ``student.init.from_teacher``: cut the student from the teacher once (its blocks
+    ``student.init.layers`` / ``keep_every``) into ``plan.student_init_uri``; returns its manifest."""
+    if not plan.student_init_uri:
+        return None
+    from mydistill.models import ensure_cut_student
+
+    init = cfg.student.init
+    return ensure_cut_student(plan.teacher_uri, init.layers, init.keep_every, plan.student_init_uri)
 
 
 def train(
@@ -170,6 +183,8 @@ def train(
     if stage == "finetune":
         require_done(plan.distill_uri, "distill")
     check_lineage(cfg, plan, stage)  # before anything is written or logged
+    if stage in ("distill", "baseline"):
+        prepare_student_init(cfg, plan)
     job = train_job(cfg, plan, stage)
     sweep_debris(job.output_uri)
     started = time.perf_counter()
@@ -219,16 +234,25 @@ def evaluate(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None = N
     sweep_debris(plan.evaluate_uri)
     started = time.perf_counter()
     with tracking.stage_run(parent_run_id, "evaluate", cfg.tracking.experiment) as run_id:
+        ev = cfg.evaluate
+        judge = judge_id = None
+        if "judge" in ev.metrics:
+            from mydistill.judge import judge_cache_uri, make_judge
+
+            assert ev.judge is not None  # the config requires it with the judge metric
+            judge = make_judge(ev.judge, cache_uri=ev.judge.cache_uri or judge_cache_uri(cfg.work_dir))
+            judge_id = f"{ev.judge.base_url}|{ev.judge.model}|{ev.judge.mode}"
         report = evaluate_models(
             models, plan.eval_uri, plan.evaluate_uri, answer_field=cfg.data.answer_field,
-            prompt_field=cfg.data.prompt_field, max_new_tokens=cfg.evaluate.max_new_tokens,
-            batch_size=cfg.evaluate.batch_size, num_samples=cfg.evaluate.num_samples,
+            prompt_field=cfg.data.prompt_field, category_field=cfg.data.category_field, metrics=ev.metrics,
+            extract_pattern=ev.extract, gate_metric=cfg.registry.gate_metric, judge=judge, judge_id=judge_id,
+            max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, num_samples=ev.num_samples,
         )
         if run_id:
             tracking.log_metrics(run_id, costs.stage_cost(
                 wall_s=time.perf_counter() - started, gpu=_on_gpu("auto"), eval_examples=report["num_examples"] * len(models),
             ))
-            tracking.log_params(run_id, {"evaluate": cfg.evaluate.model_dump(), "models": models})
+            tracking.log_params(run_id, {"evaluate": cfg.evaluate.model_dump(exclude={"judge"}), "models": models})
             tracking.log_dataset(run_id, io.read_records(plan.eval_uri), name="eval", source=plan.eval_uri, context="evaluation")
             tracking.log_metrics(run_id, summary_metrics(report))
             tracking.log_table(run_id, io.read_records(io.join(plan.evaluate_uri, SAMPLES_FILE)), "evaluation/samples.json")
@@ -247,8 +271,18 @@ def evaluate(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None = N
 
 
 def summary_metrics(report: dict[str, Any]) -> dict[str, float]:
-    """Flat ``<model>_<metric>`` numbers from an evaluation report."""
-    return {f"{model}_{k}": float(v) for model, m in report["models"].items() for k, v in m.items() if isinstance(v, (int, float))}
+    """Flat ``<model>_<metric>`` numbers from an evaluation report (and ``<model>_<category>_<metric>``
+    per category); undefined values (None) are left out."""
+    out = {
+        f"{model}_{k}": float(v) for model, m in report["models"].items() for k, v in m.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    for category, row in report.get("by_category", {}).items():
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(category))
+        for model, m in row.items():
+            if isinstance(m, dict):
+                out.update({f"{model}_{safe}_{k}": float(v) for k, v in m.items() if isinstance(v, (int, float))})
+    return out
 
 
 def _on_gpu(device: str) -> bool:
@@ -398,26 +432,32 @@ def _example_prompt(cfg: PipelineConfig, plan: StagePlan) -> str:
 
 def quality_gate(
     score: float, teacher_retained: float | None, *, min_teacher_retained: float, champion: dict[str, Any] | None,
-    beat_champion: bool = True,
+    beat_champion: bool = True, metric: str = "exact", retained_undefined: str | None = None,
 ) -> dict[str, Any]:
     """Decide whether a student may take the alias, and say why in one sentence.
 
-    It passes when it keeps at least ``min_teacher_retained`` of the teacher's exact match and,
-    with ``beat_champion``, scores strictly higher than ``champion`` (``{"version", "score"}`` of
-    the version the alias points to now; None: no champion yet, which passes; a champion with no
-    recorded score cannot be compared and does not block).
+    It passes when it keeps at least ``min_teacher_retained`` of the teacher's ``metric`` score
+    and, with ``beat_champion``, scores strictly higher than ``champion`` (``{"version", "score",
+    "metric"}`` of the version the alias points to now; None: no champion yet, which passes; a
+    champion with no recorded score, or one scored on another metric, cannot be compared and does
+    not block). ``retained_undefined`` says why there is no share to compare (a teacher scoring 0):
+    the gate then does not pass.
     """
     if teacher_retained is None:
-        passed, reasons = False, ["no teacher score to compare with"]
+        passed, reasons = False, [f"% of teacher retained is undefined: {retained_undefined}" if retained_undefined
+                                  else "no teacher score to compare with"]
     else:
         passed = teacher_retained >= min_teacher_retained
         relation = "at least" if passed else "below"
-        reasons = [f"student keeps {teacher_retained:.1%} of the teacher's exact match ({relation} the gate's {min_teacher_retained:.0%})"]
+        said = "exact match" if metric == "exact" else metric
+        reasons = [f"student keeps {teacher_retained:.1%} of the teacher's {said} ({relation} the gate's {min_teacher_retained:.0%})"]
     if beat_champion:
         if champion is None:
             reasons.append("no champion yet")
         elif champion.get("score") is None:
             reasons.append(f"champion v{champion['version']} has no recorded score to beat")
+        elif champion.get("metric", "exact") != metric:
+            reasons.append(f"champion v{champion['version']} was scored on {champion.get('metric', 'exact')}, not {metric}: not compared")
         elif score > champion["score"]:
             reasons.append(f"beats champion v{champion['version']} ({score:.3f} > {champion['score']:.3f})")
         else:
@@ -426,6 +466,7 @@ def quality_gate(
     return {
         "passed": passed,
         "reason": "; ".join(reasons),
+        "metric": metric,
         "score": score,
         "teacher_retained": teacher_retained,
         "threshold": min_teacher_retained,
@@ -461,18 +502,24 @@ def register(cfg: PipelineConfig, plan: StagePlan, report: dict[str, Any], paren
     """Register the student in the MLflow model registry; move the alias only if the gate passes.
 
     The gate (:func:`quality_gate`): the student keeps at least ``registry.min_teacher_retained``
-    of the teacher's exact match and beats the version the alias points to now (its
+    of the teacher's ``registry.gate_metric`` score and beats the version the alias points to now (its
     ``mydistill.score`` tag). Every student is registered, passing or not; the decision and its
     reason are tags on the new version and on the register run, and ``decision.json`` there.
     Without tracking (no parent run) or with the registry off, only the decision is returned. A
     checkpoint registered before (a re-run, a nightly run on which nothing changed) is not
     registered again: its earlier decision is returned (``reused``).
     """
+    from mydistill.metrics import report_key
+
     reg = cfg.registry
     student = report["models"]["student"]
-    score, retained = float(student["exact_match"]), student.get("teacher_retained")
+    metric = report.get("gate_metric", reg.gate_metric)
+    score, retained = float(student[report_key(metric)]), student.get("teacher_retained")
+    gate = {"metric": metric, "retained_undefined": report.get("retained_undefined")}
     if not reg.enabled or parent_run_id is None:
-        decision = quality_gate(score, retained, min_teacher_retained=reg.min_teacher_retained, champion=None, beat_champion=False)
+        decision = quality_gate(
+            score, retained, min_teacher_retained=reg.min_teacher_retained, champion=None, beat_champion=False, **gate,
+        )
         return {**decision, "registered": False}
     # exactly once per checkpoint: a re-run (or a run killed after registering) finds its version
     fingerprint = (io.read_manifest(plan.student_uri) or {}).get("inputs_sha256")
@@ -485,9 +532,13 @@ def register(cfg: PipelineConfig, plan: StagePlan, report: dict[str, Any], paren
         champion = tracking.alias_holder(reg.model_name, reg.alias) if reg.beat_champion else None
         decision = quality_gate(
             score, retained, min_teacher_retained=reg.min_teacher_retained, champion=champion, beat_champion=reg.beat_champion,
+            **gate,
         )
         tracking.log_params(run_id, {"register": reg.model_dump(), "student_uri": plan.student_uri})
-        tracking.log_metrics(run_id, {tracking.SCORE_METRIC: score, **({"teacher_retained": retained} if retained is not None else {})})
+        tracking.log_metrics(run_id, {
+            "gate_score": score, **({tracking.SCORE_METRIC: score} if metric == "exact" else {}),
+            **({"teacher_retained": retained} if retained is not None else {}),
+        })
         model = log_model(cfg, plan, run_id, plan.student_uri)  # found: the training stage logged it
         # the pipeline run lists its student under "Logged models"; the register run took it as input
         tracking.link_model(parent_run_id, model["model_id"], as_output=True)
@@ -496,7 +547,8 @@ def register(cfg: PipelineConfig, plan: StagePlan, report: dict[str, Any], paren
             reg.model_name, model, register_run_id=run_id,
             tags={
                 "gate_passed": str(decision["passed"]), "gate_reason": decision["reason"], "student_uri": plan.student_uri,
-                tracking.SCORE_TAG: f"{score:.6f}", **({STUDENT_TAG: fingerprint} if fingerprint else {}),
+                tracking.SCORE_TAG: f"{score:.6f}", tracking.SCORE_METRIC_TAG: metric,
+                **({STUDENT_TAG: fingerprint} if fingerprint else {}),
                 **({"teacher_retained": f"{retained:.6f}"} if retained is not None else {}),
                 **({"champion_before": f"v{decision['champion_version']}"} if decision["champion_version"] else {}),
                 # a student distilled step-by-step answers behind its label prefix: whoever serves it needs it

@@ -412,6 +412,7 @@ def set_model_alias(name: str, alias: str, version: str) -> None:
 
 SCORE_TAG = "mydistill.score"
 SCORE_METRIC = "student_exact_match"
+SCORE_METRIC_TAG = "mydistill.score_metric"  # which evaluate metric the score is (absent: exact, as before)
 UI_URL_ENV = "MYDISTILL_MLFLOW_UI_URL"
 _NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
@@ -435,7 +436,8 @@ def alias_holder(name: str, alias: str) -> dict[str, Any] | None:
         score = float(version.tags[SCORE_TAG])
     elif version.run_id:
         score = c.get_run(version.run_id).data.metrics.get(SCORE_METRIC)
-    return {"version": str(version.version), "score": score, "run_id": version.run_id}
+    metric = version.tags.get(SCORE_METRIC_TAG, "exact")
+    return {"version": str(version.version), "score": score, "run_id": version.run_id, "metric": metric}
 
 
 def set_model_version_tags(name: str, version: str, tags: Mapping[str, Any]) -> None:

@@ -21,6 +21,7 @@ from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 
 from mydistill import changes, costs, io, stage_functions, tracking
 from mydistill.config import PipelineConfig
+from mydistill.metrics import report_key
 from mydistill.plan import StagePlan
 
 
@@ -179,7 +180,8 @@ def evaluate(config: PipelineConfig, plan: StagePlan, output_uri: str, parent_ru
         retained = report["models"].get("student", {}).get("teacher_retained")
         spent = costs.cost_lines(costs.priced(costs.total_cost(tracking.child_metrics(parent_run_id)), config.costs, retained), config.costs.currency)
     create_markdown_artifact(markdown=report_markdown(report, mlflow_run, spent), key="evaluation", description="Student vs teacher vs baseline")
-    get_run_logger().info("evaluation: %s", {m: round(v["exact_match"], 3) for m, v in report["models"].items()})
+    key = report_key(report.get("gate_metric", "exact"))
+    get_run_logger().info("evaluation (%s): %s", key, {m: round(v[key], 3) for m, v in report["models"].items()})
     return report
 
 
@@ -271,15 +273,18 @@ def close_pipeline_run(
 
 def report_markdown(report: dict[str, Any], mlflow_run: dict[str, Any] | None = None, cost: list[str] | None = None) -> str:
     """The evaluation table, and where the MLflow run is (a link with a server, the run id with a local store)."""
-    lines = [
-        "| model | exact match | % of teacher | perplexity | KL to teacher | top-1 agreement | parameters |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, m in report["models"].items():
-        retained = f"{m['teacher_retained']:.1%}" if "teacher_retained" in m else "—"
-        kl = f"{m['kl_to_teacher']:.3f}" if "kl_to_teacher" in m else "—"
-        agree = f"{m['top1_agreement']:.1%}" if "top1_agreement" in m else "—"
-        lines.append(f"| {name} | {m['exact_match']:.1%} | {retained} | {m['perplexity']:.3f} | {kl} | {agree} | {m['parameters']:,} |")
+    from mydistill.evaluate import summary_table
+
+    columns, rows = summary_table(report)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows if not row[0].startswith("note: ")]
+    if report.get("retained_undefined"):
+        lines += ["", f"**% of teacher retained is undefined:** {report['retained_undefined']}."]
+    for category, row in report.get("by_category", {}).items():
+        scores = "; ".join(
+            f"{model} " + ", ".join(f"{k} {v:.1%}" for k, v in m.items()) for model, m in row.items() if isinstance(m, dict)
+        )
+        lines.append(f"- *{category}* ({row['count']}): {scores}")
     if mlflow_run:
         if mlflow_run.get("url"):
             where = f"[run {mlflow_run['run_id']}]({mlflow_run['url']}) (experiment {mlflow_run['experiment_id']})"

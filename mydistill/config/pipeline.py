@@ -66,6 +66,52 @@ class TeacherSpec(_Section):
     )
 
 
+class StudentInit(_Section):
+    """A student cut from the teacher: its embeddings, some of its blocks, final norm and head."""
+
+    from_teacher: bool = Field(
+        False, description="Start the student from the teacher's own weights (Llama/Qwen/Mistral-style decoders)."
+    )
+    layers: list[int] | None = Field(
+        None, description="Teacher blocks to keep, in order (0-based), e.g. [0, 2, 4, 29]."
+    )
+    keep_every: int | None = Field(
+        None, gt=0, description="Keep every k-th teacher block (0, k, 2k, …) plus the last one; instead of `layers`."
+    )
+
+    @model_validator(mode="after")
+    def _one_choice_of_layers(self) -> StudentInit:
+        if not self.from_teacher:
+            if self.layers is not None or self.keep_every is not None:
+                raise ValueError("layers / keep_every choose teacher blocks, so they need from_teacher: true")
+            return self
+        if (self.layers is None) == (self.keep_every is None):
+            raise ValueError("from_teacher: give exactly one of layers (a list of block indices) or keep_every")
+        if self.layers is not None:
+            if not self.layers:
+                raise ValueError("layers: keep at least one block")
+            bad = [i for i in self.layers if i < 0]
+            if bad:
+                raise ValueError(f"layers: block indices start at 0 (got {bad})")
+            if sorted(set(self.layers)) != self.layers:
+                raise ValueError(f"layers: give distinct indices in increasing order (got {self.layers})")
+        return self
+
+    def chosen_layers(self, num_teacher_layers: int) -> list[int]:
+        """The teacher blocks kept; raises ValueError for an index past the teacher's last block."""
+        if self.layers is not None:
+            too_big = [i for i in self.layers if i >= num_teacher_layers]
+            if too_big:
+                raise ValueError(
+                    f"student.init.layers {too_big} out of range: the teacher has {num_teacher_layers} blocks "
+                    f"(0..{num_teacher_layers - 1})"
+                )
+            return list(self.layers)
+        assert self.keep_every is not None
+        kept = list(range(0, num_teacher_layers, self.keep_every))
+        return kept if kept[-1] == num_teacher_layers - 1 else [*kept, num_teacher_layers - 1]
+
+
 class StudentSpec(_Section):
     init_uri: str | None = Field(
         None,
@@ -79,6 +125,17 @@ class StudentSpec(_Section):
         "on a GPU that supports it, else float32. Training keeps float32 master weights (DeepSpeed's bf16 "
         "section sets the compute precision).",
     )
+    init: StudentInit = Field(
+        default_factory=StudentInit,
+        description="Cut the student from the teacher (from_teacher: true with layers or keep_every) instead of "
+        "building it from `arch`.",
+    )
+
+    @model_validator(mode="after")
+    def _one_start(self) -> StudentSpec:
+        if self.init.from_teacher and self.init_uri:
+            raise ValueError("give either init_uri (a pretrained student) or init.from_teacher, not both")
+        return self
 
 
 class DataConfig(_Section):
@@ -87,6 +144,9 @@ class DataConfig(_Section):
     eval_uri: str | None = Field(None, description="Held-out labelled data for evaluation.")
     prompt_field: str = Field("prompt", description="Record field holding the prompt.")
     answer_field: str = Field("answer", description="Record field holding the reference answer in real/eval data.")
+    category_field: str | None = Field(
+        "category", description="Eval record field naming a category (scores are also reported per category); empty: none."
+    )
 
 
 class DemoConfig(_Section):
@@ -263,7 +323,41 @@ class FinetuneConfig(TrainConfig):
     enabled: bool = Field(True, description="Run stage 2 (fine-tune on the real task data).")
 
 
+class JudgeConfig(_Section):
+    """An OpenAI-compatible chat model that grades answers (the `judge` metric)."""
+
+    base_url: str = Field(..., description="Base URL of the OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1.")
+    model: str = Field(..., description="Model name the judge requests ask for.")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="Environment variable holding the API key (never the key itself); unset: no key sent."
+    )
+    mode: Literal["reference", "pairwise"] = Field(
+        "reference",
+        description="'reference': grade each answer against the reference (1 correct / 0 not). 'pairwise': compare "
+        "each model's answer with the teacher's, asked twice with the order swapped to cancel position bias "
+        "(1 model better, 0.5 tie, 0 teacher better).",
+    )
+    timeout_s: float = Field(30.0, gt=0, description="Seconds per request.")
+    max_retries: int = Field(2, ge=0, description="Retries on a 5xx or connection error (a 4xx is not retried).")
+    cache_uri: str | None = Field(
+        None, description="Where verdicts are cached (JSONL keyed by prompt, answers and judge). Empty: <work_dir>/judge-cache."
+    )
+
+
 class EvaluateConfig(_Section):
+    metrics: list[str] = Field(
+        default_factory=lambda: ["exact", "contains"],
+        description="Answer metrics computed for every model: exact (normalised case/whitespace/trailing punctuation), "
+        "contains (reference as a whole word/number in the answer), extract (see `extract`, then exact), rouge_l, chrf, "
+        "judge (see `judge`). Perplexity, KL / top-1 agreement with the teacher, calibration and answer length are "
+        "always reported.",
+    )
+    extract: str = Field(
+        "last_number",
+        description="For the extract metric: 'last_number', 'after_answer' (text after 'Answer:'), or a regular "
+        "expression (group 1 if it has one, else the whole match).",
+    )
+    judge: JudgeConfig | None = Field(None, description="The grading model for the judge metric.")
     max_new_tokens: int = Field(16, gt=0, description="Tokens generated per answer.")
     batch_size: int = Field(100, gt=0, description="Prompts per generation batch.")
     num_samples: int = Field(10, ge=0, description="Example generations logged per model.")
@@ -271,18 +365,47 @@ class EvaluateConfig(_Section):
         True, description="Train a baseline student on the real data alone with the same step budget, for comparison."
     )
 
+    @model_validator(mode="after")
+    def _metrics_known(self) -> EvaluateConfig:
+        import re
+
+        from mydistill.metrics import EXTRACT_PRESETS, METRIC_NAMES
+
+        unknown = [m for m in self.metrics if m not in METRIC_NAMES]
+        if unknown:
+            raise ValueError(f"metrics: unknown {unknown}; expected some of {', '.join(METRIC_NAMES)}")
+        if not self.metrics:
+            raise ValueError("metrics: give at least one, e.g. [exact, contains]")
+        if len(set(self.metrics)) != len(self.metrics):
+            raise ValueError(f"metrics: {self.metrics} names a metric twice")
+        if self.extract not in EXTRACT_PRESETS:
+            try:
+                re.compile(self.extract)
+            except re.error as e:
+                raise ValueError(
+                    f"extract: {self.extract!r} is neither {' nor '.join(EXTRACT_PRESETS)} nor a valid regular expression ({e})"
+                ) from None
+        if "judge" in self.metrics and self.judge is None:
+            raise ValueError("metrics: judge needs the `judge` section (base_url, model) naming the grading model")
+        return self
+
 
 class RegisterConfig(_Section):
     enabled: bool = Field(True, description="Register the student in the MLflow model registry.")
     model_name: str = Field("mydistill-student", description="Registered model name.")
     alias: str = Field("champion", description="Alias moved to the new version when it passes the gate.")
+    gate_metric: str = Field(
+        "exact",
+        description="The evaluate.metrics entry the quality gate and '% of teacher retained' use (e.g. contains for "
+        "free-text answers).",
+    )
     min_teacher_retained: float = Field(
         0.8, ge=0, le=1, description="Quality gate: the student must keep at least this fraction of the teacher's score."
     )
     beat_champion: bool = Field(
         True,
         description="Quality gate: the student must also score higher than the version the alias points to now "
-        "(no such version yet: passes). Scores are exact match on the eval set, so keep one model name per eval set.",
+        "(no such version yet: passes). Scores are gate_metric on the eval set, so keep one model name per eval set and metric.",
     )
 
 
@@ -387,6 +510,33 @@ class PipelineConfig(_Section):
             ]
             if missing:
                 raise ValueError(f"without `demo`, these must be set: {', '.join(missing)}")
+        return self
+
+    @model_validator(mode="after")
+    def _student_layers_exist(self) -> PipelineConfig:
+        # checked here when the teacher is a local folder, so a wrong index fails before any work;
+        # an s3:// teacher is checked when the student is cut
+        init, uri = self.student.init, self.teacher.uri
+        if init.from_teacher and uri and "://" not in uri:
+            config = Path(uri) / "config.json"
+            if config.exists():
+                import json
+
+                layers = json.loads(config.read_text()).get("num_hidden_layers")
+                if isinstance(layers, int):
+                    try:
+                        init.chosen_layers(layers)
+                    except ValueError as e:
+                        raise ValueError(f"{e} ({config})") from None
+        return self
+
+    @model_validator(mode="after")
+    def _gate_metric_computed(self) -> PipelineConfig:
+        if self.registry.gate_metric not in self.evaluate.metrics:
+            raise ValueError(
+                f"registry.gate_metric {self.registry.gate_metric!r} is not computed: add it to evaluate.metrics "
+                f"(now {self.evaluate.metrics}) or gate on one of those"
+            )
         return self
 
     @model_validator(mode="after")

@@ -81,12 +81,36 @@ def test_new_experiments_open_as_model_training_in_the_ui():
         (0.8, 0.95, {"version": "2", "score": 0.8}, False, "does not beat champion v2 (0.800 ≤ 0.800)"),
         (0.9, 0.95, {"version": "2", "score": None}, True, "champion v2 has no recorded score to beat"),
         (0.9, None, None, False, "no teacher score to compare with"),
+        (0.9, 0.95, {"version": "2", "score": 0.95, "metric": "contains"}, True, "scored on contains, not exact: not compared"),
     ],
 )
 def test_quality_gate(score, retained, champion, passed, reason):
     decision = stage_functions.quality_gate(score, retained, min_teacher_retained=0.8, champion=champion)
     assert decision["passed"] is passed
     assert reason in decision["reason"]
+
+
+def test_a_teacher_scoring_zero_makes_retention_undefined_and_fails_the_gate():
+    from mydistill.evaluate import retention
+
+    assert retention(0.4, 0.8, "contains") == (0.5, None)
+    retained, why = retention(0.4, 0.0, "contains")
+    assert retained is None and "teacher scores 0 on contains" in why and "undefined" in why
+    decision = stage_functions.quality_gate(0.4, None, min_teacher_retained=0.8, champion=None, metric="contains",
+                                            retained_undefined=why)
+    assert not decision["passed"]
+    assert decision["reason"].startswith("% of teacher retained is undefined: the teacher scores 0 on contains")
+
+
+def test_the_gate_uses_the_configured_metric():
+    from mydistill.config import load_config
+    from mydistill.plan import make_plan
+
+    cfg = load_config("demo", ["evaluate.metrics=[exact, contains]", "registry.gate_metric=contains", "registry.enabled=false"])
+    report = {"gate_metric": "contains", "models": {"student": {"exact_match": 0.0, "contains": 0.9, "teacher_retained": 0.9}}}
+    decision = stage_functions.register(cfg, make_plan(cfg), report)
+    assert decision["passed"] and decision["score"] == 0.9 and decision["metric"] == "contains"
+    assert "90.0% of the teacher's contains" in decision["reason"]
 
 
 def test_beating_the_champion_can_be_switched_off():
@@ -170,6 +194,7 @@ def test_a_champion_without_a_score_tag_is_read_from_its_run(registry):
     tracking.client().delete_model_version_tag(name, first["version"], tracking.SCORE_TAG)
     assert tracking.alias_holder(name, "champion") == {
         "version": first["version"], "score": pytest.approx(0.5), "run_id": tracking.client().get_model_version(name, first["version"]).run_id,
+        "metric": "exact",
     }
 
 

@@ -23,7 +23,7 @@ def test_report_markdown_links_to_the_mlflow_run_on_a_server():
         "run_id": "abc123", "experiment_id": "7", "url": "http://127.0.0.1:5000/#/experiments/7/runs/abc123",
         "tracking_uri": "http://127.0.0.1:5000",
     })
-    assert "| student | 81.0% | 90.0% | 1.900 | 0.120 | 95.0% | 150,000 |" in md
+    assert "| student | 81.0% | 90.0% | 1.900 | 0.120 | 95.0% | — | — | — | 150,000 |" in md
     assert "[run abc123](http://127.0.0.1:5000/#/experiments/7/runs/abc123) (experiment 7)" in md
 
 
@@ -31,6 +31,24 @@ def test_report_markdown_names_the_run_in_a_local_store():
     md = t.report_markdown(REPORT, {"run_id": "abc123", "experiment_id": "7", "url": None, "tracking_uri": "sqlite:///x.db"})
     assert "run `abc123` in `sqlite:///x.db`" in md and "](" not in md
     assert "MLflow" not in t.report_markdown(REPORT)
+
+
+def test_report_markdown_shows_the_chosen_metrics_categories_and_undefined_retention():
+    report = {
+        "metrics": ["contains", "rouge_l"], "gate_metric": "contains",
+        "retained_undefined": "the teacher scores 0 on contains, so the share of its score a student keeps is undefined",
+        "models": {
+            "teacher": {"contains": 0.0, "rouge_l": 0.2, "perplexity": 3.0, "parameters": 10},
+            "student": {"contains": 0.5, "rouge_l": 0.25, "perplexity": 4.0, "parameters": 5, "teacher_retained": None,
+                        "text_agreement": 0.4, "calibration_ece": 0.1, "length_vs_teacher": 1.5},
+        },
+        "by_category": {"capital": {"count": 2, "teacher": {"contains": 0.0}, "student": {"contains": 0.5}}},
+    }
+    md = t.report_markdown(report)
+    assert md.splitlines()[0].startswith("| model | contains | rouge_l | % of teacher (contains) |")
+    assert "| student | 50.0% | 25.0% | undefined | 4.000 | — | — | 40.0% | 0.100 | 1.50 | 5 |" in md
+    assert "**% of teacher retained is undefined:** the teacher scores 0 on contains" in md
+    assert "- *capital* (2): teacher contains 0.0%; student contains 50.0%" in md
 
 
 def test_decision_markdown():
