@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from mydistill import io
-from mydistill.metrics import TEXT_METRICS, expected_calibration_error, mean, report_key, rouge_l, score_answers
+from mydistill.metrics import TEXT_METRICS, answer_agreement, expected_calibration_error, mean, report_key, score_answers
 from mydistill.models import count_parameters, load_model, load_tokenizer
 from mydistill.tokenization import (
     IGNORE_INDEX, TokenizedExample, collate, prompt_prefix_of, shift_labels, tokenize_example, tokenizer_sha256, with_prefix,
@@ -67,9 +67,16 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[str], *, max_new_
 
 
 @torch.no_grad()
-def response_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits at response positions (M, V), their target tokens (M,), and for each row the index
-    in those M of its first response position (B,) (-1 for a row with no response token)."""
+def response_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at response positions (M, V) and their target tokens (M,)."""
+    logits, labels, _ = response_logits_and_starts(model, batch)
+    return logits, labels
+
+
+@torch.no_grad()
+def response_logits_and_starts(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`response_logits`, and for each row the index among those M of its first response
+    position (B,) (-1 for a row with no response token)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = shift_labels(batch["labels"])
     mask = labels != IGNORE_INDEX
@@ -113,7 +120,7 @@ def teacher_forced_metrics(
         outputs = {}
         for name, model in models.items():
             batch = batches[prefixes[name]]
-            outputs[name] = response_logits(model, {k: v.to(model.device) for k, v in batch.items()})
+            outputs[name] = response_logits_and_starts(model, {k: v.to(model.device) for k, v in batch.items()})
         targets = next(iter(outputs.values()))[1].cpu()
         count += targets.numel()
         teacher_logp = F.log_softmax(outputs[teacher_name][0].cpu(), -1) if teacher_name else None
@@ -322,7 +329,7 @@ def evaluate_models(
             if why:
                 report["retained_undefined"] = why
             m["parameters_vs_teacher"] = m["parameters"] / t["parameters"]
-            m["text_agreement"] = mean([rouge_l(a, b) for a, b in zip(answers[name], answers[teacher], strict=True)])
+            m["text_agreement"] = mean([answer_agreement(a, b) for a, b in zip(answers[name], answers[teacher], strict=True)])
             m["length_vs_teacher"] = m["answer_words"] / t["answer_words"] if t["answer_words"] else None
             if "kl_to_teacher" not in m:
                 m["tokenizer"] = "differs from the teacher's: text-level agreement only"

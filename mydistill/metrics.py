@@ -116,6 +116,12 @@ def _rouge_scorer():
     return _SCORER
 
 
+def answer_agreement(answer: str, other: str) -> float:
+    """How alike two models' answers are: 1 when equal after normalisation (even if both are
+    empty or wordless, where ROUGE has nothing to count), else ROUGE-L F1."""
+    return 1.0 if normalise_text(answer) == normalise_text(other) else rouge_l(answer, other)
+
+
 def text_metric(name: str, *, extract_pattern: str = "last_number") -> Callable[[str, str], float]:
     """The ``(answer, reference) -> score`` function for a text metric name."""
     if name == "extract":
