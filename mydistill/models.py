@@ -175,7 +175,6 @@ def ensure_cut_student(teacher_uri: str, layers: list[int] | None, keep_every: i
         io.copy_dir(local, output_uri)
     # the manifest last: a folder without one is unfinished and made again
     return io.write_manifest(
-        output_uri, stage="student-init", inputs=inputs, files=[],
-        extra={"from_teacher": teacher_uri, "teacher_layers": layers, "teacher_num_layers": total,
-               "parameters": count_parameters(student), "teacher_parameters": count_parameters(teacher)},
+        output_uri, stage="student-init", inputs=inputs, files=[], from_teacher=teacher_uri, teacher_layers=layers,
+        teacher_num_layers=total, parameters=count_parameters(student), teacher_parameters=count_parameters(teacher),
     )

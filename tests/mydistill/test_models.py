@@ -69,3 +69,57 @@ def test_load_model_takes_a_dtype(tiny_model_dir):
 
     assert next(load_model(tiny_model_dir).parameters()).dtype == torch.float32
     assert next(load_model(tiny_model_dir, dtype="bfloat16").parameters()).dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------------------------
+# a student cut from the teacher
+
+
+def test_a_student_cut_from_the_teacher_keeps_its_embeddings_chosen_blocks_norm_and_head(demo_tokenizer):
+    import torch
+
+    from mydistill.models import build_model, cut_student
+
+    arch = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "intermediate_size": 64,
+            "max_position_embeddings": 64, "tie_word_embeddings": False}
+    teacher = build_model(arch, demo_tokenizer, seed=1).eval()
+    student = cut_student(teacher, [0, 3]).eval()
+    assert student.config.num_hidden_layers == 2 and teacher.config.num_hidden_layers == 4
+    t, s = teacher.state_dict(), student.state_dict()
+    assert torch.equal(s["model.embed_tokens.weight"], t["model.embed_tokens.weight"])
+    assert torch.equal(s["model.layers.1.mlp.up_proj.weight"], t["model.layers.3.mlp.up_proj.weight"])
+    assert torch.equal(s["model.norm.weight"], t["model.norm.weight"])
+    assert torch.equal(s["lm_head.weight"], t["lm_head.weight"])
+    assert [layer.self_attn.layer_idx for layer in student.model.layers] == [0, 1]  # KV-cache slots renumbered
+    # all blocks kept: the same function as the teacher
+    ids = torch.tensor([[1, 5, 9, 12]])
+    with torch.no_grad():
+        assert torch.allclose(cut_student(teacher, [0, 1, 2, 3])(ids).logits, teacher(ids).logits, atol=1e-5)
+        assert student.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 7)
+    with pytest.raises(ValueError, match=r"out of range: the teacher has 4 blocks \(0..3\)"):
+        cut_student(teacher, [0, 4])
+
+
+def test_the_cut_is_written_once_with_its_layers_in_the_manifest(tmp_path, tiny_model_dir):
+    from mydistill import io
+    from mydistill.models import ensure_cut_student, load_model
+
+    out = str(tmp_path / "cut")
+    manifest = ensure_cut_student(tiny_model_dir, None, 1, out)
+    assert manifest["teacher_layers"] == [0] and manifest["from_teacher"] == tiny_model_dir
+    assert load_model(out).config.num_hidden_layers == 1 and io.exists(f"{out}/tokenizer.json")
+    assert ensure_cut_student(tiny_model_dir, None, 1, out) == manifest  # found, not made again
+
+
+def test_student_init_is_checked_before_any_work(tmp_path, tiny_model_dir):
+    from mydistill.config import ConfigError, load_config
+
+    base = [f"teacher.uri={tiny_model_dir}"]
+    with pytest.raises(ConfigError, match=r"student.init.layers \[1\] out of range: the teacher has 1 blocks"):
+        load_config("demo", [*base, "student.init={from_teacher: true, layers: [0, 1]}"])
+    with pytest.raises(ConfigError, match="exactly one of layers"):
+        load_config("demo", [*base, "student.init={from_teacher: true}"])
+    with pytest.raises(ConfigError, match="distinct indices in increasing order"):
+        load_config("demo", [*base, "student.init={from_teacher: true, layers: [2, 0]}"])
+    cfg = load_config("demo", [*base, "student.init={from_teacher: true, keep_every: 2}"])
+    assert cfg.student.init.chosen_layers(5) == [0, 2, 4] and cfg.student.init.chosen_layers(4) == [0, 2, 3]
