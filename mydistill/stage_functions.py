@@ -96,6 +96,8 @@ def teacher_signal(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | No
     # what the store is made with, concretely: the loss temperature and the mode 'auto' stands for
     signal_cfg = cfg.signal.model_copy(update={"temperature": signal_temperature(cfg), "mode": signal_mode(cfg)})
     sweep_debris(plan.signal_uri)
+    # the store covers the examples as the distill stage will cut them
+    max_length = cfg.distill.max_length or _with_lengths(train_job(cfg, plan, "distill"))[1]["max_length"]
     started = time.perf_counter()
     with tracking.stage_run(parent_run_id, "signal", cfg.tracking.experiment) as run_id:
         if cfg.signal.backend == "openai":  # a served teacher scores the mix; the student's tokenizer checks it
@@ -103,11 +105,11 @@ def teacher_signal(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | No
 
             manifest = compute_served_signal(
                 data_uri, cfg.student.init_uri or plan.teacher_uri, plan.signal_uri, cfg=signal_cfg,
-                max_length=cfg.distill.max_length, temperature=signal_cfg.temperature,
+                max_length=max_length, temperature=signal_cfg.temperature,
             )
         else:
             manifest = compute_teacher_signal(
-                data_uri, plan.teacher_uri, plan.signal_uri, max_length=cfg.distill.max_length, teacher_id=plan.teacher_id,
+                data_uri, plan.teacher_uri, plan.signal_uri, max_length=max_length, teacher_id=plan.teacher_id,
                 cfg=signal_cfg, divergence=cfg.distill.loss.divergence,
                 lineage={**teacher_lineage(plan), "temperature": signal_cfg.temperature, "k": signal_cfg.k},
             )
@@ -168,6 +170,43 @@ def prepare_student_init(cfg: PipelineConfig, plan: StagePlan) -> dict[str, Any]
     return ensure_cut_student(plan.teacher_uri, init.layers, init.keep_every, plan.student_init_uri)
 
 
+def job_lengths(job: TrainJob, train_cfg: Any = None) -> dict[str, Any]:
+    """:func:`~mydistill.tokenization.length_report` for a training job's data and tokenizer: the
+    ``max_length`` it needs (when the job leaves it empty) capped by the student's positions, and
+    how many examples do not fit."""
+    from mydistill.config import TrainConfig
+    from mydistill.models import load_tokenizer
+    from mydistill.tokenization import length_report
+
+    train_cfg = train_cfg or TrainConfig.model_validate({k: v for k, v in job.train.items() if k in TrainConfig.model_fields})
+    cap = train_cfg.max_length_cap
+    positions = (job.arch or {}).get("max_position_embeddings")
+    if positions is None and job.init_uri and io.exists(io.join(job.init_uri, "config.json")):
+        positions = io.read_json(io.join(job.init_uri, "config.json")).get("max_position_embeddings")
+    if isinstance(positions, int):
+        cap = min(cap, positions)
+    records = io.read_records(job.data_uri)
+    return length_report(
+        [r for r in records if "prompt" in r and "response" in r], load_tokenizer(job.tokenizer_uri),
+        max_length=train_cfg.max_length, percentile=train_cfg.max_length_percentile, cap=cap,
+        prompt_prefix=prompt_prefix_of(job.init_uri),
+    )
+
+
+def _with_lengths(job: TrainJob) -> tuple[TrainJob, dict[str, Any]]:
+    """The job with ``max_length`` made concrete from its data, and the length report; refuses a
+    job whose data has prompts that leave no room for a response, before any training."""
+    lengths = job_lengths(job)
+    if lengths["dropped_prompts"]:
+        raise io.DataError(
+            f"{job.data_uri}: {lengths['dropped_prompts']} of {lengths['examples']} prompts are {lengths['max_length']} "
+            f"tokens or longer, leaving no room for a response; raise {job.stage}.max_length (or max_length_cap), or "
+            "shorten those prompts"
+        )
+    job.train = {**job.train, "max_length": lengths["max_length"]}
+    return job, lengths
+
+
 def train(
     cfg: PipelineConfig, plan: StagePlan, stage: str, parent_run_id: str | None = None, *,
     progress: bool = False, on_line: Callable[[str], None] | None = None,
@@ -185,10 +224,17 @@ def train(
     check_lineage(cfg, plan, stage)  # before anything is written or logged
     if stage in ("distill", "baseline"):
         prepare_student_init(cfg, plan)
-    job = train_job(cfg, plan, stage)
+    job, lengths = _with_lengths(train_job(cfg, plan, stage))
     sweep_debris(job.output_uri)
+    (on_line or (lambda line: None))(
+        f"{stage}: max_length {lengths['max_length']} ({'from the data' if lengths['chosen_from_data'] else 'configured'}; "
+        f"median example {lengths['tokens_p50']} tokens, longest {lengths['tokens_max']}); "
+        f"{lengths['truncated_responses']} of {lengths['examples']} responses truncated, {lengths['dropped_prompts']} prompts dropped"
+    )
     started = time.perf_counter()
     with tracking.stage_run(parent_run_id, stage, cfg.tracking.experiment) as run_id:
+        if run_id:
+            tracking.log_metrics(run_id, {f"length_{k}": float(v) for k, v in lengths.items() if not isinstance(v, bool)})
         if run_id:
             tracking.log_params(run_id, {
                 stage: job.train, "init_uri": job.init_uri, "teacher_uri": job.teacher_uri, "output_uri": job.output_uri,

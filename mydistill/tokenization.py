@@ -129,3 +129,37 @@ def tokenizer_sha256(tokenizer: Any) -> str:
     special = {name: str(getattr(tokenizer, name, None)) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
     content = {"tokenizer": spec, "special": special, "chat_template": getattr(tokenizer, "chat_template", None)}
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def length_report(
+    records: Sequence[dict[str, Any]], tokenizer: Any, *, max_length: int | None = None, percentile: float = 0.99,
+    cap: int = 1024, prompt_prefix: str = "",
+) -> dict[str, Any]:
+    """The ``max_length`` a training set needs and what does not fit in it.
+
+    With ``max_length`` None it is chosen from the data: the ``percentile`` of prompt+response
+    token counts (template and end-of-turn included), raised to fit the longest prompt with room
+    for a response token, and capped at ``cap``. Counts ``truncated_responses`` (the response is
+    cut) and ``dropped_prompts`` (the prompt alone fills ``max_length``: no response is left).
+    """
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    prompts, totals = [], []
+    for r in records:
+        prompt = with_prefix(prompt_prefix, r["prompt"])
+        p = len(tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=not has_template)["input_ids"])
+        t = p + len(tokenizer(format_response(tokenizer, prompt, r["response"]), add_special_tokens=False)["input_ids"])
+        prompts.append(p)
+        totals.append(t)
+    ordered = sorted(totals) or [0]
+    at_percentile = ordered[min(len(ordered) - 1, int(percentile * len(ordered)))]
+    chosen = max_length or min(cap, max(at_percentile, max(prompts, default=0) + 1, 2))
+    return {
+        "max_length": chosen,
+        "chosen_from_data": max_length is None,
+        "examples": len(totals),
+        "tokens_p50": ordered[len(ordered) // 2],
+        f"tokens_p{round(percentile * 100)}": at_percentile,
+        "tokens_max": ordered[-1],
+        "truncated_responses": sum(p < chosen < t for p, t in zip(prompts, totals, strict=True)),
+        "dropped_prompts": sum(p >= chosen for p in prompts),
+    }

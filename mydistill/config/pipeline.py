@@ -191,7 +191,13 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(30, ge=0, description="Linear warmup steps.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Max gradient norm.")
-    max_length: int = Field(48, gt=1, description="Longest tokenized example; longer responses are cut.")
+    max_length: int | None = Field(
+        None, gt=1,
+        description="Longest tokenized example; longer responses are cut. Empty: chosen from the training data "
+        "(max_length_percentile of prompt+response tokens, at least the longest prompt, at most max_length_cap).",
+    )
+    max_length_percentile: float = Field(0.99, gt=0, le=1, description="With max_length empty: the share of examples that fit whole.")
+    max_length_cap: int = Field(1024, gt=1, description="With max_length empty: the longest it may be chosen.")
     log_every: int = Field(10, gt=0, description="Log metrics every N steps.")
     eval_every: int = Field(100, gt=0, description="Validation loss every N steps.")
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")

@@ -45,7 +45,11 @@ class TrainJob:
     inputs: dict[str, Any] = field(default_factory=dict)
 
     def train_config(self) -> TrainConfig:
-        return (DistillConfig if self.stage == "distill" else TrainConfig).model_validate(self.train)
+        cfg = (DistillConfig if self.stage == "distill" else TrainConfig).model_validate(self.train)
+        if cfg.max_length is None:  # chosen from the data (stage_functions.train_job does this for the pipeline)
+            from mydistill.stage_functions import job_lengths
+            cfg = cfg.model_copy(update={"max_length": job_lengths(self, cfg)["max_length"]})
+        return cfg
 
     def checkpoints(self) -> str:
         """Where periodic checkpoints go: beside a local output, or a local cache for a remote one."""

@@ -45,3 +45,19 @@ class NoTemplate:
 
 def test_without_a_chat_template_the_prompt_ends_with_a_newline():
     assert format_prompt(NoTemplate(), "hi") == "hi\n"
+
+
+def test_max_length_is_chosen_from_the_data_and_what_does_not_fit_is_counted(demo_tokenizer):
+    from mydistill.tokenization import format_prompt, length_report
+
+    records = [{"prompt": "reverse: ab", "response": "ba"}] * 9 + [{"prompt": "reverse: ba", "response": "hgfedcba" * 4}]
+    auto = length_report(records, demo_tokenizer, percentile=0.5)
+    short = len(demo_tokenizer(format_prompt(demo_tokenizer, "reverse: ab"), add_special_tokens=False)["input_ids"])
+    assert auto["chosen_from_data"] and auto["examples"] == 10
+    assert auto["max_length"] == auto["tokens_p50"] > short        # the median example fits whole
+    assert auto["truncated_responses"] == 1 and auto["dropped_prompts"] == 0  # the long one is cut, not dropped
+    everything = length_report(records, demo_tokenizer, percentile=1.0)
+    assert everything["max_length"] == everything["tokens_max"] and everything["truncated_responses"] == 0
+    assert length_report(records, demo_tokenizer, percentile=1.0, cap=12)["max_length"] == 12
+    fixed = length_report(records, demo_tokenizer, max_length=short)
+    assert not fixed["chosen_from_data"] and fixed["dropped_prompts"] == 10
