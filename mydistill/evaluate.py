@@ -333,6 +333,8 @@ def evaluate_models(
             m["length_vs_teacher"] = m["answer_words"] / t["answer_words"] if t["answer_words"] else None
             if "kl_to_teacher" not in m:
                 m["tokenizer"] = "differs from the teacher's: text-level agreement only"
+    if judge is not None and hasattr(judge, "summary"):
+        report["judge"] = judge.summary()  # requests, cache hits and counted failures
     categories = [r.get(category_field) if category_field else None for r in records]
     if any(c is not None for c in categories):
         report["by_category"] = _by_category(categories, scores)

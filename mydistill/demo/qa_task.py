@@ -1,0 +1,107 @@
+"""An offline short-answer QA task with free-text answers, for a real pretrained instruct teacher.
+
+Three categories, each row ``{"prompt", "answer", "category"}``:
+
+- ``capital``: "What is the capital of France?" → "Paris";
+- ``opposite``: "What is the opposite of hot?" → "cold";
+- ``arithmetic``: "What is 3 times 4?" → "12" (small sums and products).
+
+A teacher answers in sentences ("The capital of France is Paris."), so exact match scores it
+near 0 while ``contains`` scores it as a person would. The eval set is drawn from held-out facts
+(no capital or opposite in it appears in the training data), so the student has to keep what
+the teacher knows, not memorise the real examples.
+
+    python -m mydistill.demo.qa_task OUT_DIR      # writes prompts.jsonl, real.jsonl, eval.jsonl
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from typing import Any
+
+CAPITALS = [
+    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
+    ("China", "Beijing"), ("Russia", "Moscow"), ("Egypt", "Cairo"), ("Greece", "Athens"), ("Portugal", "Lisbon"),
+    ("Austria", "Vienna"), ("Poland", "Warsaw"), ("Ireland", "Dublin"), ("Norway", "Oslo"), ("Sweden", "Stockholm"),
+    ("Finland", "Helsinki"), ("Denmark", "Copenhagen"), ("Hungary", "Budapest"), ("Syria", "Damascus"),
+    ("Iran", "Tehran"), ("Iraq", "Baghdad"), ("Kenya", "Nairobi"), ("Peru", "Lima"), ("Chile", "Santiago"),
+    ("Argentina", "Buenos Aires"), ("Mexico", "Mexico City"), ("Canada", "Ottawa"), ("Australia", "Canberra"),
+    ("India", "New Delhi"), ("Thailand", "Bangkok"), ("Vietnam", "Hanoi"), ("South Korea", "Seoul"),
+    ("Turkey", "Ankara"), ("Belgium", "Brussels"), ("the Netherlands", "Amsterdam"), ("Switzerland", "Bern"),
+    ("Cuba", "Havana"), ("Colombia", "Bogota"), ("Ukraine", "Kyiv"), ("Czech Republic", "Prague"),
+    ("Romania", "Bucharest"), ("Bulgaria", "Sofia"), ("Serbia", "Belgrade"), ("Croatia", "Zagreb"),
+    ("Lebanon", "Beirut"), ("Jordan", "Amman"), ("Saudi Arabia", "Riyadh"), ("Pakistan", "Islamabad"),
+    ("Afghanistan", "Kabul"), ("Nepal", "Kathmandu"), ("Indonesia", "Jakarta"), ("the Philippines", "Manila"),
+    ("Malaysia", "Kuala Lumpur"), ("Ethiopia", "Addis Ababa"), ("Morocco", "Rabat"), ("Algeria", "Algiers"),
+    ("Tunisia", "Tunis"), ("Nigeria", "Abuja"), ("Ghana", "Accra"), ("Iceland", "Reykjavik"),
+    ("the United Kingdom", "London"), ("the United States", "Washington"), ("Brazil", "Brasilia"),
+    ("Venezuela", "Caracas"), ("Estonia", "Tallinn"), ("Latvia", "Riga"), ("Lithuania", "Vilnius"),
+]
+OPPOSITES = [
+    ("hot", "cold"), ("big", "small"), ("up", "down"), ("day", "night"), ("fast", "slow"), ("happy", "sad"),
+    ("light", "dark"), ("old", "young"), ("open", "closed"), ("full", "empty"), ("hard", "soft"), ("wet", "dry"),
+    ("early", "late"), ("rich", "poor"), ("strong", "weak"), ("high", "low"), ("long", "short"), ("good", "bad"),
+    ("left", "right"), ("black", "white"), ("true", "false"), ("win", "lose"), ("love", "hate"),
+    ("begin", "end"), ("push", "pull"), ("inside", "outside"), ("heavy", "light"), ("thick", "thin"),
+    ("clean", "dirty"), ("loud", "quiet"), ("near", "far"), ("first", "last"), ("buy", "sell"), ("alive", "dead"),
+    ("east", "west"), ("north", "south"), ("question", "answer"), ("give", "take"), ("remember", "forget"),
+    ("arrive", "leave"), ("entrance", "exit"), ("friend", "enemy"), ("happy", "sad"), ("safe", "dangerous"),
+]
+
+
+def _arithmetic(rng: random.Random) -> dict[str, Any]:
+    a, b = rng.randint(2, 12), rng.randint(2, 12)
+    if rng.random() < 0.5:
+        return {"prompt": f"What is {a} times {b}?", "answer": str(a * b), "category": "arithmetic"}
+    return {"prompt": f"What is {a} plus {b}?", "answer": str(a + b), "category": "arithmetic"}
+
+
+def _capital(country: str, city: str) -> dict[str, Any]:
+    return {"prompt": f"What is the capital of {country}?", "answer": city, "category": "capital"}
+
+
+def _opposite(word: str, other: str) -> dict[str, Any]:
+    return {"prompt": f"What is the opposite of {word}?", "answer": other, "category": "opposite"}
+
+
+def make_qa_splits(num_eval: int = 60, num_real: int = 40, num_prompts: int = 200, seed: int = 0) -> dict[str, list[dict[str, Any]]]:
+    """``eval`` (held-out facts), ``real`` (labelled) and ``prompts`` (unlabelled, for the teacher):
+    facts split so that eval's capitals and opposites appear in neither of the others."""
+    rng = random.Random(seed)
+    capitals, opposites = CAPITALS[:], list(dict.fromkeys(OPPOSITES))
+    rng.shuffle(capitals)
+    rng.shuffle(opposites)
+    per = max(num_eval // 3, 1)
+    eval_rows = [_capital(*c) for c in capitals[:per]] + [_opposite(*o) for o in opposites[:per]]
+    eval_rows += [_arithmetic(rng) for _ in range(num_eval - len(eval_rows))]
+    train_facts = [_capital(*c) for c in capitals[per:]] + [_opposite(*o) for o in opposites[per:]]
+    eval_prompts = {r["prompt"] for r in eval_rows}
+
+    def draw(n: int) -> list[dict[str, Any]]:
+        rows = []
+        while len(rows) < n:
+            row = rng.choice(train_facts) if rng.random() < 0.67 else _arithmetic(rng)
+            if row["prompt"] not in eval_prompts:
+                rows.append(row)
+        return rows
+
+    real = draw(num_real)
+    prompts = [{"prompt": r["prompt"], "category": r["category"]} for r in draw(num_prompts)]
+    return {"eval": eval_rows, "real": real, "prompts": prompts}
+
+
+def write_qa_data(output_dir: str, **sizes: int) -> dict[str, str]:
+    """Write the three splits as JSONL under ``output_dir`` (local or s3://); returns their URIs."""
+    from mydistill import io
+
+    uris = {}
+    for name, rows in make_qa_splits(**sizes).items():
+        uris[name] = io.join(output_dir, f"{name}.jsonl")
+        io.write_records(uris[name], rows)
+    return uris
+
+
+if __name__ == "__main__":
+    for name, uri in write_qa_data(sys.argv[1] if len(sys.argv) > 1 else ".cache/qa-task").items():
+        print(f"{name}: {uri}")
