@@ -65,7 +65,7 @@ def _opposite(word: str, other: str) -> dict[str, Any]:
     return {"prompt": f"What is the opposite of {word}?", "answer": other, "category": "opposite"}
 
 
-def make_qa_splits(num_eval: int = 60, num_real: int = 40, num_prompts: int = 200, seed: int = 0) -> dict[str, list[dict[str, Any]]]:
+def make_qa_splits(num_eval: int = 24, num_real: int = 24, num_prompts: int = 40, seed: int = 0) -> dict[str, list[dict[str, Any]]]:
     """``eval`` (held-out facts), ``real`` (labelled) and ``prompts`` (unlabelled, for the teacher):
     facts split so that eval's capitals and opposites appear in neither of the others."""
     rng = random.Random(seed)

@@ -63,3 +63,27 @@ def test_a_run_that_prefect_loses_track_of_is_run_once_more_and_reported(monkeyp
     assert out.exit_code == 0, out.output
     assert len(calls) == 2 and "Prefect's API lost track of the run" in out.output
     assert "quality gate" in out.output
+
+
+def test_summary_shows_the_chosen_metrics_and_says_when_retention_is_undefined(monkeypatch):
+    from rich.console import Console
+
+    from flows import cli
+
+    console = Console(record=True, width=250)
+    monkeypatch.setattr(cli, "console", console)
+    why = "the teacher scores 0 on contains, so the share of its score a student keeps is undefined"
+    report = {
+        "metrics": ["exact_match", "contains"], "gate_metric": "contains", "retained_undefined": why,
+        "models": {
+            "teacher": {"exact_match": 0.0, "contains": 0.0, "perplexity": 2.0, "parameters": 100},
+            "student": {"exact_match": 0.0, "contains": 0.25, "perplexity": 3.0, "parameters": 40, "teacher_retained": None},
+        },
+    }
+    decision = {"passed": False, "reason": f"% of teacher retained is undefined: {why}"}
+    cli.print_summary({"report": report, "decision": decision, "plan": {"finetune_uri": None, "distill_uri": "d"},
+                       "mlflow_run_id": "r"}, 1.0)
+    text = console.export_text()
+    assert "% of teacher (contains)" in text and "contains" in text and "undefined" in text
+    assert "0.0%" not in text.split("student")[1].split("\n")[0].split("25.0%")[1]  # no 0.0% retained
+    assert "quality gate not passed: % of teacher retained is undefined" in text
