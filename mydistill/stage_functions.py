@@ -185,12 +185,18 @@ def job_lengths(job: TrainJob, train_cfg: Any = None) -> dict[str, Any]:
         positions = io.read_json(io.join(job.init_uri, "config.json")).get("max_position_embeddings")
     if isinstance(positions, int):
         cap = min(cap, positions)
-    records = io.read_records(job.data_uri)
-    return length_report(
-        [r for r in records if "prompt" in r and "response" in r], load_tokenizer(job.tokenizer_uri),
-        max_length=train_cfg.max_length, percentile=train_cfg.max_length_percentile, cap=cap,
-        prompt_prefix=prompt_prefix_of(job.init_uri),
-    )
+    records = [r for r in io.read_records(job.data_uri) if "prompt" in r and "response" in r]
+    kwargs = {"max_length": train_cfg.max_length, "percentile": train_cfg.max_length_percentile, "cap": cap,
+              "prompt_prefix": prompt_prefix_of(job.init_uri)}
+    report = length_report(records, load_tokenizer(job.tokenizer_uri), **kwargs)
+    method = ((job.train.get("cross_tokenizer") or {}).get("method") or "none") if job.stage == "distill" else "none"
+    if method != "none" and job.teacher_uri and train_cfg.max_length is None:
+        # the teacher reads the same records through its own tokenizer, under the same max_length
+        teacher_side = length_report(records, load_tokenizer(job.teacher_uri), **kwargs)
+        if teacher_side["max_length"] > report["max_length"]:
+            report = length_report(records, load_tokenizer(job.tokenizer_uri), **{**kwargs, "max_length": teacher_side["max_length"]})
+            report["chosen_from_data"] = True
+    return report
 
 
 def _with_lengths(job: TrainJob) -> tuple[TrainJob, dict[str, Any]]:

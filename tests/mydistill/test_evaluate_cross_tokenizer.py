@@ -13,7 +13,7 @@ from mydistill.config import load_config
 from mydistill.evaluate import evaluate_models
 from mydistill.plan import make_plan
 from tests.conftest import save_tiny_model
-from tests.mydistill.test_cross_tokenizer import merged_tokenizer
+from tests.mydistill.training.test_cross_tokenizer import merged_tokenizer
 
 SHRUNKEN = [
     "demo.num_real=40", "demo.num_prompts=60", "demo.num_eval=12",
