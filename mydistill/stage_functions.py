@@ -493,11 +493,15 @@ def quality_gate(
     "metric"}`` of the version the alias points to now; None: no champion yet, which passes; a
     champion with no recorded score, or one scored on another metric, cannot be compared and does
     not block). ``retained_undefined`` says why there is no share to compare (a teacher scoring 0):
-    the gate then does not pass.
+    the gate then passes only when ``min_teacher_retained`` is 0.
     """
     if teacher_retained is None:
-        passed, reasons = False, [f"% of teacher retained is undefined: {retained_undefined}" if retained_undefined
-                                  else "no teacher score to compare with"]
+        # undefined is not 0%: it blocks only a gate that asks for some share of the teacher's score
+        passed = min_teacher_retained == 0
+        reasons = [f"% of teacher retained is undefined: {retained_undefined}" if retained_undefined
+                   else "no teacher score to compare with"]
+        if passed:
+            reasons.append("the gate asks for no share of it (min_teacher_retained 0)")
     else:
         passed = teacher_retained >= min_teacher_retained
         relation = "at least" if passed else "below"
