@@ -93,7 +93,6 @@ def make_plan(cfg: PipelineConfig) -> StagePlan:
     teacher_id = cfg.teacher.id or teacher_uri.rstrip("/").rsplit("/", 1)[-1]
     fps = input_fingerprints(cfg, teacher_uri=teacher_uri, prompts_uri=prompts_uri, real_uri=real_uri, eval_uri=eval_uri)
     sha = {name: fp["sha256"] for name, fp in fps.items()}
-    # the student as its stages read it: a pretrained folder (by content) or an architecture
     extra = {"extra_teachers": [sha[f"extra_teacher_{i}"] for i in range(len(cfg.distill.extra_teachers))]}
     student_init = (
         _key("student-init", sha.get("teacher", teacher_uri), cfg.student.init.model_dump()) if cfg.student.init.from_teacher else None

@@ -58,8 +58,8 @@ def test_a_cross_tokenizer_run_completes_through_evaluate_and_register(tmp_path,
         f"work_dir={tmp_path}/runs", f"demo.cache_dir={tmp_path}/cache", *SHRUNKEN,
         f"student.init_uri={other_student}", f"distill.cross_tokenizer.method={method}",
     ])
-    plan = make_plan(cfg)
-    stage_functions.prepare_demo(cfg, plan)
+    stage_functions.prepare_demo(cfg, make_plan(cfg))
+    plan = make_plan(cfg)  # made again now that the demo teacher exists: its fingerprint is in the plan
     stage_functions.generate(cfg, plan)
     stage_functions.mix(cfg, plan)
     stage_functions.train(cfg, plan, "distill")
