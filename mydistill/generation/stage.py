@@ -461,6 +461,11 @@ def generate_responses(
         run = _generate_shards(pending, backend, cfg, output_uri, shards, teacher_id=teacher_id, progress=progress, cache=cache)
         run["resumed_records"] = len(done)
         run["reused_records"] = reused
+    except BaseException:
+        if not list_shards(output_uri):
+            # nothing was generated: leave no folder that looks like a started artifact
+            io.remove(output_uri)
+        raise
     finally:
         if owns_backend:
             backend.close()

@@ -348,3 +348,12 @@ def test_more_concurrent_clients_than_a_batch_are_all_served(server, api_key, tm
         progress=False,
     )
     assert manifest["status_counts"]["ok"] == 48
+
+
+def test_a_generate_stage_that_fails_before_any_response_leaves_no_folder(tmp_path):
+    fx.write_prompts(tmp_path / "p.jsonl", _prompts(3))
+    dead = GenerateConfig(backend="openai", api_base=f"http://127.0.0.1:{fx.unused_port()}/v1", max_retries=0, backoff_s=0.01,
+                          reuse_responses=False)
+    with pytest.raises(APIError):
+        generate_responses(str(tmp_path / "p.jsonl"), str(tmp_path / "o"), teacher="t", cfg=dead, progress=False)
+    assert not (tmp_path / "o").exists()  # not a folder holding only generate_params.json
