@@ -29,6 +29,8 @@ teacher-forced metrics score the same response tokens for every model sharing a 
 
 from __future__ import annotations
 
+import logging
+
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -55,14 +57,18 @@ def normalise_answer(text: str) -> str:
     return " ".join(text.strip().split())
 
 
-def generate_answers(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy answers through the batched Hugging Face generation backend."""
+def generate_answers(
+    model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int, batch_size: int, label: str = "answers",
+) -> list[str]:
+    """Greedy answers through the batched Hugging Face generation backend (progress logged as it goes)."""
     from mydistill.generation.base import GenerationRequest, Sampling
     from mydistill.generation.hf import HFBackend
+    from mydistill.progress import ProgressLog
 
     backend = HFBackend(model=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
     requests = [GenerationRequest(prompt=backend.prepare(str(i), p)) for i, p in enumerate(prompts)]
-    completions = backend.generate(requests, Sampling(max_new_tokens=max_new_tokens))
+    progress = ProgressLog(f"evaluate: {label}", len(requests), logging.getLogger("mydistill.evaluate"))
+    completions = backend.generate(requests, Sampling(max_new_tokens=max_new_tokens), progress)
     return [c[0].text for c in completions]
 
 
@@ -242,13 +248,15 @@ def evaluate_models(
     batch_size: int = 100,
     num_samples: int = 10,
     device: str = "cpu",
+    dtypes: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Score every model in ``model_uris`` on ``eval_uri``; write metrics, samples and a plot.
 
     ``judge(prompts, answers, references, teacher_answers)`` grades answers for the ``judge``
     metric (:func:`mydistill.judge.make_judge`); ``judge_id`` names it in the cache key. Returns
     the report (also ``metrics.json`` under ``output_uri``). Skipped when ``output_uri`` already
-    holds a report for the same models, data and metrics.
+    holds a report for the same models, data and metrics. ``dtypes``: each model's load precision
+    by name (``teacher.dtype`` / ``student.dtype``; missing: fp32).
     """
     unknown = [m for m in metrics if m not in (*TEXT_METRICS, "judge")]
     if unknown:
@@ -279,13 +287,13 @@ def evaluate_models(
         return io.read_json(io.join(output_uri, METRICS_FILE))
 
     prompts = [r[prompt_field] for r in records]
-    references = [str(r[answer_field]) for r in records]
+    references = [io.text_field(r, answer_field, f"{eval_uri}: record {i + 1}", numbers=True) for i, r in enumerate(records)]
     tokenizers = {name: load_tokenizer(uri) for name, uri in model_uris.items()}
-    models = {name: load_model(uri, device=device).eval() for name, uri in model_uris.items()}
+    models = {name: load_model(uri, device=device, dtype=(dtypes or {}).get(name)).eval() for name, uri in model_uris.items()}
     answers = {
         name: generate_answers(
             model, tokenizers[name], [with_prefix(prefixes[name], p) for p in prompts], max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
+            batch_size=batch_size, label=name,
         )
         for name, model in models.items()
     }

@@ -299,6 +299,7 @@ def evaluate(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None = N
             prompt_field=cfg.data.prompt_field, category_field=cfg.data.category_field, metrics=ev.metrics,
             extract_pattern=ev.extract, gate_metric=cfg.registry.gate_metric, judge=judge, judge_id=judge_id,
             max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, num_samples=ev.num_samples,
+            dtypes={name: cfg.teacher.dtype if name == "teacher" else cfg.student.dtype for name in models},
         )
         if run_id:
             tracking.log_metrics(run_id, costs.stage_cost(

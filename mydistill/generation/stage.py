@@ -677,8 +677,13 @@ def _generate_shards(
 
 @contextlib.contextmanager
 def _progress_bar(enabled: bool, total: int) -> Iterator[Any]:
-    if not enabled or total == 0:
+    if total == 0:
         yield None
+        return
+    if not enabled:  # no terminal (a worker's log): periodic lines instead of a bar
+        from mydistill.progress import ProgressLog
+
+        yield ProgressLog("generate", total, logger)
         return
     from rich.progress import (
         BarColumn,
