@@ -1,0 +1,115 @@
+"""The teacher and the student: where they are, how they are built or cut, their precision."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from mydistill.config.section import ModelDtype, Section
+
+
+class ModelArch(Section):
+    """A Llama-style architecture for a model built from a config (the demo, or a student from scratch)."""
+
+    hidden_size: int = Field(64, gt=0, description="Width of the residual stream.")
+    num_hidden_layers: int = Field(2, gt=0, description="Number of transformer blocks.")
+    num_attention_heads: int = Field(4, gt=0, description="Attention heads per block.")
+    intermediate_size: int = Field(256, gt=0, description="Width of the MLP.")
+    max_position_embeddings: int = Field(64, gt=0, description="Longest sequence the model accepts.")
+    tie_word_embeddings: bool = Field(True, description="Share input embedding and output projection.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelArch:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        return self
+
+
+class TeacherSpec(Section):
+    uri: str | None = Field(
+        None,
+        description="Teacher model folder (local path or s3://, saved with save_pretrained) or, with "
+        "the openai generation backend, the served model name. Left empty with `demo` set: the demo "
+        "teacher is used.",
+    )
+    id: str | None = Field(None, description="A name for the teacher recorded in datasets and MLflow.")
+    dtype: ModelDtype = Field(
+        "auto",
+        description="Precision the frozen teacher is loaded in, wherever it is loaded (generation, the signal stage, "
+        "both training stages, evaluation): 'auto' = bfloat16 on a GPU that supports it, else float32. Setting it "
+        "also sets generate.dtype and signal.dtype where those are left at 'auto'.",
+    )
+
+
+class StudentInit(Section):
+    """A student cut from the teacher: its embeddings, some of its blocks, final norm and head."""
+
+    from_teacher: bool = Field(
+        False, description="Start the student from the teacher's own weights (Llama/Qwen/Mistral-style decoders)."
+    )
+    layers: list[int] | None = Field(
+        None, description="Teacher blocks to keep, in order (0-based), e.g. [0, 2, 4, 29]."
+    )
+    keep_every: int | None = Field(
+        None, gt=0, description="Keep every k-th teacher block (0, k, 2k, …) plus the last one; instead of `layers`."
+    )
+
+    @model_validator(mode="after")
+    def _one_choice_of_layers(self) -> StudentInit:
+        if not self.from_teacher:
+            if self.layers is not None or self.keep_every is not None:
+                raise ValueError("layers / keep_every choose teacher blocks, so they need from_teacher: true")
+            return self
+        if (self.layers is None) == (self.keep_every is None):
+            raise ValueError("from_teacher: give exactly one of layers (a list of block indices) or keep_every")
+        if self.layers is not None:
+            if not self.layers:
+                raise ValueError("layers: keep at least one block")
+            bad = [i for i in self.layers if i < 0]
+            if bad:
+                raise ValueError(f"layers: block indices start at 0 (got {bad})")
+            if sorted(set(self.layers)) != self.layers:
+                raise ValueError(f"layers: give distinct indices in increasing order (got {self.layers})")
+        return self
+
+    def chosen_layers(self, num_teacher_layers: int) -> list[int]:
+        """The teacher blocks kept; raises ValueError for an index past the teacher's last block."""
+        if self.layers is not None:
+            too_big = [i for i in self.layers if i >= num_teacher_layers]
+            if too_big:
+                raise ValueError(
+                    f"student.init.layers {too_big} out of range: the teacher has {num_teacher_layers} blocks "
+                    f"(0..{num_teacher_layers - 1})"
+                )
+            return list(self.layers)
+        assert self.keep_every is not None
+        kept = list(range(0, num_teacher_layers, self.keep_every))
+        return kept if kept[-1] == num_teacher_layers - 1 else [*kept, num_teacher_layers - 1]
+
+
+class StudentSpec(Section):
+    init_uri: str | None = Field(
+        None,
+        description="Pretrained student folder to start from (local path or s3://). Empty: build the "
+        "student from `arch` with the teacher's tokenizer.",
+    )
+    arch: ModelArch = Field(default_factory=ModelArch, description="Architecture when building from scratch.")
+    dtype: ModelDtype = Field(
+        "auto",
+        description="Precision trained students (and the baseline) are loaded in for evaluation: 'auto' = bfloat16 "
+        "on a GPU that supports it, else float32. Training keeps float32 master weights (DeepSpeed's bf16 "
+        "section sets the compute precision).",
+    )
+    init: StudentInit = Field(
+        default_factory=StudentInit,
+        description="Cut the student from the teacher (from_teacher: true with layers or keep_every) instead of "
+        "building it from `arch`.",
+    )
+
+    @model_validator(mode="after")
+    def _one_start(self) -> StudentSpec:
+        if self.init.from_teacher and self.init_uri:
+            raise ValueError("give either init_uri (a pretrained student) or init.from_teacher, not both")
+        return self
