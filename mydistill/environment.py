@@ -8,6 +8,7 @@ ephemeral API gets time to migrate a fresh database.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 # the repository root, computed here: importing the config (pydantic) would slow every CLI start
@@ -30,3 +31,6 @@ DEFAULTS = {
 def apply_defaults() -> None:
     for key, value in DEFAULTS.items():
         os.environ.setdefault(key, value)
+    if shutil.which("nvidia-smi") is None:
+        # no GPU driver: say so to DeepSpeed, which otherwise warns on import that it fell back to CPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
