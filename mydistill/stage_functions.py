@@ -20,7 +20,7 @@ from mydistill.fingerprint import fingerprint
 from mydistill.mix import TASK_TRAIN_FILE, TRAIN_FILE, VAL_FILE, run_mix
 from mydistill.plan import StagePlan, baseline_steps, signal_mode, signal_temperature
 from mydistill.training.launch import launch_training
-from mydistill.training.job import TrainJob
+from mydistill.training.job import TrainJob, job_lengths
 from mydistill.tokenization import PROMPT_PREFIX_KEY, prompt_prefix_of
 
 
@@ -168,35 +168,6 @@ def prepare_student_init(cfg: PipelineConfig, plan: StagePlan) -> dict[str, Any]
 
     init = cfg.student.init
     return ensure_cut_student(plan.teacher_uri, init.layers, init.keep_every, plan.student_init_uri)
-
-
-def job_lengths(job: TrainJob, train_cfg: Any = None) -> dict[str, Any]:
-    """:func:`~mydistill.tokenization.length_report` for a training job's data and tokenizer: the
-    ``max_length`` it needs (when the job leaves it empty) capped by the student's positions, and
-    how many examples do not fit."""
-    from mydistill.config import TrainConfig
-    from mydistill.models import load_tokenizer
-    from mydistill.tokenization import length_report
-
-    train_cfg = train_cfg or TrainConfig.model_validate({k: v for k, v in job.train.items() if k in TrainConfig.model_fields})
-    cap = train_cfg.max_length_cap
-    positions = (job.arch or {}).get("max_position_embeddings")
-    if positions is None and job.init_uri and io.exists(io.join(job.init_uri, "config.json")):
-        positions = io.read_json(io.join(job.init_uri, "config.json")).get("max_position_embeddings")
-    if isinstance(positions, int):
-        cap = min(cap, positions)
-    records = [r for r in io.read_records(job.data_uri) if "prompt" in r and "response" in r]
-    kwargs = {"max_length": train_cfg.max_length, "percentile": train_cfg.max_length_percentile, "cap": cap,
-              "prompt_prefix": prompt_prefix_of(job.init_uri)}
-    report = length_report(records, load_tokenizer(job.tokenizer_uri), **kwargs)
-    method = ((job.train.get("cross_tokenizer") or {}).get("method") or "none") if job.stage == "distill" else "none"
-    if method != "none" and job.teacher_uri and train_cfg.max_length is None:
-        # the teacher reads the same records through its own tokenizer, under the same max_length
-        teacher_side = length_report(records, load_tokenizer(job.teacher_uri), **kwargs)
-        if teacher_side["max_length"] > report["max_length"]:
-            report = length_report(records, load_tokenizer(job.tokenizer_uri), **{**kwargs, "max_length": teacher_side["max_length"]})
-            report["chosen_from_data"] = True
-    return report
 
 
 def _with_lengths(job: TrainJob) -> tuple[TrainJob, dict[str, Any]]:

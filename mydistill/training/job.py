@@ -47,7 +47,6 @@ class TrainJob:
     def train_config(self) -> TrainConfig:
         cfg = (DistillConfig if self.stage == "distill" else TrainConfig).model_validate(self.train)
         if cfg.max_length is None:  # chosen from the data (stage_functions.train_job does this for the pipeline)
-            from mydistill.stage_functions import job_lengths
             cfg = cfg.model_copy(update={"max_length": job_lengths(self, cfg)["max_length"]})
         return cfg
 
@@ -62,3 +61,31 @@ class TrainJob:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
+
+
+def job_lengths(job: TrainJob, train_cfg: Any = None) -> dict[str, Any]:
+    """:func:`~mydistill.tokenization.length_report` for a training job's data and tokenizer: the
+    ``max_length`` it needs (when the job leaves it empty) capped by the student's positions, and
+    how many examples do not fit."""
+    from mydistill.models import load_tokenizer
+    from mydistill.tokenization import length_report, prompt_prefix_of
+
+    train_cfg = train_cfg or TrainConfig.model_validate({k: v for k, v in job.train.items() if k in TrainConfig.model_fields})
+    cap = train_cfg.max_length_cap
+    positions = (job.arch or {}).get("max_position_embeddings")
+    if positions is None and job.init_uri and io.exists(io.join(job.init_uri, "config.json")):
+        positions = io.read_json(io.join(job.init_uri, "config.json")).get("max_position_embeddings")
+    if isinstance(positions, int):
+        cap = min(cap, positions)
+    records = [r for r in io.read_records(job.data_uri) if "prompt" in r and "response" in r]
+    kwargs = {"max_length": train_cfg.max_length, "percentile": train_cfg.max_length_percentile, "cap": cap,
+              "prompt_prefix": prompt_prefix_of(job.init_uri)}
+    report = length_report(records, load_tokenizer(job.tokenizer_uri), **kwargs)
+    method = ((job.train.get("cross_tokenizer") or {}).get("method") or "none") if job.stage == "distill" else "none"
+    if method != "none" and job.teacher_uri and train_cfg.max_length is None:
+        # the teacher reads the same records through its own tokenizer, under the same max_length
+        teacher_side = length_report(records, load_tokenizer(job.teacher_uri), **kwargs)
+        if teacher_side["max_length"] > report["max_length"]:
+            report = length_report(records, load_tokenizer(job.tokenizer_uri), **{**kwargs, "max_length": teacher_side["max_length"]})
+            report["chosen_from_data"] = True
+    return report

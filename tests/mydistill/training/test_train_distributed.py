@@ -105,7 +105,8 @@ def test_zero3_with_cpu_offload_finetunes(tmp_path, data, tiny_model_dir):
 
 
 def test_a_worker_error_fails_the_launch_with_the_workers_message(tmp_path, data, tiny_model_dir):
-    job = make_job(tmp_path / "bad", data, tiny_model_dir, steps=4, deepspeed=ZERO3)
+    # max_length given: else the launcher reads the data to choose it, and fails before any worker starts
+    job = make_job(tmp_path / "bad", data, tiny_model_dir, steps=4, deepspeed=ZERO3, max_length=48)
     job.data_uri = str(tmp_path / "missing.jsonl")
     with pytest.raises(WorkerFailed, match="missing.jsonl: dataset not found"):
         launch_training(job)
