@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mydistill import raised_by_us
 from mydistill.environment import apply_defaults
 
 apply_defaults()
@@ -41,11 +42,6 @@ def _debug() -> bool:
     return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
-def _is_ours(error: BaseException) -> bool:
-    """Errors our code raises for people (bad config, data, model, API, training): their message is the report."""
-    return any(cls.__module__.startswith("mydistill.") for cls in type(error).__mro__)
-
-
 @contextlib.contextmanager
 def one_line_errors() -> Iterator[None]:
     """Print a failure as ``error: <message>`` and exit 2 (1 for an unexpected error, with its type);
@@ -60,7 +56,7 @@ def one_line_errors() -> Iterator[None]:
         if _debug():
             raise
         message = str(e).split("\n", 1)[0] if type(e).__name__ == "WorkerFailed" else str(e)
-        if _is_ours(e):
+        if raised_by_us(e):
             console.print(f"[red]error:[/red] {message}", soft_wrap=True, highlight=False)
             raise typer.Exit(2) from None
         console.print(f"[red]error:[/red] {type(e).__name__}: {message} (run with --debug for the traceback)", soft_wrap=True, highlight=False)

@@ -90,7 +90,8 @@ def temp_prefix(what: str) -> str:
     return f"mydistill-{what}-{os.getpid()}-"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -102,7 +103,7 @@ def _pid_alive(pid: int) -> bool:
 
 def _owned_by_the_dead(name: str, pattern: re.Pattern[str]) -> bool:
     match = pattern.search(name)
-    return bool(match) and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1)))
+    return bool(match) and int(match.group(1)) != os.getpid() and not pid_alive(int(match.group(1)))
 
 
 def sweep_debris(artifact_uri: str) -> list[str]:

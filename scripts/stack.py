@@ -41,6 +41,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from mydistill.io import pid_alive
+
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 DEPLOY_FILE = REPO / "deploy" / "prefect.yaml"
@@ -105,16 +107,6 @@ def tail(path: Path | None, lines: int = 25) -> str:
         return ""
     text = path.read_text(errors="replace").splitlines()[-lines:]
     return f"; last lines of {path}:\n  " + "\n  ".join(text)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def cmdline(pid: int) -> str:

@@ -19,7 +19,7 @@ from prefect import Task, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 
-from mydistill import changes, costs, io, stage_functions, tracking
+from mydistill import changes, costs, io, raised_by_us, stage_functions, tracking
 from mydistill.config import PipelineConfig
 from mydistill.metrics import report_key
 from mydistill.plan import StagePlan
@@ -54,7 +54,7 @@ def _transient(task: Task, task_run: Any, state: Any) -> bool:
     try:
         state.result()
     except Exception as e:  # noqa: BLE001 - deciding on the failure is the point
-        if any(cls.__module__.startswith("mydistill.") for cls in type(e).__mro__):
+        if raised_by_us(e):
             return False
         import httpx
 
