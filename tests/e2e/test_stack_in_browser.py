@@ -10,9 +10,10 @@ Secret block rather than the worker's environment, and registers the deployments
    (whose fields carry the config's descriptions), submit;
 2. wait on the flow run's page until it shows Completed; open its ``evaluation`` artifact and
    follow its link to MLflow;
-3. MLflow UI: the run under the changed name with its metrics and loss curves (an image read
-   from S3 through the server); the registered model with its ``champion`` alias and the
-   quality gate's tags.
+3. MLflow UI: the run under the changed name with its metrics, loss curves (an image read
+   from S3 through the server) and the student under "Logged models"; the registered model with
+   its ``champion`` alias and the quality gate's tags; the champion version's signature and its
+   source model, whose MLmodel (read from S3) names the ``transformers`` flavor.
 
 Screenshots of each page go to a temporary folder (printed; ``MYDISTILL_E2E_SCREENSHOTS`` picks
 another). The stack is taken down at the end, also when something failed.
@@ -239,6 +240,9 @@ def _trigger_and_inspect(stack, page, shots) -> None:
     page.get_by_text(run_name).first.wait_for()
     page.get_by_text("student_exact_match").first.wait_for()
     page.get_by_text("teacher_exact_match").first.wait_for()
+    page.get_by_text(re.compile(r"^Logged models \(1\)$")).first.wait_for()  # the student, as the run's output
+    logged = page.locator("xpath=//*[normalize-space()='Logged models (1)']/ancestor::*[.//a[normalize-space()='model']][1]")
+    logged.get_by_role("link", name="mydistill-demo-tiny-student").first.wait_for()  # ...and its registered version
     page.screenshot(path=str(shots / "05-mlflow-run.png"))
     page.get_by_role("tab", name="Artifacts").click()  # the loss curves, as an image read from S3
     page.get_by_text("plots", exact=True).first.click()
@@ -257,6 +261,25 @@ def _trigger_and_inspect(stack, page, shots) -> None:
     page.get_by_text("gate_reason").first.wait_for()
     page.screenshot(path=str(shots / "07-mlflow-model.png"))
 
+    # --- MLflow: the champion version is a logged model of the transformers flavor, with a signature
+    version = _api(f"{mlflow_url}/api/2.0/mlflow/registered-models/alias?name=mydistill-demo-tiny-student&alias=champion")
+    number = version["model_version"]["version"]
+    page.goto(f"{mlflow_url}/#/models/mydistill-demo-tiny-student/versions/{number}")
+    page.get_by_text("Source Model").first.wait_for()
+    page.get_by_text("Inputs (1)").first.wait_for()  # the signature: a prompt in...
+    page.get_by_text("Outputs (1)").first.wait_for()  # ...an answer out
+    page.screenshot(path=str(shots / "08-mlflow-version.png"))
+    page.get_by_role("link", name="model", exact=True).first.click()  # Source Model: the logged model's page
+    page.wait_for_url("**/models/m-*")
+    page.get_by_text("Artifacts", exact=True).first.click()
+    page.get_by_text("MLmodel", exact=True).first.click()  # read from S3 through the server
+    page.get_by_text(re.compile(r"task: text-generation")).first.wait_for()
+    page.get_by_text(re.compile(r"loader_module: mlflow\.transformers")).first.wait_for()
+    page.screenshot(path=str(shots / "09-mlflow-logged-model.png"))
+    mlmodel = page.locator("body").inner_text()
+    assert re.search(r"^flavors:\n(  .*\n)*  transformers:\n", mlmodel, re.M), mlmodel[-2000:]
+    assert f"/models/{version['model_version']['source'].removeprefix('models:/')}/" in f"{page.url}/"  # the version's model
+
     # --- what the pages showed, checked through the APIs too
     run = _api(f"{mlflow_url}/api/2.0/mlflow/runs/get?run_id={parent_run_id}")["run"]
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
@@ -266,7 +289,6 @@ def _trigger_and_inspect(stack, page, shots) -> None:
     assert tags["prefect.flow_run_id"] == flow_run["id"] and tags["mydistill.gate"] == "passed"
     artifacts = _api(f"{mlflow_url}/api/2.0/mlflow/artifacts/list?run_id={parent_run_id}&path=plots")
     assert {f["path"] for f in artifacts["files"]} >= {"plots/loss_curves.png", "plots/comparison.png"}
-    version = _api(f"{mlflow_url}/api/2.0/mlflow/registered-models/alias?name=mydistill-demo-tiny-student&alias=champion")
     assert {t["key"] for t in version["model_version"]["tags"]} >= {"gate_passed", "gate_reason", "mydistill.score"}
 
     # --- artifacts and MLflow's files really are on S3
