@@ -18,7 +18,9 @@ from mydistill.config.generation import GenerateConfig
 from mydistill.generation.hf import HFBackend
 from mydistill.generation.openai_api import APIError, OpenAIBackend
 from mydistill.generation.rationale import apply_template, parse_rationale
-from mydistill.generation.stage import generate_responses, load_prompts, make_backend, read_responses
+from mydistill.generation.prompts import load_prompts
+from mydistill.generation.shards import read_responses
+from mydistill.generation.stage import generate_responses, make_backend
 from mydistill.generation.vllm import VLLMBackend, vllm_available
 
 __all__ = [

@@ -23,134 +23,32 @@ run loses nothing it paid the teacher for.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
-import re
 import time
-import uuid
-from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any
 
 from mydistill import io
-from mydistill.generation.base import Completion, GenerationRequest, PreparedPrompt, Sampling, TeacherBackend
 from mydistill.config.generation import GenerateConfig
-from mydistill.generation.rationale import apply_template, parse_rationale
+from mydistill.generation.base import GenerationRequest, PreparedPrompt, Sampling, TeacherBackend
+from mydistill.generation.prompts import PromptItem, PromptSet, load_prompts, prepare_prompts
+from mydistill.generation.shards import (
+    PARAMS_NAME,
+    Pending,
+    ResponseCache,
+    build_record,
+    check_output,
+    iter_responses,
+    list_shards,
+    next_shard_index,
+    sampling_dict,
+    shard_name,
+    summarize_output,
+    write_reused,
+)
 from mydistill.io import DataError
 
 logger = logging.getLogger(__name__)
-
-PARAMS_NAME = "generate_params.json"
-SHARD_RE = re.compile(r"^part-(\d{5,})\.jsonl$")
-CACHE_SHARD_RE = re.compile(r"^responses-\d{20}-[0-9a-f]{6}\.jsonl$")
-STATUSES = ("ok", "empty", "truncated", "failed", "unparsed")
-FINISH_REASONS = ("stop", "length", "error")
-# Fields the stage writes; an input field with one of these names is kept as input_<name>.
-RECORD_FIELDS = (
-    "id",
-    "prompt",
-    "response",
-    "teacher_id",
-    "sample_index",
-    "sampling",
-    "finish_reason",
-    "prompt_tokens",
-    "completion_tokens",
-    "status",
-    "error",
-)
-RATIONALE_FIELDS = ("rationale", "answer")
-
-
-@dataclass
-class PromptItem:
-    id: str
-    prompt: str
-    fields: dict[str, Any] = field(default_factory=dict)  # the other input fields, carried through
-
-
-@dataclass
-class PromptSet:
-    items: list[PromptItem]
-    sha256: str
-    counts: dict[str, int]
-
-
-# ----------------------------------------------------------------------------------------------
-# input
-
-
-def derive_id(record: dict[str, Any]) -> str:
-    """A stable id for a record without one: a hash of its content (all fields)."""
-    return "p-" + io.sha256_of({k: v for k, v in record.items() if k != "id"})[:16]
-
-
-def _iter_sources(uri: str) -> Iterator[tuple[str, int, dict[str, Any]]]:
-    """(file, record number in that file, record) over a file or a folder of shards."""
-    fs, path = io.filesystem(uri)
-    if fs.exists(path) and fs.isdir(path):
-        names = sorted(
-            p.rstrip("/").rsplit("/", 1)[-1]
-            for p in fs.ls(path, detail=False)
-            if p.endswith((".jsonl", ".parquet")) and not p.rstrip("/").rsplit("/", 1)[-1].startswith(".")
-        )
-        files = [io.join(uri, name) for name in names]
-    else:
-        files = [uri]
-    if not files:
-        raise DataError(f"{uri}: folder holds no .jsonl or .parquet shards")
-    for file in files:
-        for number, record in enumerate(io.iter_records(file), start=1):
-            yield file, number, record
-
-
-def load_prompts(prompts_uri: str) -> PromptSet:
-    """Read and check the prompts dataset (all of it, before anything is generated).
-
-    Empty prompts and exact duplicates are skipped and counted; a record without a string
-    ``prompt`` or two different records with the same explicit id raise :class:`DataError`.
-    """
-    items: list[PromptItem] = []
-    seen: dict[str, tuple[str, str]] = {}  # id -> (where, content hash)
-    counts = Counter(records=0, empty=0, duplicate=0)
-
-    def take(file: str, number: int, record: dict[str, Any]) -> None:
-        counts["records"] += 1
-        where = f"{file}: record {number}"
-        if "prompt" not in record:
-            raise DataError(f"{where}: no 'prompt' field (fields: {sorted(record)[:10]})")
-        prompt = record["prompt"]
-        if prompt is not None and not isinstance(prompt, str):
-            raise DataError(f"{where}: 'prompt' must be a string, got {type(prompt).__name__}")
-        if prompt is None or not prompt.strip():
-            counts["empty"] += 1
-            return
-        explicit = record.get("id") not in (None, "")
-        rid = str(record["id"]) if explicit else derive_id(record)
-        content = io.sha256_of(record)
-        if rid in seen:
-            first_where, first_content = seen[rid]
-            if first_content != content:
-                raise DataError(f"{where}: id {rid!r} already used by {first_where}; ids must be unique")
-            counts["duplicate"] += 1
-            return
-        seen[rid] = (where, content)
-        items.append(PromptItem(rid, prompt, {k: v for k, v in record.items() if k not in ("id", "prompt")}))
-
-    def records() -> Iterator[dict[str, Any]]:
-        # Checked while streaming into the content hash: only the kept items stay in memory.
-        for file, number, record in _iter_sources(prompts_uri):
-            take(file, number, record)
-            yield record
-
-    sha256 = io.records_sha256(records())
-    counts["used"] = len(items)
-    return PromptSet(items=items, sha256=sha256, counts=dict(counts))
-
-
-# ----------------------------------------------------------------------------------------------
-# backends
 
 
 def make_backend(cfg: GenerateConfig, teacher: str, *, model: Any = None, tokenizer: Any = None) -> TeacherBackend:
@@ -182,188 +80,6 @@ def make_backend(cfg: GenerateConfig, teacher: str, *, model: Any = None, tokeni
         tokenizer=tokenizer,
     )
 
-
-# ----------------------------------------------------------------------------------------------
-# output folder
-
-
-def shard_name(index: int) -> str:
-    return f"part-{index:05d}.jsonl"
-
-
-def list_shards(output_uri: str, pattern: re.Pattern[str] = SHARD_RE) -> list[str]:
-    """Names of the committed shards in ``output_uri``, in order."""
-    fs, path = io.filesystem(output_uri)
-    if not fs.exists(path):
-        return []
-    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
-    return sorted(n for n in names if pattern.match(n))
-
-
-def iter_responses(output_uri: str) -> Iterator[dict[str, Any]]:
-    """The records of a (possibly partial) generate output, shard by shard."""
-    for name in list_shards(output_uri):
-        yield from io.iter_records(io.join(output_uri, name))
-
-
-def read_responses(output_uri: str) -> list[dict[str, Any]]:
-    return list(iter_responses(output_uri))
-
-
-def summarize_output(output_uri: str) -> dict[str, Any]:
-    """Counts, token totals and content hash of everything in ``output_uri`` (one streaming pass).
-
-    Raises :class:`DataError` if a (id, sample_index) pair appears twice.
-    """
-    statuses: Counter[str] = Counter()
-    finishes: Counter[str] = Counter()
-    tokens = {"prompt": 0, "completion": 0}
-    keys: set[tuple[str, int]] = set()
-
-    def records() -> Iterator[dict[str, Any]]:
-        for record in iter_responses(output_uri):
-            key = (str(record["id"]), int(record["sample_index"]))
-            if key in keys:
-                raise DataError(f"{output_uri}: response {key} appears twice; was the folder changed by hand?")
-            keys.add(key)
-            statuses[record["status"]] += 1
-            finishes[record["finish_reason"]] += 1
-            tokens["prompt"] += record.get("prompt_tokens") or 0
-            tokens["completion"] += record.get("completion_tokens") or 0
-            yield record
-
-    sha256 = io.records_sha256(records())
-    return {
-        "records": len(keys),
-        "status_counts": {k: statuses.get(k, 0) for k in STATUSES},
-        "finish_reason_counts": {k: finishes.get(k, 0) for k in FINISH_REASONS},
-        "tokens": tokens,
-        "records_sha256": sha256,
-    }
-
-
-def _check_output(output_uri: str, params: dict[str, Any], shards: list[str]) -> None:
-    """Refuse to add to shards that were made with other settings than ``params``."""
-    if not shards:
-        return
-    params_uri = io.join(output_uri, PARAMS_NAME)
-    if not io.exists(params_uri):
-        raise DataError(f"{output_uri} holds shards but no {PARAMS_NAME}; use another output_uri or delete it")
-    existing = io.read_json(params_uri).get("generation") or {}
-    if existing != params:
-        changed = sorted(k for k in set(existing) | set(params) if existing.get(k) != params.get(k))
-        raise DataError(
-            f"{output_uri} holds responses generated with other settings (differs in: {', '.join(changed)}). "
-            "Use another output_uri, or delete this one to start over."
-        )
-
-
-# ----------------------------------------------------------------------------------------------
-# records
-
-
-def record_status(completion: Completion, *, rationale_ok: bool | None) -> str:
-    """failed > empty > truncated > unparsed > ok (the mix stage keeps 'ok' only)."""
-    if completion.finish_reason == "error":
-        return "failed"
-    if not completion.text.strip():
-        return "empty"
-    if completion.finish_reason == "length":
-        return "truncated"
-    if rationale_ok is False:
-        return "unparsed"
-    return "ok"
-
-
-def build_record(
-    item: PromptItem,
-    prompt: PreparedPrompt,
-    sample_index: int,
-    completion: Completion,
-    *,
-    teacher_id: str,
-    sampling: dict[str, Any],
-    cfg: GenerateConfig,
-) -> dict[str, Any]:
-    ours: dict[str, Any] = {
-        "id": item.id,
-        "prompt": item.prompt,
-        "response": completion.text,
-        "teacher_id": teacher_id,
-        "sample_index": sample_index,
-        "sampling": dict(sampling),
-        "finish_reason": completion.finish_reason,
-        "prompt_tokens": completion.prompt_tokens if completion.prompt_tokens is not None else prompt.num_tokens,
-        "completion_tokens": completion.completion_tokens,
-        "error": completion.error,
-    }
-    rationale_ok = None
-    if cfg.rationale:
-        parsed = parse_rationale(completion.text, cfg.rationale_pattern)
-        ours["rationale"], ours["answer"] = parsed.rationale, parsed.answer
-        rationale_ok = parsed.ok
-    ours["status"] = record_status(completion, rationale_ok=rationale_ok)
-    record = dict(item.fields)
-    for name in ours:
-        # Carry input fields through, but never let ours overwrite them silently: e.g. a gold
-        # 'answer' in the prompts becomes 'input_answer' when the teacher's answer takes its place.
-        if name in record:
-            record.setdefault(f"input_{name}", record[name])
-            del record[name]
-    record.update(ours)
-    return record
-
-
-# ----------------------------------------------------------------------------------------------
-# responses kept across runs
-
-
-def prompt_sha256(prompt: str) -> str:
-    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
-
-
-class ResponseCache:
-    """Teacher completions kept across runs under ``<root>/<key>``, ``key`` naming the teacher's
-    fingerprint and the content settings (what decides the text); entries are keyed by
-    (sha256 of the prompt, sample index)."""
-
-    def __init__(self, root: str, *, teacher_fingerprint: str, params: dict[str, Any]):
-        self.key = io.sha256_of({"teacher": teacher_fingerprint, "generation": params})[:16]
-        self.uri = io.join(root, self.key)
-
-    def load(self) -> dict[tuple[str, int], dict[str, Any]]:
-        entries: dict[tuple[str, int], dict[str, Any]] = {}
-        for name in list_shards(self.uri, CACHE_SHARD_RE):
-            for entry in io.iter_records(io.join(self.uri, name)):
-                entries.setdefault((entry["prompt_sha256"], int(entry["sample_index"])), entry)
-        return entries
-
-    def add(self, records: Sequence[dict[str, Any]]) -> None:
-        """Keep the good completions of ``records`` (failed ones are asked again next time)."""
-        entries = [
-            {
-                "prompt_sha256": prompt_sha256(r["prompt"]),
-                "sample_index": r["sample_index"],
-                "completion": {
-                    "text": r["response"], "finish_reason": r["finish_reason"],
-                    "prompt_tokens": r["prompt_tokens"], "completion_tokens": r["completion_tokens"],
-                },
-            }
-            for r in records
-            if r["finish_reason"] != "error"
-        ]
-        if entries:
-            # a new name per write: concurrent runs never overwrite each other's shards
-            io.write_records(io.join(self.uri, f"responses-{time.time_ns():020d}-{uuid.uuid4().hex[:6]}.jsonl"), entries)
-
-
-def _cached_completion(entry: dict[str, Any]) -> Completion:
-    c = entry["completion"]
-    return Completion(c["text"], c["finish_reason"], c["prompt_tokens"], c["completion_tokens"])
-
-
-# ----------------------------------------------------------------------------------------------
-# the stage
 
 
 def generate_responses(
@@ -418,16 +134,44 @@ def generate_responses(
     cache = ResponseCache(cache_uri, teacher_fingerprint=teacher_fingerprint, params=cfg.content_params()) if cache_uri and teacher_fingerprint else None
 
     shards = list_shards(output_uri)
+    finished = _finished_output(output_uri, inputs, params, shards)
+    if finished is not None:
+        return finished
+    done = _resumed_responses(output_uri, prompts, prompts_uri)
+
+    with _backend_for(cfg, teacher, backend, model=model, tokenizer=tokenizer) as backend, _no_folder_if_nothing_written(output_uri):
+        prepared, prompt_counts = prepare_prompts(prompts.items, backend, cfg)
+        if not prepared:
+            raise DataError(
+                f"{prompts_uri}: no prompts left: all {len(prompts.items)} are longer than the prompt window"
+            )
+        run = _generate_missing(
+            prepared, done, backend, cfg, output_uri, shards, params=params, cache=cache, teacher_id=teacher_id, progress=progress,
+        )
+    return _write_manifest(
+        output_uri, inputs=inputs, prompts_uri=prompts_uri, teacher_id=teacher_id, backend=backend, cfg=cfg,
+        prompt_counts={**prompts.counts, **prompt_counts}, run=run, cache=cache, lineage=lineage,
+    )
+
+
+def _finished_output(output_uri: str, inputs: dict[str, Any], params: dict[str, Any], shards: list[str]) -> dict[str, Any] | None:
+    """The manifest of a complete output made from ``inputs`` (the stage is skipped); else None, once
+    the folder is fit to add to: its shards made with ``params``, no manifest left beside them."""
     manifest = io.read_manifest(output_uri)
     complete = manifest is not None and set(manifest.get("shards", [])) <= set(shards)
     if complete and io.manifest_matches(output_uri, inputs):
         logger.info("generate: %s is complete for these inputs; skipped", output_uri)
-        return manifest  # type: ignore[return-value]
-    _check_output(output_uri, params, shards)
+        return manifest
+    check_output(output_uri, params, shards)
     if manifest is not None:
         # A manifest says "complete": it must not stand beside a folder that is being changed.
         io.remove(io.join(output_uri, io.MANIFEST_NAME))
+    return None
 
+
+def _resumed_responses(output_uri: str, prompts: PromptSet, prompts_uri: str) -> set[tuple[str, int]]:
+    """The (id, sample_index) pairs an interrupted run already wrote; refuses responses to prompts
+    that are not in ``prompts``."""
     done = {(str(r["id"]), int(r["sample_index"])) for r in iter_responses(output_uri)}
     known = {item.id for item in prompts.items}
     stale = sorted({i for i, _ in done} - known)
@@ -436,42 +180,83 @@ def generate_responses(
             f"{output_uri} holds responses for {len(stale)} prompt(s) that are not in {prompts_uri} "
             f"(e.g. id {stale[0]!r}); use another output_uri for a different prompt set"
         )
+    return done
 
-    owns_backend = backend is None
-    if backend is None:
-        backend = make_backend(cfg, teacher, model=model, tokenizer=tokenizer)
+
+@contextlib.contextmanager
+def _backend_for(
+    cfg: GenerateConfig, teacher: str, backend: TeacherBackend | None, *, model: Any, tokenizer: Any
+) -> Iterator[TeacherBackend]:
+    """``backend`` as given (the caller closes it), or the one ``cfg.backend`` names, closed after use."""
+    if backend is not None:
+        yield backend
+        return
+    backend = make_backend(cfg, teacher, model=model, tokenizer=tokenizer)
     try:
-        prepared, prompt_counts = _prepare(prompts.items, backend, cfg)
-        if not prepared:
-            raise DataError(
-                f"{prompts_uri}: no prompts left: all {len(prompts.items)} are longer than the prompt window"
-            )
-        pending = [
-            (item, prompt, tuple(s for s in range(cfg.num_samples) if (item.id, s) not in done))
-            for item, prompt in prepared
-        ]
-        pending = [p for p in pending if p[2]]
-        if pending and not shards:
-            # Recorded before the first shard, so a later run can tell whether it may add to them.
-            io.write_json(io.join(output_uri, PARAMS_NAME), {"generation": params})
-        reused = 0
-        if cache is not None and pending:
-            pending, reused = _write_reused(pending, cache.load(), cfg, output_uri, shards, teacher_id=teacher_id)
-            shards = list_shards(output_uri)
-        run = _generate_shards(pending, backend, cfg, output_uri, shards, teacher_id=teacher_id, progress=progress, cache=cache)
-        run["resumed_records"] = len(done)
-        run["reused_records"] = reused
+        yield backend
+    finally:
+        backend.close()
+
+
+@contextlib.contextmanager
+def _no_folder_if_nothing_written(output_uri: str) -> Iterator[None]:
+    try:
+        yield
     except BaseException:
         if not list_shards(output_uri):
             # nothing was generated: leave no folder that looks like a started artifact
             io.remove(output_uri)
         raise
-    finally:
-        if owns_backend:
-            backend.close()
 
+
+def _generate_missing(
+    prepared: list[tuple[PromptItem, PreparedPrompt]],
+    done: set[tuple[str, int]],
+    backend: TeacherBackend,
+    cfg: GenerateConfig,
+    output_uri: str,
+    shards: list[str],
+    *,
+    params: dict[str, Any],
+    cache: ResponseCache | None,
+    teacher_id: str,
+    progress: bool,
+) -> dict[str, Any]:
+    """Write the responses not ``done`` yet: from the response cache where it holds them, the rest
+    from the teacher; returns this run's numbers."""
+    pending = [
+        (item, prompt, tuple(s for s in range(cfg.num_samples) if (item.id, s) not in done))
+        for item, prompt in prepared
+    ]
+    pending = [p for p in pending if p[2]]
+    if pending and not shards:
+        # Recorded before the first shard, so a later run can tell whether it may add to them.
+        io.write_json(io.join(output_uri, PARAMS_NAME), {"generation": params})
+    reused = 0
+    if cache is not None and pending:
+        pending, reused = write_reused(pending, cache.load(), cfg, output_uri, shards, teacher_id=teacher_id)
+        shards = list_shards(output_uri)
+    run = _generate_shards(pending, backend, cfg, output_uri, shards, teacher_id=teacher_id, progress=progress, cache=cache)
+    run["resumed_records"] = len(done)
+    run["reused_records"] = reused
+    return run
+
+
+def _write_manifest(
+    output_uri: str,
+    *,
+    inputs: dict[str, Any],
+    prompts_uri: str,
+    teacher_id: str,
+    backend: TeacherBackend,
+    cfg: GenerateConfig,
+    prompt_counts: dict[str, int],
+    run: dict[str, Any],
+    cache: ResponseCache | None,
+    lineage: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Write the manifest (what makes the output complete) and say what this run did."""
     summary = summarize_output(output_uri)
-    prompt_counts = {**prompts.counts, **prompt_counts}
     # One flat dict of numbers, convenient to log as metrics.
     counts = {
         "records": summary["records"],
@@ -491,7 +276,7 @@ def generate_responses(
         prompts_uri=prompts_uri,
         teacher_id=teacher_id,
         backend=backend.name,
-        sampling=_sampling_dict(cfg),
+        sampling=sampling_dict(cfg),
         shards=list_shards(output_uri),
         prompts=prompt_counts,
         counts=counts,
@@ -513,100 +298,8 @@ def generate_responses(
     return manifest
 
 
-def _write_reused(
-    pending: list[tuple[PromptItem, PreparedPrompt, tuple[int, ...]]],
-    cached: dict[tuple[str, int], dict[str, Any]],
-    cfg: GenerateConfig,
-    output_uri: str,
-    shards: list[str],
-    *,
-    teacher_id: str,
-) -> tuple[list[tuple[PromptItem, PreparedPrompt, tuple[int, ...]]], int]:
-    """Write the responses the cache holds as output shards; returns what is left to generate and
-    how many records were reused."""
-    left: list[tuple[PromptItem, PreparedPrompt, tuple[int, ...]]] = []
-    records: list[dict[str, Any]] = []
-    for item, prompt, samples in pending:
-        key = prompt_sha256(item.prompt)
-        missing = tuple(s for s in samples if (key, s) not in cached)
-        if missing:
-            left.append((item, prompt, missing))
-        records += [
-            build_record(item, prompt, s, _cached_completion(cached[(key, s)]), teacher_id=teacher_id, sampling=_sampling_dict(cfg), cfg=cfg)
-            for s in samples if (key, s) in cached
-        ]
-    next_index = max((int(SHARD_RE.match(n).group(1)) for n in shards), default=-1) + 1  # type: ignore[union-attr]
-    for begin in range(0, len(records), cfg.shard_size):
-        io.write_records(io.join(output_uri, shard_name(next_index)), records[begin : begin + cfg.shard_size])
-        next_index += 1
-    if records:
-        logger.info("generate: %d response(s) reused from earlier runs, %d prompt(s) left for the teacher", len(records), len(left))
-    return left, len(records)
-
-
-def _sampling_dict(cfg: GenerateConfig) -> dict[str, Any]:
-    return {
-        "max_new_tokens": cfg.max_new_tokens,
-        "temperature": cfg.temperature,
-        "top_p": cfg.top_p,
-        "num_samples": cfg.num_samples,
-        "seed": cfg.seed,
-    }
-
-
-def _prepare(
-    items: Sequence[PromptItem], backend: TeacherBackend, cfg: GenerateConfig
-) -> tuple[list[tuple[PromptItem, PreparedPrompt]], dict[str, int]]:
-    """Format and count every prompt; apply the overlong policy before anything is generated."""
-    window = backend.context_window(cfg.max_new_tokens)
-    if cfg.max_prompt_tokens is not None:
-        window = cfg.max_prompt_tokens if window is None else min(window, cfg.max_prompt_tokens)
-    if window is not None and window < 1:
-        raise ValueError(
-            f"max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in the teacher's context window"
-        )
-    prepared: list[tuple[PromptItem, PreparedPrompt]] = []
-    overlong: list[str] = []
-    truncated = skipped = 0
-    for item in items:
-        message = apply_template(item.prompt, cfg.rationale_template) if cfg.rationale else item.prompt
-        prompt = backend.prepare(item.id, message)
-        if window is not None and prompt.num_tokens is not None and prompt.num_tokens > window:
-            overlong.append(item.id)
-            if cfg.overlong == "truncate":
-                cut = backend.truncate(prompt, window)
-                if cut is None:
-                    logger.warning(
-                        "prompt %s cannot be truncated to %d tokens (template too long); skipped", item.id, window
-                    )
-                    skipped += 1
-                    continue
-                prompt, truncated = cut, truncated + 1
-            elif cfg.overlong == "skip":
-                skipped += 1
-                continue
-        prepared.append((item, prompt))
-    if overlong and cfg.overlong == "error":
-        shown = ", ".join(repr(i) for i in overlong[:5]) + (" ..." if len(overlong) > 5 else "")
-        raise DataError(
-            f"{len(overlong)} prompt(s) are longer than the {window}-token prompt window ({shown}); "
-            "set overlong to 'truncate' or 'skip', or raise max_prompt_tokens"
-        )
-    if overlong:
-        logger.warning(
-            "%d prompt(s) longer than %d tokens: %d truncated, %d skipped (overlong=%s)",
-            len(overlong),
-            window,
-            truncated,
-            skipped,
-            cfg.overlong,
-        )
-    counts = {"overlong": len(overlong), "overlong_truncated": truncated, "overlong_skipped": skipped}
-    return prepared, counts
-
-
 def _generate_shards(
-    pending: list[tuple[PromptItem, PreparedPrompt, tuple[int, ...]]],
+    pending: list[Pending],
     backend: TeacherBackend,
     cfg: GenerateConfig,
     output_uri: str,
@@ -617,11 +310,11 @@ def _generate_shards(
     cache: ResponseCache | None = None,
 ) -> dict[str, Any]:
     sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
-    sampling_record = _sampling_dict(cfg)
-    next_index = max((int(SHARD_RE.match(n).group(1)) for n in shards), default=-1) + 1  # type: ignore[union-attr]
+    sampling_record = sampling_dict(cfg)
+    next_index = next_shard_index(shards)
 
     # Shards hold whole prompts (all their missing samples), so a crash never splits a prompt.
-    chunks: list[list[tuple[PromptItem, PreparedPrompt, tuple[int, ...]]]] = []
+    chunks: list[list[Pending]] = []
     size = 0
     for entry in pending:
         if chunks and size + len(entry[2]) <= cfg.shard_size:

@@ -9,7 +9,7 @@ import pytest
 
 from mydistill import io
 from mydistill.generation import Completion, GenerateConfig, generate_responses, read_responses
-from mydistill.generation.stage import CACHE_SHARD_RE, ResponseCache, list_shards
+from mydistill.generation.shards import CACHE_SHARD_RE, ResponseCache, list_shards
 
 from tests.mydistill.generation_fixtures import write_prompts
 from tests.mydistill.test_generation_stage import FakeBackend

@@ -25,7 +25,7 @@ from mydistill.generation import (
     load_prompts,
     read_responses,
 )
-from mydistill.generation.stage import PARAMS_NAME, RATIONALE_FIELDS, RECORD_FIELDS, build_record, record_status
+from mydistill.generation.shards import PARAMS_NAME, RATIONALE_FIELDS, RECORD_FIELDS, build_record, record_status
 from mydistill.io import DataError
 
 from tests.mydistill.generation_fixtures import write_prompts
@@ -166,7 +166,7 @@ def test_status_precedence():
 
 
 def test_records_carry_input_fields_without_clobbering(tmp_path):
-    from mydistill.generation.stage import PromptItem
+    from mydistill.generation.prompts import PromptItem
 
     item = PromptItem("q1", "what?", {"answer": "gold", "source": "gsm8k", "status": "draft"})
     prompt = PreparedPrompt("q1", "what?", None, [1, 2, 3])
