@@ -4,6 +4,8 @@
 * :mod:`.sampling` -- dense logits -> top-k, or top-k plus an unbiased importance-sampled tail.
 * :mod:`.store` -- shards, per-shard index, manifest; the writer and the random-access reader.
 * :mod:`.compute` -- the signal stage: run the teacher once over the training mix.
+* :mod:`.served` -- the signal stage against a served teacher (client :mod:`.served_client`, identity
+  :mod:`.served_probe`).
 * :mod:`.combine` -- several stores (teachers) mixed per token.
 * :mod:`.teacher` -- the teacher side of a training batch, read from stores.
 

@@ -22,7 +22,7 @@ from mydistill import io
 from mydistill.config.signal import SignalConfig
 from mydistill.signal.format import FORMAT_VERSION, example_key
 from mydistill.signal.sampling import sparsify
-from mydistill.signal.store import SignalStoreWriter, write_store_manifest
+from mydistill.signal.store import SignalStoreWriter, read_signal_records, write_store_manifest
 from mydistill.tokenization import IGNORE_INDEX, collate, shift_labels, tokenize_example, tokenizer_sha256
 
 logger = logging.getLogger(__name__)
@@ -92,10 +92,7 @@ def compute_teacher_signal(
 
     cfg = cfg.model_copy(update={"mode": cfg.resolved_mode(divergence)})
 
-    records = io.read_records(data_uri)
-    for i, r in enumerate(records):
-        if "prompt" not in r or "response" not in r:
-            raise io.DataError(f"{data_uri}: record {i + 1} needs 'prompt' and 'response' fields (has {sorted(r)})")
+    records = read_signal_records(data_uri)
     if tokenizer is None:
         tokenizer = load_tokenizer(teacher_uri)
     data_sha = io.records_sha256(records)
@@ -122,9 +119,31 @@ def compute_teacher_signal(
     exact = min(cfg.exact_tokens(cfg.mode), vocab)  # the k entries: exact top tokens (+ sampled tail slots)
     slots = exact + (min(cfg.sampled_tokens, vocab - exact) if cfg.mode == "sampled" else 0)
     writer = SignalStoreWriter(output_uri, slots=slots, shard_bytes=cfg.shard_mb * 2**20)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     items = sorted(unique.items(), key=lambda kv: len(kv[1].input_ids))  # little padding per batch
+    _add_batches(teacher, items, writer, cfg, exact=exact, device=device, pad_id=pad_id)
+    written = writer.close()
+    seconds = time.perf_counter() - start
+    logger.info(
+        "teacher signal: %d examples, %d tokens, %.1f bytes/token, %.1fs",
+        written["counts"]["examples"], written["counts"]["tokens"], written["bytes_per_token"], seconds,
+    )
+    return write_store_manifest(
+        output_uri, inputs=inputs, written=written,
+        teacher={"id": teacher_id or teacher_uri.rstrip("/").rsplit("/", 1)[-1], "uri": teacher_uri, "weights_sha256": weights},
+        tokenizer_sha256=tok_sha, data_sha256=data_sha, data_uri=data_uri, records=len(records), vocab_size=vocab,
+        k=exact, slots=slots, mode=cfg.mode, sampled_tokens=cfg.sampled_tokens if cfg.mode == "sampled" else 0,
+        temperature=store_temperature(cfg), max_length=max_length, seconds=seconds,
+        **({"lineage": lineage} if lineage else {}),
+    )
+
+
+def _add_batches(
+    teacher: Any, items: list[tuple[bytes, Any]], writer: SignalStoreWriter, cfg: SignalConfig, *, exact: int, device: Any, pad_id: int,
+) -> None:
+    """Run ``teacher`` over ``items`` (key, tokenized example) in batches and add each example's sparse
+    signal (``exact`` top tokens, plus the sampled tail in sampled mode) to ``writer``."""
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
     base = getattr(teacher, teacher.base_model_prefix)
     head = teacher.get_output_embeddings()
     for begin in range(0, len(items), cfg.batch_size):
@@ -154,28 +173,3 @@ def compute_teacher_signal(
         for (key, _), n in zip(part, counts, strict=True):
             writer.add(key, ids[offset : offset + n], lps[offset : offset + n], res[offset : offset + n])
             offset += n
-    written = writer.close()
-    seconds = time.perf_counter() - start
-    logger.info(
-        "teacher signal: %d examples, %d tokens, %.1f bytes/token, %.1fs",
-        written["counts"]["examples"], written["counts"]["tokens"], written["bytes_per_token"], seconds,
-    )
-    return write_store_manifest(
-        output_uri,
-        inputs=inputs,
-        written=written,
-        teacher={"id": teacher_id or teacher_uri.rstrip("/").rsplit("/", 1)[-1], "uri": teacher_uri, "weights_sha256": weights},
-        tokenizer_sha256=tok_sha,
-        data_sha256=data_sha,
-        data_uri=data_uri,
-        records=len(records),
-        vocab_size=vocab,
-        k=exact,
-        slots=slots,
-        mode=cfg.mode,
-        sampled_tokens=cfg.sampled_tokens if cfg.mode == "sampled" else 0,
-        temperature=store_temperature(cfg),
-        max_length=max_length,
-        seconds=seconds,
-        **({"lineage": lineage} if lineage else {}),
-    )

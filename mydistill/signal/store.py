@@ -155,6 +155,15 @@ class SignalStoreWriter:
         }
 
 
+def read_signal_records(data_uri: str) -> list[dict[str, Any]]:
+    """The records a store is made for, each with the ``prompt`` and ``response`` it scores."""
+    records = io.read_records(data_uri)
+    for i, r in enumerate(records):
+        if "prompt" not in r or "response" not in r:
+            raise io.DataError(f"{data_uri}: record {i + 1} needs 'prompt' and 'response' fields (has {sorted(r)})")
+    return records
+
+
 def write_store_manifest(
     uri: str, *, inputs: Mapping[str, Any], written: Mapping[str, Any], **content: Any
 ) -> dict[str, Any]:

@@ -12,7 +12,9 @@ import pytest
 from mydistill import io
 from mydistill.generation import APIError
 from mydistill.signal import SignalConfig, SignalStore, compute_teacher_signal
-from mydistill.signal.served import ProbeMismatch, RecordsRefused, ServedTeacherError, compute_served_signal
+from mydistill.signal.served import RecordsRefused, compute_served_signal
+from mydistill.signal.served_client import ServedTeacherError
+from mydistill.signal.served_probe import ProbeMismatch
 
 from tests.mydistill import generation_fixtures as fx
 
@@ -100,7 +102,8 @@ def test_served_rows_equal_the_teachers_top_k_to_1e_4(server, teacher, mix):
     import torch
 
     from mydistill.models import load_model, load_tokenizer
-    from mydistill.signal.served import CompletionsScorer, served_rows
+    from mydistill.signal.served import served_rows
+    from mydistill.signal.served_client import CompletionsScorer
     from mydistill.tokenization import format_prompt, format_response, tokenize_example
 
     tok, model = load_tokenizer(teacher), load_model(teacher, dtype="float32")
@@ -189,10 +192,10 @@ def test_retries_honour_retry_after_and_a_dead_server_stops_cleanly(server, teac
 
 
 def test_a_crashed_run_resumes_with_the_missing_shards_only(server, teacher, mix, tmp_path, faults, monkeypatch):
-    from mydistill.signal import served
+    from mydistill.signal import served_client
 
     out = str(tmp_path / "s")
-    real, calls = served.CompletionsScorer.score, []
+    real, calls = served_client.CompletionsScorer.score, []
 
     def crash_on_second_shard(self, prompts, **kw):
         calls.append(len(prompts))
@@ -200,13 +203,13 @@ def test_a_crashed_run_resumes_with_the_missing_shards_only(server, teacher, mix
             raise KeyboardInterrupt("killed")
         return real(self, prompts, **kw)
 
-    monkeypatch.setattr(served.CompletionsScorer, "score", crash_on_second_shard)
+    monkeypatch.setattr(served_client.CompletionsScorer, "score", crash_on_second_shard)
     with pytest.raises(KeyboardInterrupt):
         compute_served_signal(mix, teacher, out, cfg=served_cfg(server), max_length=48, temperature=1.0)
     assert io.exists(io.join(out, "progress.json")) and not io.exists(io.join(out, "manifest.json"))
 
     calls.clear()
-    monkeypatch.setattr(served.CompletionsScorer, "score", lambda self, prompts, **kw: (calls.append(len(prompts)), real(self, prompts, **kw))[1])
+    monkeypatch.setattr(served_client.CompletionsScorer, "score", lambda self, prompts, **kw: (calls.append(len(prompts)), real(self, prompts, **kw))[1])
     manifest = compute_served_signal(mix, teacher, out, cfg=served_cfg(server), max_length=48, temperature=1.0)
     assert calls == [1, 8, 4]  # the probe, then shards 1 and 2 (shard 0 was committed)
     assert manifest["counts"]["examples"] == 20 and len(SignalStore(out)) == 20
@@ -218,10 +221,10 @@ def test_a_crashed_run_resumes_with_the_missing_shards_only(server, teacher, mix
 
 
 def test_a_changed_probe_stops_a_resume(server, teacher, mix, tmp_path, faults, monkeypatch):
-    from mydistill.signal import served
+    from mydistill.signal import served_client
 
     out = str(tmp_path / "s")
-    real, calls = served.CompletionsScorer.score, []
+    real, calls = served_client.CompletionsScorer.score, []
 
     def crash(self, prompts, **kw):
         calls.append(1)
@@ -229,10 +232,10 @@ def test_a_changed_probe_stops_a_resume(server, teacher, mix, tmp_path, faults, 
             raise KeyboardInterrupt("killed")
         return real(self, prompts, **kw)
 
-    monkeypatch.setattr(served.CompletionsScorer, "score", crash)
+    monkeypatch.setattr(served_client.CompletionsScorer, "score", crash)
     with pytest.raises(KeyboardInterrupt):
         compute_served_signal(mix, teacher, out, cfg=served_cfg(server), max_length=48, temperature=1.0)
-    monkeypatch.setattr(served.CompletionsScorer, "score", real)
+    monkeypatch.setattr(served_client.CompletionsScorer, "score", real)
     faults(scoring="perturb")
     with pytest.raises(ProbeMismatch, match="progress.json: the served teacher is not the model this store was begun with"):
         compute_served_signal(mix, teacher, out, cfg=served_cfg(server), max_length=48, temperature=1.0)
