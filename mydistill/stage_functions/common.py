@@ -1,0 +1,56 @@
+"""What every stage function shares: clearing a killed run's leftovers, checking an input stage is
+done, the teacher's lineage, numbers for MLflow; and the pipeline run's cost."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from mydistill import costs, io, lineage, tracking
+from mydistill.config import PipelineConfig
+from mydistill.fingerprint import fingerprint
+from mydistill.plan import StagePlan
+
+
+def sweep_debris(uri: str) -> None:
+    """Clear what a killed earlier run of this stage left (temporary files, staging folders, stale
+    checkpoints; see :func:`mydistill.io.sweep_debris`) and say so."""
+    removed = io.sweep_debris(uri)
+    if removed:
+        logging.getLogger("mydistill").info("removed %d leftover(s) of a killed run: %s", len(removed), ", ".join(removed))
+
+
+def require_done(uri: str | None, stage: str) -> None:
+    """Fail clearly when a stage's input, the output of an earlier stage, is not there yet."""
+    if uri and io.read_manifest(uri) is None:
+        raise io.DataError(f"{uri}: no finished {stage} output here; run the {stage} stage (or the whole pipeline) first")
+
+
+def teacher_lineage(plan: StagePlan) -> dict[str, Any]:
+    """The teacher as recorded in manifests: its fingerprint, and its tokenizer when it is a folder."""
+    fp = plan.fingerprints.get("teacher") or fingerprint(plan.teacher_uri, kind="model")
+    tokenizer = lineage.model_lineage(plan.teacher_uri, fp) if fp.get("kind") == "model" else {}
+    return {"teacher": fp["sha256"], "teacher_uri": plan.teacher_uri, **tokenizer}
+
+
+def on_gpu(device: str) -> bool:
+    """Whether a stage configured for ``device`` runs on GPUs here ('auto': when CUDA is available)."""
+    if device.startswith("cuda"):
+        return True
+    if device != "auto":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def numeric(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numbers of ``d`` (ints and floats, not bools) as floats, keys prefixed: metrics for MLflow."""
+    return {f"{prefix}{k}": float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def run_costs(cfg: PipelineConfig, parent_run_id: str, teacher_retained: float | None = None) -> dict[str, float]:
+    """The pipeline run's cost: its stages' ``cost/*`` summed, priced with ``costs:``; logged on the run."""
+    total = costs.priced(costs.total_cost(tracking.child_metrics(parent_run_id)), cfg.costs, teacher_retained)
+    tracking.log_metrics(parent_run_id, total)
+    return total
