@@ -70,18 +70,18 @@ def is_remote(uri: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# atomic writes
+# temporary names owned by a process (mydistill.debris sweeps them once their writer is gone)
 
 
 # Temporary names carry the writer's pid, so that what a killed writer left can be told from what a
 # live one is still writing: `.<name>.tmp-<pid>-<random>` files, `<artifact>.tmp-<pid>` staging
 # folders, `mydistill-<what>-<pid>-…` folders in the system temp dir.
-_TMP_NAME = re.compile(r"\.tmp-(\d+)(?:-[0-9a-f]+)?$")
-_TMP_DIR_NAME = re.compile(r"^mydistill-[a-z]+-(\d+)-")
+TMP_NAME = re.compile(r"\.tmp-(\d+)(?:-[0-9a-f]+)?$")
+TMP_DIR_NAME = re.compile(r"^mydistill-[a-z]+-(\d+)-")
 
 
 def tmp_suffix() -> str:
-    """The suffix of a temporary name owned by this process (see :func:`sweep_debris`)."""
+    """The suffix of a temporary name owned by this process (see :func:`mydistill.debris.sweep_debris`)."""
     return f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
@@ -101,65 +101,8 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def _owned_by_the_dead(name: str, pattern: re.Pattern[str]) -> bool:
-    match = pattern.search(name)
-    return bool(match) and int(match.group(1)) != os.getpid() and not pid_alive(int(match.group(1)))
-
-
-def sweep_debris(artifact_uri: str) -> list[str]:
-    """Remove what killed runs of this artifact's stage left behind; returns what was removed.
-
-    Only this artifact's own leftovers, and only those whose writer is gone: temporary files
-    inside it, staging folders beside it, its periodic checkpoints once the artifact is finished,
-    and ``mydistill-*`` folders of dead processes in the system temp dir. Object stores need no
-    sweep (their writes are single PUTs).
-    """
-    import shutil
-    import tempfile
-
-    removed: list[str] = []
-    if is_remote(artifact_uri):
-        return removed
-    target = artifact_uri.removeprefix("file://").rstrip("/")
-    parent, name = os.path.dirname(target) or ".", os.path.basename(target)
-    candidates = []
-    if os.path.isdir(target):
-        candidates += [os.path.join(target, f) for f in os.listdir(target) if f.startswith(".") and _owned_by_the_dead(f, _TMP_NAME)]
-    if os.path.isdir(parent):
-        candidates += [
-            os.path.join(parent, f) for f in os.listdir(parent)
-            if f.startswith(f"{name}.tmp-") and _owned_by_the_dead(f, _TMP_NAME)
-        ]
-    checkpoints = f"{target}.checkpoints"
-    if os.path.isdir(checkpoints) and os.path.exists(os.path.join(target, MANIFEST_NAME)) and not _locked(f"{checkpoints}.lock"):
-        candidates += [checkpoints, f"{checkpoints}.lock"]  # finished: killed between its manifest and the clean-up
-    scratch = tempfile.gettempdir()
-    candidates += [os.path.join(scratch, f) for f in os.listdir(scratch) if _owned_by_the_dead(f, _TMP_DIR_NAME)]
-    for path in candidates:
-        if os.path.isdir(path):
-            shutil.rmtree(path, ignore_errors=True)
-        elif os.path.exists(path):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
-        else:
-            continue
-        removed.append(path)
-    return removed
-
-
-def _locked(path: str) -> bool:
-    """Whether a live process holds the ``flock`` on ``path``."""
-    import fcntl
-
-    if not os.path.exists(path):
-        return False
-    with open(path) as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-    return False
+# ----------------------------------------------------------------------------------------------
+# atomic writes
 
 
 @contextlib.contextmanager

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from mydistill import costs, io, lineage, tracking
+from mydistill import costs, debris, io, lineage, tracking
 from mydistill.config import PipelineConfig
 from mydistill.fingerprint import fingerprint
 from mydistill.plan import StagePlan
@@ -14,8 +14,8 @@ from mydistill.plan import StagePlan
 
 def sweep_debris(uri: str) -> None:
     """Clear what a killed earlier run of this stage left (temporary files, staging folders, stale
-    checkpoints; see :func:`mydistill.io.sweep_debris`) and say so."""
-    removed = io.sweep_debris(uri)
+    checkpoints; see :func:`mydistill.debris.sweep_debris`) and say so."""
+    removed = debris.sweep_debris(uri)
     if removed:
         logging.getLogger("mydistill").info("removed %d leftover(s) of a killed run: %s", len(removed), ", ".join(removed))
 
