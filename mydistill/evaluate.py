@@ -25,136 +25,26 @@ scoring 0 leaves it undefined (None, with ``retained_undefined`` saying why), ne
 A student distilled step-by-step answers behind its label prefix (``prompt_prefix`` in its
 checkpoint's manifest); each model is prompted with its own prefix ('' for the others), and the
 teacher-forced metrics score the same response tokens for every model sharing a tokenizer.
+
+How one model is scored (answers, teacher-forced metrics) is :mod:`mydistill.scoring`; this module
+runs it for every model and builds, writes and tabulates the report.
 """
 
 from __future__ import annotations
-
-import logging
 
 import os
 import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-
-from mydistill import io
-from mydistill.metrics import TEXT_METRICS, answer_agreement, expected_calibration_error, mean, report_key, score_answers
+from mydistill import io, scoring
+from mydistill.metrics import TEXT_METRICS, answer_agreement, mean, report_key, score_answers
 from mydistill.models import count_parameters, load_model, load_tokenizer
-from mydistill.tokenization import (
-    IGNORE_INDEX, TokenizedExample, collate, prompt_prefix_of, shift_labels, tokenize_example, tokenizer_sha256, with_prefix,
-)
+from mydistill.tokenization import prompt_prefix_of, tokenizer_sha256, with_prefix
 
 METRICS_FILE = "metrics.json"
 SAMPLES_FILE = "samples.jsonl"
 PLOT_FILE = "comparison.png"
-# the teacher-forced batch: logits are (B, T, V) floats per model, and V is ~50k-150k for real models
-FORCED_BATCH = 16
-
-
-def normalise_answer(text: str) -> str:
-    return " ".join(text.strip().split())
-
-
-def generate_answers(
-    model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int, batch_size: int, label: str = "answers",
-) -> list[str]:
-    """Greedy answers through the batched Hugging Face generation backend (progress logged as it goes)."""
-    from mydistill.generation.base import GenerationRequest, Sampling
-    from mydistill.generation.hf import HFBackend
-    from mydistill.progress import ProgressLog
-
-    backend = HFBackend(model=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
-    requests = [GenerationRequest(prompt=backend.prepare(str(i), p)) for i, p in enumerate(prompts)]
-    progress = ProgressLog(f"evaluate: {label}", len(requests), logging.getLogger("mydistill.evaluate"))
-    completions = backend.generate(requests, Sampling(max_new_tokens=max_new_tokens), progress)
-    return [c[0].text for c in completions]
-
-
-@torch.no_grad()
-def response_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits at response positions (M, V) and their target tokens (M,)."""
-    logits, labels, _ = response_logits_and_starts(model, batch)
-    return logits, labels
-
-
-@torch.no_grad()
-def response_logits_and_starts(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`response_logits`, and for each row the index among those M of its first response
-    position (B,) (-1 for a row with no response token)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = shift_labels(batch["labels"])
-    mask = labels != IGNORE_INDEX
-    counts = mask.sum(1)
-    starts = torch.cumsum(counts, 0) - counts
-    first = torch.where(counts > 0, starts, torch.full_like(starts, -1))
-    return logits[mask].float(), labels[mask], first
-
-
-def _same_responses(examples: dict[str, list[TokenizedExample]]) -> None:
-    """Cut each example's response to the shortest among the prompt variants (a longer prompt may
-    leave less room under ``max_length``), so that every model is scored on the same tokens."""
-    variants = list(examples.values())
-    for i in range(len(variants[0])):
-        keep = min(sum(label != IGNORE_INDEX for label in v[i].labels) for v in variants)
-        for v in variants:
-            prompt_len = len(v[i].labels) - sum(label != IGNORE_INDEX for label in v[i].labels)
-            v[i] = TokenizedExample(v[i].input_ids[: prompt_len + keep], v[i].labels[: prompt_len + keep])
-
-
-@torch.no_grad()
-def teacher_forced_metrics(
-    models: dict[str, Any], teacher_name: str | None, tokenizer: Any, records: list[dict[str, Any]], max_length: int = 512,
-    prompt_prefixes: dict[str, str] | None = None,
-) -> dict[str, dict[str, float]]:
-    """Perplexity and first-token calibration for ``models`` (which share ``tokenizer``), and KL /
-    top-1 agreement with ``teacher_name`` when it is among them."""
-    prefixes = {name: (prompt_prefixes or {}).get(name, "") for name in models}
-    examples = {
-        prefix: [tokenize_example(tokenizer, with_prefix(prefix, r["prompt"]), r["response"], max_length) for r in records]
-        for prefix in sorted(set(prefixes.values()))
-    }
-    if len(examples) > 1:
-        _same_responses(examples)
-    sums: dict[str, dict[str, float]] = {name: {"nll": 0.0, "kl": 0.0, "agree": 0.0} for name in models}
-    first: dict[str, tuple[list[float], list[bool]]] = {name: ([], []) for name in models}
-    count = 0
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for start in range(0, len(records), FORCED_BATCH):
-        batches = {prefix: collate(rows[start : start + FORCED_BATCH], pad) for prefix, rows in examples.items()}
-        outputs = {}
-        for name, model in models.items():
-            batch = batches[prefixes[name]]
-            outputs[name] = response_logits_and_starts(model, {k: v.to(model.device) for k, v in batch.items()})
-        targets = next(iter(outputs.values()))[1].cpu()
-        count += targets.numel()
-        teacher_logp = F.log_softmax(outputs[teacher_name][0].cpu(), -1) if teacher_name else None
-        for name, (logits, labels, starts) in outputs.items():
-            logp = F.log_softmax(logits.cpu(), -1)
-            labels = labels.cpu()
-            sums[name]["nll"] += F.nll_loss(logp, labels, reduction="sum").item()
-            rows = starts[starts >= 0].cpu()
-            top_p, top_id = logp[rows].exp().max(-1)
-            first[name][0].extend(top_p.tolist())
-            first[name][1].extend((top_id == labels[rows]).tolist())
-            if teacher_logp is not None:
-                sums[name]["kl"] += (teacher_logp.exp() * (teacher_logp - logp)).sum().item()
-                sums[name]["agree"] += (teacher_logp.argmax(-1) == logp.argmax(-1)).sum().item()
-            del logp  # (M, V) fp32 per model: free before the next one
-    out = {}
-    for name, s in sums.items():
-        confidences, correct = first[name]
-        metrics = {
-            "perplexity": float(torch.exp(torch.tensor(s["nll"] / max(count, 1)))),
-            "calibration_ece": expected_calibration_error(confidences, correct),
-            "first_token_accuracy": mean([float(c) for c in correct]),
-        }
-        if teacher_name and name != teacher_name:
-            metrics["kl_to_teacher"] = s["kl"] / max(count, 1)
-            metrics["top1_agreement"] = s["agree"] / max(count, 1)
-        out[name] = metrics
-    return out
 
 
 def retention(score: float, teacher_score: float, metric: str) -> tuple[float | None, str | None]:
@@ -258,20 +148,8 @@ def evaluate_models(
     holds a report for the same models, data and metrics. ``dtypes``: each model's load precision
     by name (``teacher.dtype`` / ``student.dtype``; missing: fp32).
     """
-    unknown = [m for m in metrics if m not in (*TEXT_METRICS, "judge")]
-    if unknown:
-        raise ValueError(f"unknown metrics {unknown}; expected some of {', '.join((*TEXT_METRICS, 'judge'))}")
-    if gate_metric not in metrics:
-        raise ValueError(f"gate metric {gate_metric!r} is not among the computed metrics {list(metrics)}")
-    if "judge" in metrics and judge is None:
-        raise ValueError("the judge metric needs a judge (evaluate.judge: base_url and model)")
-    records = io.read_records(eval_uri)
-    if not records:
-        raise io.DataError(f"{eval_uri}: evaluation set is empty")
-    for i, r in enumerate(records):
-        for name in (prompt_field, answer_field):
-            if name not in r:
-                raise io.DataError(f"{eval_uri}: record {i + 1} has no {name!r} field")
+    _check_metrics(metrics, gate_metric, judge)
+    records = _read_eval_set(eval_uri, prompt_field, answer_field)
     prefixes = {name: prompt_prefix_of(uri) for name, uri in model_uris.items()}
     inputs = {
         "models": {name: (io.read_manifest(uri) or {}).get("inputs_sha256", uri) for name, uri in model_uris.items()},
@@ -291,69 +169,125 @@ def evaluate_models(
     tokenizers = {name: load_tokenizer(uri) for name, uri in model_uris.items()}
     models = {name: load_model(uri, device=device, dtype=(dtypes or {}).get(name)).eval() for name, uri in model_uris.items()}
     answers = {
-        name: generate_answers(
+        name: scoring.generate_answers(
             model, tokenizers[name], [with_prefix(prefixes[name], p) for p in prompts], max_new_tokens=max_new_tokens,
             batch_size=batch_size, label=name,
         )
         for name, model in models.items()
     }
     teacher = teacher_name if teacher_name in models else None
-    scores = {name: score_answers(metrics, answers[name], references, extract_pattern=extract_pattern) for name in models}
-    if "judge" in metrics:
-        assert judge is not None
-        for name in models:
-            scores[name]["judge"] = judge(prompts, answers[name], references, answers[teacher] if teacher else None)
-
-    # teacher-forced metrics within each group of models sharing a tokenizer: ids fed to a model
-    # must be its own; KL / top-1 agreement only where the teacher is in the same group
-    groups: dict[str, list[str]] = {}
-    for name, tok in tokenizers.items():
-        groups.setdefault(tokenizer_sha256(tok), []).append(name)
-    forced_records = [{"prompt": p, "response": a} for p, a in zip(prompts, references, strict=True)]
-    forced: dict[str, dict[str, float]] = {}
-    for names in groups.values():
-        forced.update(teacher_forced_metrics(
-            {n: models[n] for n in names}, teacher if teacher in names else None, tokenizers[names[0]], forced_records,
-            prompt_prefixes=prefixes,
-        ))
+    scores = _answer_scores(metrics, prompts, answers, references, teacher=teacher, judge=judge, extract_pattern=extract_pattern)
+    forced = _teacher_forced_by_tokenizer(models, tokenizers, teacher, prompts, references, prefixes)
 
     report: dict[str, Any] = {
-        "num_examples": len(records), "metrics": [report_key(m) for m in metrics], "gate_metric": gate_metric, "models": {},
+        "num_examples": len(records), "metrics": [report_key(m) for m in metrics], "gate_metric": gate_metric,
+        "models": _model_metrics(models, scores, forced, answers),
     }
     if any(prefixes.values()):
         report["prompt_prefixes"] = {name: prefix for name, prefix in prefixes.items() if prefix}
-    words = {name: [len(a.split()) for a in answers[name]] for name in models}
-    for name, model in models.items():
-        m: dict[str, Any] = {report_key(k): mean(v) for k, v in scores[name].items()}
-        m.update(parameters=count_parameters(model), answer_words=mean(words[name]), **forced[name])
-        report["models"][name] = m
-    gate_key = report_key(gate_metric)
     if teacher:
-        t = report["models"][teacher]
-        for name, m in report["models"].items():
-            if name == teacher:
-                continue
-            m["teacher_retained"], why = retention(m[gate_key], t[gate_key], gate_metric)
-            if why:
-                report["retained_undefined"] = why
-            m["parameters_vs_teacher"] = m["parameters"] / t["parameters"]
-            m["text_agreement"] = mean([answer_agreement(a, b) for a, b in zip(answers[name], answers[teacher], strict=True)])
-            m["length_vs_teacher"] = m["answer_words"] / t["answer_words"] if t["answer_words"] else None
-            if "kl_to_teacher" not in m:
-                m["tokenizer"] = "differs from the teacher's: text-level agreement only"
+        _compare_with_teacher(report, teacher, answers, gate_metric)
     if judge is not None and hasattr(judge, "summary"):
         report["judge"] = judge.summary()  # requests, cache hits and counted failures
     categories = [r.get(category_field) if category_field else None for r in records]
     if any(c is not None for c in categories):
         report["by_category"] = _by_category(categories, scores)
-
     samples = [
         {"prompt": p, "reference": ref, **({"category": categories[i]} if categories[i] is not None else {}),
          **{name: answers[name][i] for name in models}}
         for i, (p, ref) in enumerate(zip(prompts, references, strict=True))
     ]
     report["samples"] = samples[:num_samples]
+    _write_report(output_uri, report, samples, inputs)
+    return report
 
+
+def _check_metrics(metrics: Sequence[str], gate_metric: str, judge: JudgeFn | None) -> None:
+    unknown = [m for m in metrics if m not in (*TEXT_METRICS, "judge")]
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; expected some of {', '.join((*TEXT_METRICS, 'judge'))}")
+    if gate_metric not in metrics:
+        raise ValueError(f"gate metric {gate_metric!r} is not among the computed metrics {list(metrics)}")
+    if "judge" in metrics and judge is None:
+        raise ValueError("the judge metric needs a judge (evaluate.judge: base_url and model)")
+
+
+def _read_eval_set(eval_uri: str, prompt_field: str, answer_field: str) -> list[dict[str, Any]]:
+    records = io.read_records(eval_uri)
+    if not records:
+        raise io.DataError(f"{eval_uri}: evaluation set is empty")
+    for i, r in enumerate(records):
+        for name in (prompt_field, answer_field):
+            if name not in r:
+                raise io.DataError(f"{eval_uri}: record {i + 1} has no {name!r} field")
+    return records
+
+
+def _answer_scores(
+    metrics: Sequence[str], prompts: list[str], answers: dict[str, list[str]], references: list[str], *,
+    teacher: str | None, judge: JudgeFn | None, extract_pattern: str,
+) -> dict[str, dict[str, list[float]]]:
+    """Per model, per answer metric, the score of every answer (the judge sees the teacher's answer too)."""
+    scores = {name: score_answers(metrics, answers[name], references, extract_pattern=extract_pattern) for name in answers}
+    if "judge" in metrics:
+        assert judge is not None
+        for name in answers:
+            scores[name]["judge"] = judge(prompts, answers[name], references, answers[teacher] if teacher else None)
+    return scores
+
+
+def _teacher_forced_by_tokenizer(
+    models: dict[str, Any], tokenizers: dict[str, Any], teacher: str | None, prompts: list[str], references: list[str],
+    prefixes: dict[str, str],
+) -> dict[str, dict[str, float]]:
+    """:func:`mydistill.scoring.teacher_forced_metrics` within each group of models sharing a tokenizer:
+    ids fed to a model must be its own; KL / top-1 agreement only where the teacher is in the same group."""
+    groups: dict[str, list[str]] = {}
+    for name, tok in tokenizers.items():
+        groups.setdefault(tokenizer_sha256(tok), []).append(name)
+    forced_records = [{"prompt": p, "response": a} for p, a in zip(prompts, references, strict=True)]
+    forced: dict[str, dict[str, float]] = {}
+    for names in groups.values():
+        forced.update(scoring.teacher_forced_metrics(
+            {n: models[n] for n in names}, teacher if teacher in names else None, tokenizers[names[0]], forced_records,
+            prompt_prefixes=prefixes,
+        ))
+    return forced
+
+
+def _model_metrics(
+    models: dict[str, Any], scores: dict[str, dict[str, list[float]]], forced: dict[str, dict[str, float]],
+    answers: dict[str, list[str]],
+) -> dict[str, dict[str, Any]]:
+    """Each model's row of the report: mean answer scores, parameters, answer length, teacher-forced metrics."""
+    rows = {}
+    words = {name: [len(a.split()) for a in answers[name]] for name in models}
+    for name, model in models.items():
+        m: dict[str, Any] = {report_key(k): mean(v) for k, v in scores[name].items()}
+        m.update(parameters=count_parameters(model), answer_words=mean(words[name]), **forced[name])
+        rows[name] = m
+    return rows
+
+
+def _compare_with_teacher(report: dict[str, Any], teacher: str, answers: dict[str, list[str]], gate_metric: str) -> None:
+    """Add to every other model's row how it compares with the teacher's (share of its score, size, agreement)."""
+    gate_key = report_key(gate_metric)
+    t = report["models"][teacher]
+    for name, m in report["models"].items():
+        if name == teacher:
+            continue
+        m["teacher_retained"], why = retention(m[gate_key], t[gate_key], gate_metric)
+        if why:
+            report["retained_undefined"] = why
+        m["parameters_vs_teacher"] = m["parameters"] / t["parameters"]
+        m["text_agreement"] = mean([answer_agreement(a, b) for a, b in zip(answers[name], answers[teacher], strict=True)])
+        m["length_vs_teacher"] = m["answer_words"] / t["answer_words"] if t["answer_words"] else None
+        if "kl_to_teacher" not in m:
+            m["tokenizer"] = "differs from the teacher's: text-level agreement only"
+
+
+def _write_report(output_uri: str, report: dict[str, Any], samples: list[dict[str, Any]], inputs: dict[str, Any]) -> None:
+    """The plot, the samples, the report, then the manifest that makes them a finished output."""
     with tempfile.TemporaryDirectory() as tmp:
         fig = comparison_figure(report)
         fig.savefig(os.path.join(tmp, PLOT_FILE))
@@ -364,7 +298,6 @@ def evaluate_models(
     io.write_records(io.join(output_uri, SAMPLES_FILE), samples)
     io.write_json(io.join(output_uri, METRICS_FILE), report)
     io.write_manifest(output_uri, stage="evaluate", inputs=inputs, files=[METRICS_FILE, SAMPLES_FILE, PLOT_FILE])
-    return report
 
 
 def _by_category(categories: Sequence[Any], scores: dict[str, dict[str, list[float]]]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ picks them by name (``evaluate.metrics``) and averages over a dataset.
 - ``chrf``: chrF (sacrebleu), divided by 100.
 
 The model-graded ``judge`` metric lives in :mod:`mydistill.judge`; the teacher-forced ones
-(perplexity, KL, top-1 agreement, calibration) in :mod:`mydistill.evaluate`.
+(perplexity, KL, top-1 agreement, calibration) in :mod:`mydistill.scoring`.
 """
 
 from __future__ import annotations

@@ -268,7 +268,7 @@ def test_artifacts_go_beside_any_sqlite_store_or_where_configured(tmp_path, monk
 def test_the_registered_champion_is_an_mlflow_model_that_answers_as_the_checkpoint_does(registry):
     import mlflow
 
-    from mydistill.evaluate import generate_answers
+    from mydistill.scoring import generate_answers
     from mydistill.models import load_model, load_tokenizer
 
     decision, name = registry(0.5)

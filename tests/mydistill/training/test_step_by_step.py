@@ -193,6 +193,7 @@ def test_rationale_weight_zero_gives_the_label_loss_on_the_plain_path(tmp_path, 
 
 def test_finetune_and_evaluation_prompt_the_student_with_its_label_prefix(tmp_path, tiny_model_dir, monkeypatch):
     import mydistill.evaluate as evaluate
+    import mydistill.scoring as scoring
 
     data = train_records(tmp_path)
     run_training(sbs_job(tmp_path, data, tiny_model_dir, steps=2, step_by_step={"label_prefix": "<L> "}, name="distilled"))
@@ -203,13 +204,13 @@ def test_finetune_and_evaluation_prompt_the_student_with_its_label_prefix(tmp_pa
     assert run_training(finetune)[PROMPT_PREFIX_KEY] == "<L> "  # inherited from the checkpoint it starts from
 
     seen = {}
-    real_generate = evaluate.generate_answers
+    real_generate = scoring.generate_answers
 
     def recording(model, tokenizer, prompts, **kw):
         seen[model.name_or_path] = prompts
         return real_generate(model, tokenizer, prompts, **kw)
 
-    monkeypatch.setattr(evaluate, "generate_answers", recording)
+    monkeypatch.setattr(scoring, "generate_answers", recording)
     eval_uri = str(tmp_path / "eval.jsonl")
     io.write_records(eval_uri, real_records(3, seed=9))
     report = evaluate.evaluate_models(
