@@ -10,7 +10,7 @@ from urllib.parse import quote
 import mlflow
 
 from mydistill.tracking.client import client
-from mydistill.tracking.runs import ui_base_url
+from mydistill.tracking.runs import MODEL_TRAINING_VIEW, ui_base_url
 
 SCORE_TAG = "mydistill.score"
 SCORE_METRIC = "student_exact_match"
@@ -159,4 +159,4 @@ def set_model_version_tags(name: str, version: str, tags: Mapping[str, Any]) -> 
 
 def model_version_url(name: str, version: str) -> str | None:
     base = ui_base_url()
-    return f"{base}/#/models/{quote(name, safe='')}/versions/{version}" if base else None
+    return f"{base}/#/models/{quote(name, safe='')}/versions/{version}?{MODEL_TRAINING_VIEW}" if base else None

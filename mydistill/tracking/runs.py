@@ -156,6 +156,11 @@ def ui_base_url() -> str | None:
     return None
 
 
+# MLflow 3.17's UI shows every experiment in its GenAI view unless the page asks for the model
+# training one (the `mlflow.experimentKind` tag no longer decides it): our links ask.
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
 def run_reference(run_id: str) -> dict[str, Any]:
     """What a person needs to find run ``run_id``: its ids, and its UI address when there is a server."""
     experiment = client().get_run(run_id).info.experiment_id
@@ -163,6 +168,6 @@ def run_reference(run_id: str) -> dict[str, Any]:
     return {
         "run_id": run_id,
         "experiment_id": experiment,
-        "url": f"{base}/#/experiments/{experiment}/runs/{run_id}" if base else None,
+        "url": f"{base}/#/experiments/{experiment}/runs/{run_id}?{MODEL_TRAINING_VIEW}" if base else None,
         "tracking_uri": display_uri(mlflow.get_tracking_uri()),
     }

@@ -233,12 +233,16 @@ def _trigger_and_inspect(stack, page, shots) -> None:
     page.screenshot(path=str(shots / "04-prefect-evaluation-artifact.png"))
     mlflow_run_link = link.get_attribute("href")
     assert mlflow_run_link.startswith(f"{mlflow_url}/#/experiments/")
-    parent_run_id = mlflow_run_link.rsplit("/", 1)[-1]
+    assert mlflow_run_link.endswith("?workflowType=machine_learning")  # MLflow's model training view, not GenAI
+    parent_run_id = mlflow_run_link.split("?")[0].rsplit("/", 1)[-1]
 
     # --- MLflow: the run, by the name given in the Prefect form, and its metrics
     page.goto(mlflow_run_link)
     page.get_by_text(run_name).first.wait_for()
     page.get_by_text("student_exact_match").first.wait_for()
+    page.get_by_text("Model training", exact=True).first.wait_for()
+    page.get_by_text("Model registry", exact=True).first.wait_for()  # the model training side bar...
+    assert page.get_by_text("Evaluation runs", exact=True).count() == 0  # ...not GenAI's
     page.get_by_text("teacher_exact_match").first.wait_for()
     page.get_by_text(re.compile(r"^Logged models \(1\)$")).first.wait_for()  # the student, as the run's output
     logged = page.locator("xpath=//*[normalize-space()='Logged models (1)']/ancestor::*[.//a[normalize-space()='model']][1]")

@@ -51,8 +51,9 @@ def test_run_reference_links_to_the_ui_only_with_a_server(monkeypatch):
 
     monkeypatch.setenv(tracking.UI_URL_ENV, "https://mlflow.example/")
     ref = tracking.run_reference(run_id)
-    assert ref["url"] == f"https://mlflow.example/#/experiments/{ref['experiment_id']}/runs/{run_id}"
-    assert tracking.model_version_url("my model", "3") == "https://mlflow.example/#/models/my%20model/versions/3"
+    # the link opens MLflow's model training view (3.17 shows the GenAI one unless the page asks)
+    assert ref["url"] == f"https://mlflow.example/#/experiments/{ref['experiment_id']}/runs/{run_id}?workflowType=machine_learning"
+    assert tracking.model_version_url("my model", "3") == "https://mlflow.example/#/models/my%20model/versions/3?workflowType=machine_learning"
 
 
 def test_ui_base_url_of_a_tracking_server_drops_credentials(monkeypatch):
