@@ -15,5 +15,5 @@ fi
 # 1) the student cut from the teacher, with its baseline (the same cut, real data only, same steps)
 "$PY" -m flows.cli run configs/smollm2-example.yaml "$@"
 # 2) the architecture-built student of the same shape, distilled with the same steps (no baseline)
-"$PY" -m flows.cli run configs/smollm2-example.yaml student.init.from_teacher=false student.init.keep_every=null \
+"$PY" -m flows.cli run configs/smollm2-example.yaml student.init.from_teacher=false student.init.layers=null \
   evaluate.baseline=false registry.model_name=smollm2-example-arch-student "$@"

@@ -63,7 +63,7 @@ def test_smollm2_example_distils_a_cut_student_and_scores_the_teacher_as_a_perso
     cfg = load_config("smollm2-example", [
         f"work_dir={tmp_path}/runs", f"teacher.uri={teacher_dir}",
         f"data.prompts_uri={data['prompts']}", f"data.real_uri={data['real']}", f"data.eval_uri={data['eval']}",
-        "student.init.keep_every=15",  # blocks 0, 15 and 29
+        "student.init.layers=null", "student.init.keep_every=15",  # blocks 0, 15 and 29
         "generate.max_new_tokens=12", "distill.steps=2", "distill.batch_size=2", "distill.warmup_steps=1",
         "distill.max_length=null", "evaluate.max_new_tokens=12", "evaluate.metrics=[exact, contains, rouge_l]",
     ])
