@@ -98,7 +98,8 @@ def make_plan(cfg: PipelineConfig) -> StagePlan:
         _key("student-init", sha.get("teacher", teacher_uri), cfg.student.init.model_dump()) if cfg.student.init.from_teacher else None
     )
     # the student as its stages read it: a pretrained folder (by content), a cut of the teacher, or an architecture
-    student = {**cfg.student.model_dump(), "init": sha.get("student_init"), "cut_from_teacher": student_init}
+    student = {**cfg.student.model_dump(), "arch": cfg.student.arch.as_dict(), "init": sha.get("student_init"),
+               "cut_from_teacher": student_init}
 
     generate = _key("generate", teacher_uri, sha["teacher"], teacher_id, prompts_uri, sha["prompts"], cfg.generate.content_params())
     mix = _key("mix", generate, real_uri, sha["real"], cfg.data.model_dump(), cfg.mix.model_dump())

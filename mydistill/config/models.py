@@ -13,6 +13,10 @@ class ModelArch(Section):
     hidden_size: int = Field(64, gt=0, description="Width of the residual stream.")
     num_hidden_layers: int = Field(2, gt=0, description="Number of transformer blocks.")
     num_attention_heads: int = Field(4, gt=0, description="Attention heads per block.")
+    num_key_value_heads: int | None = Field(
+        None, gt=0, description="Key/value heads per block (grouped-query attention, as in Llama 3, Qwen, "
+        "SmolLM2); empty: one per attention head.",
+    )
     intermediate_size: int = Field(256, gt=0, description="Width of the MLP.")
     max_position_embeddings: int = Field(64, gt=0, description="Longest sequence the model accepts.")
     tie_word_embeddings: bool = Field(True, description="Share input embedding and output projection.")
@@ -24,7 +28,16 @@ class ModelArch(Section):
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                 f"({self.num_attention_heads})"
             )
+        if self.num_key_value_heads and self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
         return self
+
+    def as_dict(self) -> dict:
+        """The architecture for `build_model`; unset options left out (so older fingerprints still hold)."""
+        return self.model_dump(exclude_none=True)
 
 
 class TeacherSpec(Section):

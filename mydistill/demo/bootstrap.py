@@ -34,7 +34,8 @@ def write_demo_data(cfg: DemoConfig, data_dir: str) -> dict[str, str]:
 def teacher_key(cfg: DemoConfig) -> str:
     from mydistill import __version__
 
-    fields = cfg.model_dump(include={"teacher_arch", "teacher_train_examples", "teacher_steps", "teacher_lr", "num_eval"})
+    fields = cfg.model_dump(include={"teacher_train_examples", "teacher_steps", "teacher_lr", "num_eval"})
+    fields["teacher_arch"] = cfg.teacher_arch.as_dict()
     return io.sha256_of({"demo_teacher": fields, "version": __version__})[:12]
 
 
@@ -68,7 +69,7 @@ def ensure_teacher(cfg: DemoConfig, *, progress: bool = False, on_metrics: Any =
         run_training(
             TrainJob(
                 stage="teacher", data_uri=data_uri, output_uri=teacher_uri, tokenizer_uri=tokenizer_dir,
-                train=train.model_dump(), arch=cfg.teacher_arch.model_dump(), inputs={"key": teacher_key(cfg)},
+                train=train.model_dump(), arch=cfg.teacher_arch.as_dict(), inputs={"key": teacher_key(cfg)},
             ),
             on_metrics=on_metrics,
             progress=progress,

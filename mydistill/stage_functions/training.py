@@ -21,7 +21,7 @@ from mydistill.training.launch import launch_training
 def train_job(cfg: PipelineConfig, plan: StagePlan, stage: str) -> TrainJob:
     """The training job for ``stage`` in this plan: ``distill``, ``finetune`` or ``baseline``."""
     init_uri = plan.student_init_uri or cfg.student.init_uri
-    init = {"init_uri": init_uri, "arch": None if init_uri else cfg.student.arch.model_dump()}
+    init = {"init_uri": init_uri, "arch": None if init_uri else cfg.student.arch.as_dict()}
     tokenizer_uri = init_uri or plan.teacher_uri
     cut = {"student_init": (io.read_manifest(plan.student_init_uri) or {}).get("inputs")} if plan.student_init_uri else {}
     if stage == "distill":

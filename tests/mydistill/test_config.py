@@ -23,6 +23,7 @@ def test_real_pair_example_preset_is_valid():
         ("distill.loss.temperature=0", "distill.loss.temperature"),
         ("distill.steps=0", "distill.steps"),
         ("student.arch.num_attention_heads=3", "student.arch"),
+        ("student.arch.num_key_value_heads=3", "student.arch"),
     ],
 )
 def test_out_of_range_values_name_the_field(override, field):

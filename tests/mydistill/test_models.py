@@ -37,6 +37,19 @@ def test_demo_student_is_at_most_a_quarter_of_the_teacher(demo_tokenizer):
     assert student <= teacher / 4
 
 
+def test_grouped_query_attention_in_a_built_student(demo_tokenizer):
+    from mydistill.config import ModelArch
+
+    full = ModelArch(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128)
+    grouped = full.model_copy(update={"num_key_value_heads": 2})
+    assert "num_key_value_heads" not in full.as_dict()
+    full_model = build_model(full.as_dict(), demo_tokenizer)
+    grouped_model = build_model(grouped.as_dict(), demo_tokenizer)
+    assert grouped_model.config.num_key_value_heads == 2
+    # k and v projections shrink from 64x64 to 64x32 each: 2 * 64 * 32 fewer weights
+    assert count_parameters(full_model) - count_parameters(grouped_model) == 2 * 64 * 32
+
+
 def test_a_folder_without_a_model_or_tokenizer_is_named_in_the_error(tmp_path, tiny_model_dir):
     from mydistill.io import DataError
     from mydistill.models import load_model, load_tokenizer
