@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from mydistill import io, tracking
@@ -19,9 +20,17 @@ def log_model(cfg: PipelineConfig, plan: StagePlan, run_id: str, checkpoint_uri:
         logged = tracking.log_checkpoint_model(
             run_id, io.localize(checkpoint_uri), fingerprint=fingerprint, example_prompt=_example_prompt(cfg, plan),
             max_new_tokens=cfg.evaluate.max_new_tokens, prompt_prefix=prompt_prefix_of(checkpoint_uri),
+            name=logged_model_name(checkpoint_uri),
         )
     tracking.set_tags(run_id, {"mydistill.model_uri": logged["model_uri"]})
     return logged
+
+
+def logged_model_name(checkpoint_uri: str) -> str:
+    """The checkpoint folder's name ("distill-<key>", "finetune-<key>", "baseline-<key>"), so a run
+    page's "Logged models" tells a pipeline's students apart (MLflow's default would be "model")."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", checkpoint_uri.rstrip("/").rsplit("/", 1)[-1]).strip("-.")
+    return name or "model"
 
 
 def _example_prompt(cfg: PipelineConfig, plan: StagePlan) -> str:

@@ -50,6 +50,7 @@ def find_logged_model(experiment: str, fingerprint: str) -> dict[str, str] | Non
 
 def log_checkpoint_model(
     run_id: str, checkpoint_dir: str, *, fingerprint: str, example_prompt: str, max_new_tokens: int, prompt_prefix: str = "",
+    name: str = "model",
 ) -> dict[str, str]:
     """Log a trained checkpoint folder as an MLflow model of the ``transformers`` flavor (task
     text-generation) under ``run_id``; returns its ``model_id`` and ``model_uri``.
@@ -58,7 +59,8 @@ def log_checkpoint_model(
     ``mlflow.pyfunc.load_model`` (and ``mlflow models serve``) a question goes in and the answer
     comes out: the saved prompt template applies the tokenizer's chat template and a step-by-step
     student's task prefix, greedy decoding, up to ``max_new_tokens`` new tokens, as evaluation does.
-    The signature is given, not inferred, so logging runs no generation.
+    The signature is given, not inferred, so logging runs no generation. ``name`` is what the run
+    pages' "Logged models" list shows.
     """
     import logging
 
@@ -79,7 +81,7 @@ def log_checkpoint_model(
     try:
         with mlflow.start_run(run_id=run_id, log_system_metrics=False):
             info = mlflow.transformers.log_model(
-                transformers_model=pipe, name="model", task="text-generation", signature=signature,
+                transformers_model=pipe, name=name, task="text-generation", signature=signature,
                 input_example=example_prompt, prompt_template=template, pip_requirements=requirements,
                 model_config={"max_new_tokens": max_new_tokens, "do_sample": False},
                 metadata={"mydistill.prompt_prefix": prompt_prefix, "mydistill.prompt_template": template},

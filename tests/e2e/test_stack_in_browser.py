@@ -245,7 +245,8 @@ def _trigger_and_inspect(stack, page, shots) -> None:
     assert page.get_by_text("Evaluation runs", exact=True).count() == 0  # ...not GenAI's
     page.get_by_text("teacher_exact_match").first.wait_for()
     page.get_by_text(re.compile(r"^Logged models \(1\)$")).first.wait_for()  # the student, as the run's output
-    logged = page.locator("xpath=//*[normalize-space()='Logged models (1)']/ancestor::*[.//a[normalize-space()='model']][1]")
+    # the student is listed under its checkpoint folder's name (finetune-<key>)
+    logged = page.locator("xpath=//*[normalize-space()='Logged models (1)']/ancestor::*[.//a[starts-with(normalize-space(), 'finetune-')]][1]")
     logged.get_by_role("link", name="mydistill-demo-tiny-student").first.wait_for()  # ...and its registered version
     page.screenshot(path=str(shots / "05-mlflow-run.png"))
     page.get_by_role("tab", name="Artifacts").click()  # the loss curves, as an image read from S3
@@ -273,7 +274,7 @@ def _trigger_and_inspect(stack, page, shots) -> None:
     page.get_by_text("Inputs (1)").first.wait_for()  # the signature: a prompt in...
     page.get_by_text("Outputs (1)").first.wait_for()  # ...an answer out
     page.screenshot(path=str(shots / "08-mlflow-version.png"))
-    page.get_by_role("link", name="model", exact=True).first.click()  # Source Model: the logged model's page
+    page.get_by_role("link", name=re.compile(r"^finetune-[0-9a-f]+$")).first.click()  # Source Model: the logged model's page
     page.wait_for_url("**/models/m-*")
     page.get_by_text("Artifacts", exact=True).first.click()
     page.get_by_text("MLmodel", exact=True).first.click()  # read from S3 through the server

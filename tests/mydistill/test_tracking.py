@@ -277,6 +277,7 @@ def test_the_registered_champion_is_an_mlflow_model_that_answers_as_the_checkpoi
     assert version.source.startswith("models:/m-")  # the version is the logged model, not a folder of files
     logged = tracking.client().get_logged_model(version.source.removeprefix("models:/"))
     assert tracking.CHECKPOINT_TAG in logged.tags
+    assert logged.name == registry.student_dir.name  # "finetune-<key>": the run page tells the students apart
     parent = tracking.client().get_run(tracking.client().get_run(version.run_id).data.tags[tracking.PARENT_TAG])
     assert [m.model_id for m in parent.outputs.model_outputs] == [logged.model_id]  # "Logged models" of the pipeline run
     prompt = "reverse: dbcaf"
@@ -292,3 +293,11 @@ def test_the_registered_champion_is_an_mlflow_model_that_answers_as_the_checkpoi
     from mydistill.tokenization import format_prompt
 
     assert served.metadata.metadata["mydistill.prompt_template"] == format_prompt(load_tokenizer(student), "{prompt}")
+
+
+def test_logged_model_names_come_from_the_checkpoint_folder():
+    from mydistill.stage_functions.registry import logged_model_name
+
+    assert logged_model_name("s3://bucket/runs/demo/distill-0123456789ab/") == "distill-0123456789ab"
+    assert logged_model_name("/work/runs/baseline-ab12") == "baseline-ab12"
+    assert logged_model_name("/odd/my student (v2)") == "my-student-v2"
