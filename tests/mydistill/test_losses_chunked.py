@@ -321,17 +321,33 @@ def test_hand_fused_forward_kl_equals_its_autograd_form(kind):
     assert_same(run_plain(case, teacher, **kw), derived)
 
 
-def _allocation_sizes(fn) -> list[int]:
-    """Bytes of every CPU allocation made while ``fn`` runs (the torch profiler's memory events)."""
+def _allocations(fn) -> list[tuple[int, str]]:
+    """Every CPU allocation made while ``fn`` runs (the torch profiler's memory events): its bytes and
+    the innermost operator it was made in."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
+    events = list(prof.profiler.kineto_results.events())
+    ops = [e for e in events if e.name() != "[memory]"]
+
+    def innermost(t: int) -> str:
+        around = [o for o in ops if o.start_ns() <= t <= o.start_ns() + o.duration_ns()]
+        return min(around, key=lambda o: o.duration_ns()).name() if around else ""
+
     return [
-        e.nbytes()
-        for e in prof.profiler.kineto_results.events()
+        (e.nbytes(), innermost(e.start_ns()))
+        for e in events
         if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU and e.nbytes() > 0
     ]
+
+
+def _bf16_addmm_scratch_bytes(rows: int, cols: int, inner: int) -> int:
+    """The largest buffer torch's own in-place bf16 ``addmm_`` allocates here: 0 where the CPU
+    multiplies bf16 natively; an fp32 copy of the output where it does not (no AVX512-BF16/AMX)."""
+    out = torch.zeros(rows, cols, dtype=torch.bfloat16)
+    a, b = torch.ones(rows, inner, dtype=torch.bfloat16), torch.ones(inner, cols, dtype=torch.bfloat16)
+    return max((n for n, op in _allocations(lambda: out.addmm_(a, b)) if op == "aten::addmm_"), default=0)
 
 
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -365,9 +381,14 @@ def test_bf16_chunked_matches_fp32_plain_without_fp32_vocab_buffers(divergence):
         parts.loss.backward()
         out["loss"] = parts.loss.detach()
 
-    sizes = _allocation_sizes(step)
+    allocations = _allocations(step)
     assert out["saved"] == [torch.bfloat16, torch.bfloat16]  # d hidden, d head: kept in bf16, no fp32 copies
     assert h16.grad.dtype == w16.grad.dtype == torch.bfloat16
+    # On a CPU without native bf16 matmul, torch's in-place addmm_ (the head gradient, accumulated per
+    # chunk) makes a transient fp32 copy of its (V, H) output inside the kernel; that one is torch's,
+    # probed alone here, and left out. Every buffer our code allocates stays below fp32 (V, H) / (N, V).
+    scratch = _bf16_addmm_scratch_bytes(vocab, width, chunk)
+    sizes = [b for b, op in allocations if not (scratch and op == "aten::addmm_" and b <= scratch)]
     assert max(sizes) < min(vocab * width, n * vocab) * 4, "an fp32 (V, H) or (N, V) buffer was allocated"
     assert max(sizes) >= chunk * vocab * 4  # the profiler did see the (chunk, V) fp32 work buffers
     want = float(ref.loss.detach())
