@@ -126,12 +126,10 @@ def changes_tags(changes: dict[str, Any]) -> dict[str, str]:
 
 def champion_history_figure(runs: list[dict[str, Any]]) -> Any:
     """The champion's score (and each run's student) over past pipeline runs, oldest first."""
-    import matplotlib
+    from matplotlib.figure import Figure  # outside pyplot: nothing to close
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig = Figure(figsize=(7, 3.5))
+    ax = fig.subplots()
     xs = list(range(1, len(runs) + 1))
     student = [r["metrics"].get("student_exact_match") for r in runs]
     champion = [r["metrics"].get("champion_score") for r in runs]

@@ -56,15 +56,14 @@ def retention(score: float, teacher_score: float, metric: str) -> tuple[float | 
 
 
 def comparison_figure(report: dict[str, Any]) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a Figure outside pyplot: freed with its last reference (pyplot kept every one a worker ever drew)
+    from matplotlib.figure import Figure
 
     names = list(report["models"])
     key = report_key(report.get("gate_metric", "exact"))
     scores = [report["models"][n].get(key, 0.0) for n in names]
-    fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
+    fig = Figure(figsize=(5, 3), dpi=100)
+    ax = fig.subplots()
     bars = ax.bar(names, scores, color=["#4c72b0", "#55a868", "#c44e52", "#8172b2"][: len(names)])
     ax.bar_label(bars, labels=[f"{s:.1%}" for s in scores])
     ax.set_ylim(0, 1.1)
