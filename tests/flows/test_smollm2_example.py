@@ -82,3 +82,70 @@ def test_smollm2_example_distils_a_cut_student_and_scores_the_teacher_as_a_perso
     decision = stage_functions.register(cfg, plan, report)
     assert decision["metric"] == "contains"
     assert os.path.exists(Path(plan.evaluate_uri) / "metrics.json")
+
+
+def _task_tokenizer(texts: list[str]):
+    """A student's own tokenizer for the QA task: byte-level BPE trained on the task's English (its
+    ids, vocabulary and merges share nothing with SmolLM2's 49,152-token one), with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from mydistill.demo.tokenizer import CHAT_TEMPLATE
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|pad|>", "<|end|>", "<|user|>", "<|assistant|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|end|>", chat_template=CHAT_TEMPLATE, padding_side="right"
+    )
+
+
+@pytest.mark.parametrize("method", ["uld", "sequence"])
+def test_a_student_with_its_own_tokenizer_learns_from_the_real_teacher_through_evaluate_and_register(
+    tmp_path, teacher_dir, method,
+):
+    from mydistill import io, tracking
+    from mydistill.demo.qa_task import make_qa_splits, write_qa_data
+    from mydistill.models import load_tokenizer
+    from tests.conftest import save_tiny_model
+
+    data = write_qa_data(str(tmp_path / "qa"), num_eval=4, num_real=6, num_prompts=8)
+    texts = [f"{r['prompt']} {r.get('answer', '')}" for rows in make_qa_splits().values() for r in rows]
+    student_tokenizer = _task_tokenizer(texts)
+    assert len(student_tokenizer) != len(load_tokenizer(teacher_dir))
+    student = save_tiny_model(tmp_path / "student", student_tokenizer, seed=3, arch={
+        "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+        "max_position_embeddings": 128, "tie_word_embeddings": True,
+    })
+    name = f"smollm2-cross-{method}-{tmp_path.name[-6:]}"
+    cfg = load_config("smollm2-example", [
+        f"work_dir={tmp_path}/runs", f"teacher.uri={teacher_dir}",
+        f"data.prompts_uri={data['prompts']}", f"data.real_uri={data['real']}", f"data.eval_uri={data['eval']}",
+        "student.init.from_teacher=false", "student.init.layers=null", f"student.init_uri={student}",
+        f"distill.cross_tokenizer.method={method}",
+        "generate.max_new_tokens=10", "distill.steps=2", "distill.batch_size=2", "distill.warmup_steps=1",
+        "evaluate.max_new_tokens=6", "evaluate.metrics=[exact, contains, rouge_l]",
+        "registry.gate_metric=contains", "registry.min_teacher_retained=0.0", f"registry.model_name={name}",
+        "tracking.experiment=smollm2-cross-tokenizer",
+    ])
+    plan = make_plan(cfg)
+    stage_functions.generate(cfg, plan)
+    stage_functions.mix(cfg, plan)
+    stage_functions.train(cfg, plan, "distill")
+    stage_functions.train(cfg, plan, "baseline")
+    report = stage_functions.evaluate(cfg, plan)
+    student_scores, baseline = report["models"]["student"], report["models"]["baseline"]
+    # the student answers through its own tokenizer; it is compared with the teacher by text
+    assert "kl_to_teacher" not in student_scores and "top1_agreement" not in student_scores
+    assert "differs" in student_scores["tokenizer"] and 0.0 <= student_scores["text_agreement"] <= 1.0
+    assert student_scores["perplexity"] > 1.0 and baseline["perplexity"] > 1.0
+    assert report["models"]["teacher"]["contains"] > 0.0  # the teacher's own answers, through its own tokenizer
+    assert io.read_manifest(plan.distill_uri)["inputs"]["train"]["cross_tokenizer"]["method"] == method
+    parent = tracking.start_run(cfg.tracking.experiment, "pipeline")
+    decision = stage_functions.register(cfg, plan, report, parent)
+    assert decision["metric"] == "contains" and decision["registered"] is True
