@@ -98,7 +98,8 @@ def make_plan(cfg: PipelineConfig) -> StagePlan:
         _key("student-init", sha.get("teacher", teacher_uri), cfg.student.init.model_dump()) if cfg.student.init.from_teacher else None
     )
     # the student as its stages read it: a pretrained folder (by content), a cut of the teacher, or an architecture
-    student = {**cfg.student.model_dump(), "arch": cfg.student.arch.as_dict(), "init": sha.get("student_init"),
+    # (student.dtype is the precision students are evaluated in: the evaluate stage's key holds it, training's does not)
+    student = {**cfg.student.model_dump(exclude={"dtype"}), "arch": cfg.student.arch.as_dict(), "init": sha.get("student_init"),
                "cut_from_teacher": student_init}
 
     generate = _key("generate", teacher_uri, sha["teacher"], teacher_id, prompts_uri, sha["prompts"], cfg.generate.content_params())
@@ -120,8 +121,11 @@ def make_plan(cfg: PipelineConfig) -> StagePlan:
         )
         if cfg.evaluate.baseline else None
     )
+    # the precisions models are evaluated in, once set (left at auto they stay out: older keys still hold)
+    dtypes = [{"dtypes": [cfg.teacher.dtype, cfg.student.dtype]}] if {cfg.teacher.dtype, cfg.student.dtype} != {"auto"} else []
     evaluate = _key(
         "evaluate", finetune or distill, baseline, sha["teacher"], eval_uri, sha["eval"], cfg.data.model_dump(), cfg.evaluate.model_dump(),
+        *dtypes,
     )
     return StagePlan(
         teacher_uri=teacher_uri,

@@ -49,3 +49,14 @@ def test_a_config_change_and_a_deleted_output_are_told_apart(user_inputs):  # no
     assert stages["distill"]["why"] == "settings changed" and stages["generate"]["status"] == "cached"
     again = changes.what_changed(first, changes.previous_run(cfg.work_dir, cfg.name))["stages"]
     assert again["evaluate"]["why"] == "output missing (deleted or unfinished)"
+
+
+def test_evaluating_in_another_precision_runs_evaluate_again(user_inputs):  # noqa: F811
+    cfg = user_inputs()
+    first = make_plan(cfg)
+    _finish(first)
+    changes.record_run(cfg.work_dir, cfg.name, first)
+    stages = changes.what_changed(make_plan(user_inputs(("student.dtype", "bfloat16"))), changes.previous_run(cfg.work_dir, cfg.name))["stages"]
+    assert stages["evaluate"]["why"] == "settings changed"
+    assert {stages[s]["status"] for s in ("generate", "mix", "distill", "finetune", "baseline")} == {"cached"}
+    assert make_plan(user_inputs(("teacher.dtype", "float32"))).evaluate_uri != first.evaluate_uri
