@@ -25,6 +25,9 @@ DEFAULTS = {
     "TOKENIZERS_PARALLELISM": "false",
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    # the stages log their own progress; transformers' bars for every load and save ("Loading
+    # weights", "Writing model shards") would add a dozen lines to each run's log
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 }
 
 

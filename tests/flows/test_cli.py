@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -87,3 +89,24 @@ def test_summary_shows_the_chosen_metrics_and_says_when_retention_is_undefined(m
     assert "% of teacher (contains)" in text and "contains" in text and "undefined" in text
     assert "0.0%" not in text.split("student")[1].split("\n")[0].split("25.0%")[1]  # no 0.0% retained
     assert "quality gate not passed: % of teacher retained is undefined" in text
+
+
+@pytest.mark.slow
+def test_a_pipeline_run_prints_no_library_warnings_or_progress_bars(tmp_path):
+    """What a newcomer sees from `mydistill run`: the stage lines and the summary, not library noise
+    (MLflow's dataset and schema warnings, transformers' per-load progress bars)."""
+    import os
+    import re
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "PREFECT_HOME": str(tmp_path / "prefect")}
+    for key in ("PYTHONWARNINGS", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        env.pop(key, None)
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "demo-tiny", f"work_dir={tmp_path}/runs", f"demo.cache_dir={tmp_path}/cache"],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=600,
+    )
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-3000:]
+    assert "pipeline finished" in text and "registered mydistill-demo-tiny-student" in text
+    noise = [line for line in text.splitlines() if re.search(r"Warning\b|WARNING|Loading weights|Writing model shards", line)]
+    assert noise == [], "\n".join(noise[:20])
