@@ -56,23 +56,36 @@ def teacher_dir() -> str:
     return str(TEACHER_DIR)
 
 
-def test_smollm2_example_distils_a_cut_student_and_scores_the_teacher_as_a_person_would(tmp_path, teacher_dir):
-    from mydistill.demo.qa_task import write_qa_data
-
-    data = write_qa_data(str(tmp_path / "qa"), num_eval=6, num_real=6, num_prompts=8)
-    cfg = load_config("smollm2-example", [
+def _example_config(tmp_path, teacher_dir, data, *overrides):
+    """The SmolLM2 preset on this test's teacher, QA data and work dir, shrunk by ``overrides``."""
+    return load_config("smollm2-example", [
         f"work_dir={tmp_path}/runs", f"teacher.uri={teacher_dir}",
         f"data.prompts_uri={data['prompts']}", f"data.real_uri={data['real']}", f"data.eval_uri={data['eval']}",
-        "student.init.layers=null", "student.init.keep_every=15",  # blocks 0, 15 and 29
-        "generate.max_new_tokens=12", "distill.steps=2", "distill.batch_size=2", "distill.warmup_steps=1",
-        "distill.max_length=null", "evaluate.max_new_tokens=12", "evaluate.metrics=[exact, contains, rouge_l]",
+        *overrides,
     ])
-    plan = make_plan(cfg)
+
+
+def _through_evaluate(cfg, plan) -> dict:
+    """generate → mix → distill → baseline → evaluate; returns the evaluation report."""
     stage_functions.generate(cfg, plan)
     stage_functions.mix(cfg, plan)
     stage_functions.train(cfg, plan, "distill")
     stage_functions.train(cfg, plan, "baseline")
-    report = stage_functions.evaluate(cfg, plan)
+    return stage_functions.evaluate(cfg, plan)
+
+
+def test_smollm2_example_distils_a_cut_student_and_scores_the_teacher_as_a_person_would(tmp_path, teacher_dir):
+    from mydistill.demo.qa_task import write_qa_data
+
+    data = write_qa_data(str(tmp_path / "qa"), num_eval=6, num_real=6, num_prompts=8)
+    cfg = _example_config(
+        tmp_path, teacher_dir, data,
+        "student.init.layers=null", "student.init.keep_every=15",  # blocks 0, 15 and 29
+        "generate.max_new_tokens=12", "distill.steps=2", "distill.batch_size=2", "distill.warmup_steps=1",
+        "distill.max_length=null", "evaluate.max_new_tokens=12", "evaluate.metrics=[exact, contains, rouge_l]",
+    )
+    plan = make_plan(cfg)
+    report = _through_evaluate(cfg, plan)
     teacher, student = report["models"]["teacher"], report["models"]["student"]
     # the teacher answers in sentences: contains sees what exact match cannot
     assert teacher["contains"] >= 0.5 > teacher["exact_match"]
@@ -84,27 +97,6 @@ def test_smollm2_example_distils_a_cut_student_and_scores_the_teacher_as_a_perso
     assert os.path.exists(Path(plan.evaluate_uri) / "metrics.json")
 
 
-def _task_tokenizer(texts: list[str]):
-    """A student's own tokenizer for the QA task: byte-level BPE trained on the task's English (its
-    ids, vocabulary and merges share nothing with SmolLM2's 49,152-token one), with a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from mydistill.demo.tokenizer import CHAT_TEMPLATE
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=600, special_tokens=["<|pad|>", "<|end|>", "<|user|>", "<|assistant|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|end|>", chat_template=CHAT_TEMPLATE, padding_side="right"
-    )
-
-
 @pytest.mark.parametrize("method", ["uld", "sequence"])
 def test_a_student_with_its_own_tokenizer_learns_from_the_real_teacher_through_evaluate_and_register(
     tmp_path, teacher_dir, method,
@@ -112,33 +104,29 @@ def test_a_student_with_its_own_tokenizer_learns_from_the_real_teacher_through_e
     from mydistill import io, tracking
     from mydistill.demo.qa_task import make_qa_splits, write_qa_data
     from mydistill.models import load_tokenizer
-    from tests.conftest import save_tiny_model
+    from tests.conftest import TINY_ARCH, save_tiny_model
+    from tests.mydistill.training.test_cross_tokenizer import merged_tokenizer
 
     data = write_qa_data(str(tmp_path / "qa"), num_eval=4, num_real=6, num_prompts=8)
     texts = [f"{r['prompt']} {r.get('answer', '')}" for rows in make_qa_splits().values() for r in rows]
-    student_tokenizer = _task_tokenizer(texts)
+    # the student's own tokenizer: byte-level BPE trained on the task's English (600 tokens; its ids,
+    # vocabulary and merges share nothing with SmolLM2's 49,152-token one)
+    student_tokenizer = merged_tokenizer(vocab_size=600, texts=texts)
     assert len(student_tokenizer) != len(load_tokenizer(teacher_dir))
-    student = save_tiny_model(tmp_path / "student", student_tokenizer, seed=3, arch={
-        "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
-        "max_position_embeddings": 128, "tie_word_embeddings": True,
-    })
+    # the tiny architecture with room for the chat-formatted questions
+    student = save_tiny_model(tmp_path / "student", student_tokenizer, seed=3, arch={**TINY_ARCH, "max_position_embeddings": 128})
     name = f"smollm2-cross-{method}-{tmp_path.name[-6:]}"
-    cfg = load_config("smollm2-example", [
-        f"work_dir={tmp_path}/runs", f"teacher.uri={teacher_dir}",
-        f"data.prompts_uri={data['prompts']}", f"data.real_uri={data['real']}", f"data.eval_uri={data['eval']}",
+    cfg = _example_config(
+        tmp_path, teacher_dir, data,
         "student.init.from_teacher=false", "student.init.layers=null", f"student.init_uri={student}",
         f"distill.cross_tokenizer.method={method}",
         "generate.max_new_tokens=10", "distill.steps=2", "distill.batch_size=2", "distill.warmup_steps=1",
         "evaluate.max_new_tokens=6", "evaluate.metrics=[exact, contains, rouge_l]",
         "registry.gate_metric=contains", "registry.min_teacher_retained=0.0", f"registry.model_name={name}",
         "tracking.experiment=smollm2-cross-tokenizer",
-    ])
+    )
     plan = make_plan(cfg)
-    stage_functions.generate(cfg, plan)
-    stage_functions.mix(cfg, plan)
-    stage_functions.train(cfg, plan, "distill")
-    stage_functions.train(cfg, plan, "baseline")
-    report = stage_functions.evaluate(cfg, plan)
+    report = _through_evaluate(cfg, plan)
     student_scores, baseline = report["models"]["student"], report["models"]["baseline"]
     # the student answers through its own tokenizer; it is compared with the teacher by text
     assert "kl_to_teacher" not in student_scores and "top1_agreement" not in student_scores

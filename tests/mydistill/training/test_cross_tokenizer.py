@@ -21,8 +21,9 @@ from mydistill.tokenization import IGNORE_INDEX, collate, shift_labels, tokenize
 from tests.conftest import TINY_ARCH
 
 
-def merged_tokenizer(vocab_size=330):
-    """A second tokenizer for the demo task: byte-level BPE *with* merges, its own ids."""
+def merged_tokenizer(vocab_size=330, texts=None):
+    """A second tokenizer: byte-level BPE *with* merges, its own ids; trained on the demo task's
+    corpus unless ``texts`` are given."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -37,7 +38,7 @@ def merged_tokenizer(vocab_size=330):
         vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus_for_tokenizer(), trainer=trainer)
+    tok.train_from_iterator(corpus_for_tokenizer() if texts is None else texts, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|end|>", chat_template=CHAT_TEMPLATE, padding_side="right"
     )
