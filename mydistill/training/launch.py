@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -135,20 +136,54 @@ def run_workers(cmd: list[str], *, on_line: LineCallback | None = None, env: dic
         raise WorkerFailed(f"training workers exited with code {code}: {error}\n" + "\n".join(trace))
 
 
+# the launcher's own report that a worker died: torchrun (glog lines) and the DeepSpeed launcher
+_LAUNCHER_SAW_FAILURE = re.compile(r"torch/distributed/elastic/multiprocessing/api\.py.*(closing signal|failed \(exitcode)|\[launch\.py:\d+:sigkill_handler\]")
+_WORKER_EXIT = (
+    re.compile(r"failed \(exitcode: (?P<code>-?\d+)\) local_rank: (?P<rank>\d+)"),  # torchrun
+    re.compile(r"--local_rank=(?P<rank>\d+)'\] exits with return code = (?P<code>-?\d+)"),  # DeepSpeed launcher
+)
+# what a process prints as it dies outside Python: a C++ exception (gloo, NCCL), an assertion, a fatal error
+_DYING_WORDS = re.compile(r"what\(\)|terminate called|Fatal Python error|Assertion|Segmentation fault|[Oo]ut of memory|Killed|error", re.IGNORECASE)
+
+
 def worker_error(lines: list[str]) -> tuple[str, list[str]]:
     """The failing worker's last error line and its traceback, from the launcher's output.
 
     torchrun prefixes a worker's traceback with ``[rankN]:``; the launcher prints its own
-    traceback after it, which says only that a child failed.
+    traceback after it, which says only that a child failed. A worker that died without a Python
+    traceback (a signal: a C++ abort in gloo or NCCL, the out-of-memory killer) is named with its
+    signal, and its own last lines stand in for the traceback.
     """
+    # the launcher's report that a worker died starts here: what comes before is the workers' own
+    end = next((i for i, line in enumerate(lines) if _LAUNCHER_SAW_FAILURE.search(line)), None)
     for prefix_pattern in ("[rank", ""):
         starts = [i for i, line in enumerate(lines) if line.startswith(prefix_pattern) and "Traceback (most recent call last)" in line]
+        starts = [i for i in starts if not _launchers_traceback(lines, i)]
         if not starts:
             continue
         start = starts[0]
         prefix = lines[start].split("Traceback")[0]
-        block = [line for line in lines[start:] if line.startswith(prefix)]
+        block = [line for line in lines[start : end if prefix == "" and end and end > start else None] if line.startswith(prefix)]
         trace = [line[len(prefix) :] for line in block]
         error = next((t for t in reversed(trace) if t and not t.startswith(" ")), trace[-1])
         return error, trace
-    return (lines[-1] if lines else "no output"), lines[-40:]
+    if end is None:
+        return (lines[-1] if lines else "no output"), lines[-40:]
+    own = [line for line in lines[:end] if line.strip()]  # the workers' output, before the launcher's report
+    exit_ = next((m for line in lines[end:] for pattern in _WORKER_EXIT if (m := pattern.search(line))), None)
+    what = "a worker failed"
+    if exit_ is not None:
+        code, rank = int(exit_["code"]), exit_["rank"]
+        what = f"worker local_rank {rank} exited with code {code}"
+        if code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+            what = f"worker local_rank {rank} was killed by {name}"
+            if -code == signal.SIGKILL:
+                what += " (often the kernel's out-of-memory killer: see dmesg)"
+    reason = next((line.strip() for line in reversed(own) if _DYING_WORDS.search(line)), None)
+    return (f"{what}: {reason}" if reason else what), own[-40:]
+
+
+def _launchers_traceback(lines: list[str], start: int) -> bool:
+    """Whether the traceback starting at ``start`` is the launcher's own (it only says a child failed)."""
+    return any("torch/distributed/run.py" in line or "deepspeed/launcher/" in line for line in lines[start + 1 : start + 6])

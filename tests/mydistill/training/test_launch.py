@@ -1,0 +1,77 @@
+"""A worker that dies outside Python (a C++ abort in gloo or NCCL, a signal) fails the launch with
+its own last words, under both launchers; the workers here are tiny scripts, not training jobs."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import pytest
+
+from mydistill.training.launch import WorkerFailed, free_port, run_workers, worker_error
+
+GLOO_ABORT = "[gloo/transport/tcp/pair.cc:598] Connection closed by peer"
+
+
+def aborting_script(tmp_path, how: str) -> str:
+    """Rank 1 dies as ``how`` says while rank 0 is still at work."""
+    path = tmp_path / "worker.py"
+    path.write_text(textwrap.dedent(f"""
+        import os, signal, sys, time
+        rank = int(os.environ["RANK"])
+        print(f"rank {{rank}} at step 3", flush=True)
+        if rank == 1:
+            if {how!r} == "abort":
+                print("terminate called after throwing an instance of 'gloo::IoException'", file=sys.stderr, flush=True)
+                print("  what():  {GLOO_ABORT}", file=sys.stderr, flush=True)
+                os.abort()
+            if {how!r} == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if {how!r} == "raise":
+                raise ValueError("bad batch at step 3")
+        time.sleep(30)
+    """))
+    return str(path)
+
+
+def torchrun(script: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script]
+
+
+def test_a_worker_aborted_in_cxx_fails_with_its_signal_and_its_last_words(tmp_path):
+    lines: list[str] = []
+    with pytest.raises(WorkerFailed) as failed:
+        run_workers(torchrun(aborting_script(tmp_path, "abort")), on_line=lines.append)
+    first_line, *trace = str(failed.value).splitlines()
+    assert first_line == f"training workers exited with code 1: worker local_rank 1 was killed by SIGABRT: what():  {GLOO_ABORT}"
+    assert "rank 1 at step 3" in trace  # the workers' own output, not the launcher's traceback
+    assert not any("torch/distributed/run.py" in line for line in trace)
+    assert any("ChildFailedError" in line for line in lines)  # which the launcher did print
+
+
+def test_a_killed_worker_is_named_with_its_signal(tmp_path):
+    with pytest.raises(WorkerFailed, match=r"worker local_rank 1 was killed by SIGKILL \(often the kernel's out-of-memory killer"):
+        run_workers(torchrun(aborting_script(tmp_path, "kill")))
+
+
+def test_a_python_error_still_fails_with_the_workers_traceback(tmp_path):
+    with pytest.raises(WorkerFailed) as failed:
+        run_workers(torchrun(aborting_script(tmp_path, "raise")))
+    first_line, *trace = str(failed.value).splitlines()
+    assert first_line.endswith("ValueError: bad batch at step 3")
+    assert trace[0] == "Traceback (most recent call last):"
+
+
+@pytest.mark.slow
+def test_the_deepspeed_launcher_reports_an_aborted_worker_the_same_way(tmp_path):
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(free_port()), "--num_gpus", "2",
+           aborting_script(tmp_path, "abort")]
+    with pytest.raises(WorkerFailed, match=r"worker local_rank 1 was killed by SIGABRT: what\(\):  \[gloo"):
+        run_workers(cmd)
+
+
+def test_output_without_a_launcher_report_falls_back_to_its_last_lines():
+    assert worker_error(["starting", "libgomp: Thread creation failed"]) == (
+        "libgomp: Thread creation failed", ["starting", "libgomp: Thread creation failed"])
+    assert worker_error([]) == ("no output", [])
