@@ -29,7 +29,14 @@ LineCallback = Callable[[str], None]
 
 
 class WorkerFailed(RuntimeError):
-    """A training worker exited with an error; the message carries the worker's last output."""
+    """A training worker exited with an error; the message carries the worker's last output.
+
+    ``signal`` names the signal that killed the worker (``"SIGABRT"``…) when it died outside Python.
+    """
+
+    def __init__(self, message: str, *, signal: str | None = None) -> None:
+        super().__init__(message)
+        self.signal = signal
 
 
 def die_with_parent() -> None:
@@ -132,8 +139,9 @@ def run_workers(cmd: list[str], *, on_line: LineCallback | None = None, env: dic
         proc.wait(timeout=30)
         raise
     if code != 0:
-        error, trace = worker_error(list(tail))
-        raise WorkerFailed(f"training workers exited with code {code}: {error}\n" + "\n".join(trace))
+        lines = list(tail)
+        error, trace = worker_error(lines)
+        raise WorkerFailed(f"training workers exited with code {code}: {error}\n" + "\n".join(trace), signal=killed_by(lines))
 
 
 # the launcher's own report that a worker died: torchrun (glog lines) and the DeepSpeed launcher
@@ -142,21 +150,27 @@ _WORKER_EXIT = (
     re.compile(r"failed \(exitcode: (?P<code>-?\d+)\) local_rank: (?P<rank>\d+)"),  # torchrun
     re.compile(r"--local_rank=(?P<rank>\d+)'\] exits with return code = (?P<code>-?\d+)"),  # DeepSpeed launcher
 )
-# what a process prints as it dies outside Python: a C++ exception (gloo, NCCL), an assertion, a fatal error
-_DYING_WORDS = re.compile(r"what\(\)|terminate called|Fatal Python error|Assertion|Segmentation fault|[Oo]ut of memory|Killed|error", re.IGNORECASE)
+# what a process prints as it dies outside Python: a C++ exception (gloo, NCCL), an assertion, a fatal
+# error; failing those, any line that speaks of an error
+_DYING_WORDS = (
+    re.compile(r"what\(\):|terminate called|Fatal Python error|Assertion|Segmentation fault|out of memory|Killed", re.IGNORECASE),
+    re.compile(r"error", re.IGNORECASE),
+)
 
 
 def worker_error(lines: list[str]) -> tuple[str, list[str]]:
     """The failing worker's last error line and its traceback, from the launcher's output.
 
     torchrun prefixes a worker's traceback with ``[rankN]:``; the launcher prints its own
-    traceback after it, which says only that a child failed. A worker that died without a Python
-    traceback (a signal: a C++ abort in gloo or NCCL, the out-of-memory killer) is named with its
-    signal, and its own last lines stand in for the traceback.
+    traceback after it, which says only that a child failed. A worker killed by a signal (a C++
+    abort in gloo or NCCL, the out-of-memory killer) is the root cause even when the others then
+    raise ("connection closed by peer"): it is named with its signal and its last words, and the
+    workers' last lines stand in for the traceback.
     """
     # the launcher's report that a worker died starts here: what comes before is the workers' own
     end = next((i for i, line in enumerate(lines) if _LAUNCHER_SAW_FAILURE.search(line)), None)
-    for prefix_pattern in ("[rank", ""):
+    killed = killed_by(lines)
+    for prefix_pattern in ("[rank", "") if killed is None else ():
         starts = [i for i, line in enumerate(lines) if line.startswith(prefix_pattern) and "Traceback (most recent call last)" in line]
         starts = [i for i in starts if not _launchers_traceback(lines, i)]
         if not starts:
@@ -170,18 +184,35 @@ def worker_error(lines: list[str]) -> tuple[str, list[str]]:
     if end is None:
         return (lines[-1] if lines else "no output"), lines[-40:]
     own = [line for line in lines[:end] if line.strip()]  # the workers' output, before the launcher's report
-    exit_ = next((m for line in lines[end:] for pattern in _WORKER_EXIT if (m := pattern.search(line))), None)
     what = "a worker failed"
-    if exit_ is not None:
-        code, rank = int(exit_["code"]), exit_["rank"]
+    if (exit_ := _worker_exit(lines)) is not None:
+        rank, code = exit_
         what = f"worker local_rank {rank} exited with code {code}"
-        if code < 0:
-            name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
-            what = f"worker local_rank {rank} was killed by {name}"
-            if -code == signal.SIGKILL:
+        if killed is not None:
+            what = f"worker local_rank {rank} was killed by {killed}"
+            if killed == "SIGKILL":
                 what += " (often the kernel's out-of-memory killer: see dmesg)"
-    reason = next((line.strip() for line in reversed(own) if _DYING_WORDS.search(line)), None)
+    # a killed worker's own words, if it left any: the others' errors that follow ("connection closed
+    # by peer") are consequences, and the workers' lines below show them
+    words = _DYING_WORDS[:1] if killed is not None else _DYING_WORDS
+    reason = next((line.strip() for pattern in words for line in reversed(own) if pattern.search(line)), None)
     return (f"{what}: {reason}" if reason else what), own[-40:]
+
+
+def _worker_exit(lines: list[str]) -> tuple[int, int] | None:
+    """(local rank, exit code) of the first worker the launcher saw fail, if it said."""
+    exit_ = next((m for line in lines for pattern in _WORKER_EXIT if (m := pattern.search(line))), None)
+    return None if exit_ is None else (int(exit_["rank"]), int(exit_["code"]))
+
+
+def killed_by(lines: list[str]) -> str | None:
+    """The signal (``"SIGABRT"``…) that killed the first failed worker, from the launcher's output; None
+    when it exited on its own (a Python error) or the launcher did not say."""
+    exit_ = _worker_exit(lines)
+    if exit_ is None or exit_[1] >= 0:
+        return None
+    number = -exit_[1]
+    return signal.Signals(number).name if number in signal.valid_signals() else f"signal {number}"
 
 
 def _launchers_traceback(lines: list[str], start: int) -> bool:

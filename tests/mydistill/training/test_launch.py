@@ -48,6 +48,7 @@ def test_a_worker_aborted_in_cxx_fails_with_its_signal_and_its_last_words(tmp_pa
     assert "rank 1 at step 3" in trace  # the workers' own output, not the launcher's traceback
     assert not any("torch/distributed/run.py" in line for line in trace)
     assert any("ChildFailedError" in line for line in lines)  # which the launcher did print
+    assert failed.value.signal == "SIGABRT"  # what the train task's retry condition reads
 
 
 def test_a_killed_worker_is_named_with_its_signal(tmp_path):
@@ -61,6 +62,7 @@ def test_a_python_error_still_fails_with_the_workers_traceback(tmp_path):
     first_line, *trace = str(failed.value).splitlines()
     assert first_line.endswith("ValueError: bad batch at step 3")
     assert trace[0] == "Traceback (most recent call last):"
+    assert failed.value.signal is None
 
 
 @pytest.mark.slow
@@ -75,3 +77,25 @@ def test_output_without_a_launcher_report_falls_back_to_its_last_lines():
     assert worker_error(["starting", "libgomp: Thread creation failed"]) == (
         "libgomp: Thread creation failed", ["starting", "libgomp: Thread creation failed"])
     assert worker_error([]) == ("no output", [])
+
+
+def test_a_worker_killed_by_a_signal_is_the_root_cause_not_the_peer_that_lost_it():
+    """As torchrun printed it when rank 1 of a ZeRO-3 run got SIGABRT mid-step: rank 0 raised first
+    in its output ("connection closed by peer"), the launcher named rank 1."""
+    lines = [
+        "[mydistill] step 31 loss 2.41",
+        "Traceback (most recent call last):",
+        '  File "/work/main/mydistill/train.py", line 225, in train',
+        "    run.engine.backward(out.loss)",
+        "RuntimeError: [gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:50395. "
+        "This is typically caused by a remote worker crashing.",
+        "E1203 11:15:40.487000 6972 torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: -6) "
+        "local_rank: 1 (pid: 6984) of binary: /usr/bin/python",
+        "Traceback (most recent call last):",
+        '  File "<frozen runpy>", line 198, in _run_module_as_main',
+        '  File "/venv/lib/python3.11/site-packages/torch/distributed/run.py", line 1032, in <module>',
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ",
+    ]
+    error, trace = worker_error(lines)
+    assert error == "worker local_rank 1 was killed by SIGABRT"
+    assert trace == lines[:5]  # the workers' lines, the peer's error among them
