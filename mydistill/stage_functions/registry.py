@@ -103,8 +103,11 @@ def _registered_before(cfg: PipelineConfig, existing: dict[str, Any]) -> dict[st
         tracking.set_model_alias(reg.model_name, reg.alias, version)
         holder = {"version": version}
     score = float(tags[tracking.SCORE_TAG]) if tracking.SCORE_TAG in tags else float("nan")
+    # the reason recorded then ("no champion yet") may no longer hold: say where the alias is now
+    now = ("it holds the alias now" if holder is not None and holder["version"] == version
+           else f"v{holder['version']} holds the alias now" if holder is not None else "no version holds the alias now")
     return {
-        "passed": passed, "reason": f"already registered as v{version} (same checkpoint): {tags.get('gate_reason', '')}",
+        "passed": passed, "reason": f"already registered as v{version} (same checkpoint); {now}; when registered: {tags.get('gate_reason', '')}",
         "score": score, "teacher_retained": float(tags["teacher_retained"]) if "teacher_retained" in tags else None,
         "threshold": reg.min_teacher_retained, "champion_version": None, "champion_score": None,
         "registered": True, "reused": True, "model_name": reg.model_name, "version": version,

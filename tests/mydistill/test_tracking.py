@@ -228,7 +228,9 @@ def test_a_checkpoint_is_registered_exactly_once(registry):
     first, name = registry(0.50)
     again, _ = registry(0.50)  # the unchanged pipeline run again: no second version
     assert again["version"] == first["version"] and again["reused"]
-    assert again["alias"] == "champion" and "already registered as v" in again["reason"]
+    assert again["alias"] == "champion"
+    # on a quiet night the reason says where the alias is now, beside the decision taken then
+    assert again["reason"] == f"already registered as v{first['version']} (same checkpoint); it holds the alias now; when registered: {first['reason']}"
     versions = tracking.client().search_model_versions(f"name='{name}'")
     assert len(versions) == 1
 
