@@ -60,6 +60,11 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
+def basename(uri: str) -> str:
+    """The last part of a URI or path, a trailing ``/`` ignored (``s3://b/runs/x/`` → ``x``)."""
+    return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return fs.exists(path)

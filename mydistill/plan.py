@@ -90,7 +90,7 @@ def make_plan(cfg: PipelineConfig) -> StagePlan:
             cfg.teacher.uri, cfg.data.prompts_uri, cfg.data.real_uri, cfg.data.eval_uri,
         )
     assert teacher_uri and prompts_uri and real_uri and eval_uri  # guaranteed by PipelineConfig
-    teacher_id = cfg.teacher.id or teacher_uri.rstrip("/").rsplit("/", 1)[-1]
+    teacher_id = cfg.teacher.id or io.basename(teacher_uri)
     fps = input_fingerprints(cfg, teacher_uri=teacher_uri, prompts_uri=prompts_uri, real_uri=real_uri, eval_uri=eval_uri)
     sha = {name: fp["sha256"] for name, fp in fps.items()}
     extra = {"extra_teachers": [sha[f"extra_teacher_{i}"] for i in range(len(cfg.distill.extra_teachers))]}

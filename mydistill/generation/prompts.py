@@ -47,9 +47,7 @@ def _iter_sources(uri: str) -> Iterator[tuple[str, int, dict[str, Any]]]:
     fs, path = io.filesystem(uri)
     if fs.exists(path) and fs.isdir(path):
         names = sorted(
-            p.rstrip("/").rsplit("/", 1)[-1]
-            for p in fs.ls(path, detail=False)
-            if p.endswith((".jsonl", ".parquet")) and not p.rstrip("/").rsplit("/", 1)[-1].startswith(".")
+            io.basename(p) for p in fs.ls(path, detail=False) if p.endswith((".jsonl", ".parquet")) and not io.basename(p).startswith(".")
         )
         files = [io.join(uri, name) for name in names]
     else:

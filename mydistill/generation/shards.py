@@ -64,7 +64,7 @@ def list_shards(output_uri: str, pattern: re.Pattern[str] = SHARD_RE) -> list[st
     fs, path = io.filesystem(output_uri)
     if not fs.exists(path):
         return []
-    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    names = [io.basename(p) for p in fs.ls(path, detail=False)]
     return sorted(n for n in names if pattern.match(n))
 
 

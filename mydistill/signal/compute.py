@@ -130,7 +130,7 @@ def compute_teacher_signal(
     )
     return write_store_manifest(
         output_uri, inputs=inputs, written=written,
-        teacher={"id": teacher_id or teacher_uri.rstrip("/").rsplit("/", 1)[-1], "uri": teacher_uri, "weights_sha256": weights},
+        teacher={"id": teacher_id or io.basename(teacher_uri), "uri": teacher_uri, "weights_sha256": weights},
         tokenizer_sha256=tok_sha, data_sha256=data_sha, data_uri=data_uri, records=len(records), vocab_size=vocab,
         k=exact, slots=slots, mode=cfg.mode, sampled_tokens=cfg.sampled_tokens if cfg.mode == "sampled" else 0,
         temperature=store_temperature(cfg), max_length=max_length, seconds=seconds,

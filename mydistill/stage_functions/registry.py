@@ -29,7 +29,7 @@ def log_model(cfg: PipelineConfig, plan: StagePlan, run_id: str, checkpoint_uri:
 def logged_model_name(checkpoint_uri: str) -> str:
     """The checkpoint folder's name ("distill-<key>", "finetune-<key>", "baseline-<key>"), so a run
     page's "Logged models" tells a pipeline's students apart (MLflow's default would be "model")."""
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", checkpoint_uri.rstrip("/").rsplit("/", 1)[-1]).strip("-.")
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", io.basename(checkpoint_uri)).strip("-.")
     return name or "model"
 
 

@@ -59,3 +59,11 @@ def test_manifest_matches_only_same_inputs(tmp_path):
     assert io.manifest_matches(uri, {"a": 2}) is None
     manifest = json.loads((tmp_path / "stage" / "manifest.json").read_text())
     assert manifest["library_version"] and manifest["inputs_sha256"]
+
+
+@pytest.mark.parametrize(("uri", "name"), [
+    ("s3://bucket/runs/teacher-7b/", "teacher-7b"), ("s3://bucket/runs/teacher-7b", "teacher-7b"),
+    ("/data/prompts.jsonl", "prompts.jsonl"), ("relative/dir/", "dir"), ("plain", "plain"),
+])
+def test_basename_is_the_last_part_of_a_uri_or_path(uri, name):
+    assert io.basename(uri) == name
