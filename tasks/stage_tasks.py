@@ -23,7 +23,6 @@ from mydistill import changes, costs, io, raised_by_us, stage_functions, trackin
 from mydistill.config import PipelineConfig
 from mydistill.metrics import report_key
 from mydistill.plan import StagePlan
-from mydistill.training.launch import WorkerFailed
 
 
 ARTIFACT_CACHE = (INPUTS - "parent_run_id" - "config" - "plan") + TASK_SOURCE
@@ -164,22 +163,7 @@ def teacher_signal(config: PipelineConfig, plan: StagePlan, output_uri: str, par
     return output_uri
 
 
-def _worker_died(task: Task, task_run: Any, state: Any) -> bool:
-    """Retry a training stage once when a worker died by a signal nobody sent on purpose (a C++
-    abort in gloo or NCCL, a segfault, a node's kill): the retry resumes from the stage's last
-    checkpoint (``save_every``). A Python error in the job, or a stop (SIGTERM, SIGINT), would only
-    happen again."""
-    try:
-        state.result()
-    except WorkerFailed as e:
-        return e.signal is not None and e.signal not in ("SIGTERM", "SIGINT")
-    except Exception:  # noqa: BLE001 - anything else is not a dead worker
-        return False
-    return False
-
-
-@task(name="train", task_run_name="{stage}", cache_policy=ARTIFACT_CACHE, persist_result=True,
-      retries=1, retry_delay_seconds=5, retry_condition_fn=_worker_died)
+@task(name="train", task_run_name="{stage}", cache_policy=ARTIFACT_CACHE, persist_result=True)
 def train(config: PipelineConfig, plan: StagePlan, stage: str, output_uri: str, parent_run_id: str | None = None) -> str:
     manifest = stage_functions.train(config, plan, stage, parent_run_id, progress=_interactive(), on_line=get_run_logger().info)
     final = manifest.get("final_metrics", {})

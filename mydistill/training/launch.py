@@ -91,11 +91,16 @@ def launch_training(
     on_metrics: MetricsCallback | None = None,
     env: dict[str, str] | None = None,
     progress: bool = False,
+    restarts: int = 1,
 ) -> dict[str, Any]:
     """Run ``job`` as its config says (in process, or on launched workers); returns its manifest.
 
     Workers log metrics to MLflow themselves (rank 0, into ``job.mlflow_run_id``); in process,
-    ``on_metrics`` receives them.
+    ``on_metrics`` receives them. When a worker dies by a signal nobody sent on purpose (a C++
+    abort in gloo or NCCL, a segfault, a node's kill) the workers are started again, up to
+    ``restarts`` times, and resume from the job's last checkpoint (``save_every``; without one the
+    stage starts over). A Python error in the job, or a stop (SIGTERM, SIGINT), would only happen
+    again: it fails at once.
     """
     cfg = job.train_config()
     if cfg.launcher == "none":
@@ -105,12 +110,37 @@ def launch_training(
     with tempfile.TemporaryDirectory(prefix=io.temp_prefix("job")) as tmp:
         job_path = os.path.join(tmp, "job.json")
         io.write_text(job_path, job.to_json())
-        cmd = launch_command(job_path, launcher=cfg.launcher, num_processes=cfg.num_processes, hostfile=cfg.hostfile)
-        run_workers(cmd, on_line=on_line, env=env)
+        run_workers_restarting(
+            # a fresh master port each time: the dead run's may linger in TIME_WAIT
+            lambda: launch_command(job_path, launcher=cfg.launcher, num_processes=cfg.num_processes, hostfile=cfg.hostfile),
+            restarts=restarts, on_line=on_line, env=env,
+        )
     manifest = io.read_manifest(job.output_uri)
     if manifest is None:
         raise WorkerFailed(f"workers exited cleanly but wrote no model at {job.output_uri}")
     return manifest
+
+
+def run_workers_restarting(
+    command: Callable[[], list[str]], *, restarts: int, on_line: LineCallback | None = None, env: dict[str, str] | None = None,
+) -> None:
+    """:func:`run_workers` on ``command()``, started again (up to ``restarts`` times, each said in the
+    output) when a worker died by a signal (:func:`restartable`)."""
+    say = on_line or (lambda line: print(line, file=sys.stderr, flush=True))
+    for attempt in range(restarts + 1):
+        try:
+            run_workers(command(), on_line=on_line, env=env)
+            return
+        except WorkerFailed as e:
+            if not restartable(e) or attempt == restarts:
+                raise
+            say(f"[mydistill] {str(e).splitlines()[0]} — restarting the workers ({attempt + 1} of {restarts}), "
+                "from the last checkpoint")
+
+
+def restartable(error: WorkerFailed) -> bool:
+    """Whether starting the workers again may succeed: one died by a signal that no one sent to stop it."""
+    return error.signal is not None and error.signal not in ("SIGTERM", "SIGINT")
 
 
 def run_workers(cmd: list[str], *, on_line: LineCallback | None = None, env: dict[str, str] | None = None, tail_lines: int = 400) -> None:
@@ -158,6 +188,9 @@ _DYING_WORDS = (
 )
 
 
+_EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(: |$)")
+
+
 def worker_error(lines: list[str]) -> tuple[str, list[str]]:
     """The failing worker's last error line and its traceback, from the launcher's output.
 
@@ -179,6 +212,13 @@ def worker_error(lines: list[str]) -> tuple[str, list[str]]:
         prefix = lines[start].split("Traceback")[0]
         block = [line for line in lines[start : end if prefix == "" and end and end > start else None] if line.startswith(prefix)]
         trace = [line[len(prefix) :] for line in block]
+        if prefix == "":
+            # unprefixed, other ranks' lines may fall between: the error is the exception line
+            # (``ValueError: …``, ``mydistill.io.DataError: …``) after the last traceback's frames
+            last = max(i for i, t in enumerate(trace) if "Traceback (most recent call last)" in t)
+            found = next((i for i in range(last + 1, len(trace)) if _EXCEPTION_LINE.match(trace[i])), None)
+            if found is not None:
+                return trace[found], trace[: found + 1]
         error = next((t for t in reversed(trace) if t and not t.startswith(" ")), trace[-1])
         return error, trace
     if end is None:

@@ -7,8 +7,6 @@ import os
 
 import pytest
 
-from mydistill.training.launch import WorkerFailed
-
 from tasks import stage_tasks as t
 
 REPORT = {
@@ -144,14 +142,3 @@ class _FailedState:
 def test_only_errors_a_retry_can_fix_are_retried(error, retried):
     assert t._transient(None, None, _FailedState(error)) is retried
 
-
-@pytest.mark.parametrize(("error", "retried"), [
-    (WorkerFailed("worker local_rank 1 was killed by SIGABRT: what():  gloo", signal="SIGABRT"), True),
-    (WorkerFailed("worker local_rank 0 was killed by SIGSEGV", signal="SIGSEGV"), True),
-    (WorkerFailed("worker local_rank 0 was killed by SIGTERM", signal="SIGTERM"), False),  # someone stopped it
-    (WorkerFailed("ValueError: bad batch"), False),  # the job's own error would happen again
-    (ConnectionResetError("reset by peer"), False),
-])
-def test_a_training_stage_is_retried_only_when_a_worker_died_by_a_signal(error, retried):
-    assert t._worker_died(None, None, _FailedState(error)) is retried
-    assert t.train.retries == 1 and t.train.retry_condition_fn is t._worker_died

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from mydistill.training.launch import WorkerFailed, free_port, run_workers, worker_error
+from mydistill.training.launch import WorkerFailed, free_port, run_workers, run_workers_restarting, worker_error
 
 GLOO_ABORT = "[gloo/transport/tcp/pair.cc:598] Connection closed by peer"
 
@@ -99,3 +99,63 @@ def test_a_worker_killed_by_a_signal_is_the_root_cause_not_the_peer_that_lost_it
     error, trace = worker_error(lines)
     assert error == "worker local_rank 1 was killed by SIGABRT"
     assert trace == lines[:5]  # the workers' lines, the peer's error among them
+
+
+def flaky_script(tmp_path, how: str) -> str:
+    """Rank 1 fails as ``how`` says on the first start only (``always``: on every start); each start
+    of rank 1 is counted in ``starts``."""
+    path = tmp_path / "flaky.py"
+    path.write_text(textwrap.dedent(f"""
+        import os, sys, time
+        if int(os.environ["RANK"]) == 1:
+            starts = {str(tmp_path / "starts")!r}
+            with open(starts, "a") as f:
+                f.write("x")
+            first = os.path.getsize(starts) == 1
+            if {how!r} == "abort" and first or {how!r} == "always":
+                os.abort()
+            if {how!r} == "raise" and first:
+                raise ValueError("bad config")
+        print("done", flush=True)
+    """))
+    return str(path)
+
+
+def test_workers_killed_by_a_signal_are_started_again_once(tmp_path):
+    lines: list[str] = []
+    script = flaky_script(tmp_path, "abort")
+    run_workers_restarting(lambda: torchrun(script), restarts=1, on_line=lines.append)
+    assert (tmp_path / "starts").read_text() == "xx"
+    said = [line for line in lines if "restarting the workers" in line]
+    assert said == ["[mydistill] training workers exited with code 1: worker local_rank 1 was killed by SIGABRT "
+                    "— restarting the workers (1 of 1), from the last checkpoint"]
+    restarted = lines.index(said[0])
+    assert lines[restarted:].count("done") == 2  # both ranks of the second start finished
+
+
+def test_a_python_error_is_not_restarted_and_a_second_abort_fails(tmp_path):
+    script = flaky_script(tmp_path, "raise")
+    with pytest.raises(WorkerFailed, match="ValueError: bad config"):
+        run_workers_restarting(lambda: torchrun(script), restarts=1)
+    assert (tmp_path / "starts").read_text() == "x"
+
+    (tmp_path / "starts").unlink()
+    script = flaky_script(tmp_path, "always")
+    with pytest.raises(WorkerFailed, match="killed by SIGABRT") as failed:
+        run_workers_restarting(lambda: torchrun(script), restarts=1)
+    assert (tmp_path / "starts").read_text() == "xx" and failed.value.signal == "SIGABRT"
+
+
+def test_an_unprefixed_traceback_keeps_its_exception_line_when_another_rank_prints_after_it():
+    lines = [
+        "Traceback (most recent call last):",
+        '  File "/tmp/worker.py", line 12, in <module>',
+        "rank 0 at step 3",  # rank 0, between rank 1's frames and its exception line
+        '    raise ValueError("bad batch at step 3")',
+        "ValueError: bad batch at step 3",
+        "rank 0 at step 4",
+        "E1203 11:07:39.700000 2793 torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: 1) "
+        "local_rank: 1 (pid: 2812) of binary: /usr/bin/python",
+    ]
+    error, trace = worker_error(lines)
+    assert error == "ValueError: bad batch at step 3" and trace == lines[:5]
