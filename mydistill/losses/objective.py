@@ -13,8 +13,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -49,12 +48,15 @@ def _teacher_from_kwargs(
     return teacher_from_parts(**{_TEACHER_KWARGS[k]: v for k, v in parts.items()}, weights=weights)
 
 
-@dataclass
-class LossOutput:
-    """A scalar loss to backpropagate and plain-float metrics to log (``kd``, ``ce``, ``hidden``, ...)."""
+class LossOutput(NamedTuple):
+    """A scalar loss to backpropagate and plain-float metrics to log (``kd``, ``ce``, ``hidden``, ...).
+
+    A named tuple, not a dataclass: ZeRO-3 hooks a module's outputs by walking tuples, lists and
+    dicts, and would not see the loss inside a dataclass (DeepSpeed warns "unknown inputs or outputs
+    type" and the objective's own parameters miss their backward hooks)."""
 
     loss: Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float]
 
 
 class DistillObjective(nn.Module):

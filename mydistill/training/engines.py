@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +58,10 @@ def init_distributed(device: torch.device, use_deepspeed: bool) -> None:
 
 
 def import_deepspeed():
+    """DeepSpeed, set up for this machine (every worker imports it through here)."""
+    if not torch.cuda.is_available():
+        # said, DeepSpeed takes the CPU accelerator without warning that it found no GPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         import deepspeed
     except ImportError as e:  # pragma: no cover - depends on the environment
@@ -65,6 +70,12 @@ def import_deepspeed():
         # the shared-memory comm op is JIT-compiled on first use and needs a compiler toolchain;
         # on CPU the gloo backend does the same job
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    # ZeRO-3 inside DeepSpeed calls these torch collectives, deprecated under their old names; the
+    # FutureWarning is DeepSpeed's to fix and came once per step and rank into the Prefect log
+    warnings.filterwarnings(
+        "ignore", category=FutureWarning,
+        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+    )
     return deepspeed
 
 

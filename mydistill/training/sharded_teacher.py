@@ -62,7 +62,9 @@ class ShardedTeacher:
     ``.config``, and ``teacher(...)`` for a full forward pass."""
 
     def __init__(self, uri: str, student_ds_config: dict[str, Any], device: torch.device) -> None:
-        import deepspeed
+        from mydistill.training.engines import import_deepspeed
+
+        deepspeed = import_deepspeed()
         from transformers.integrations import HfDeepSpeedConfig
 
         self.ds_config = teacher_zero3_config(student_ds_config)

@@ -109,7 +109,7 @@ def poison_loss_at(monkeypatch, call: int):
         out = real(*args, **kwargs)
         calls["n"] += 1
         if calls["n"] == call:
-            out.loss = out.loss * torch.tensor(float("nan"))
+            out = out._replace(loss=out.loss * torch.tensor(float("nan")))
         return out
 
     monkeypatch.setattr(train_module, "forward_loss", poisoned)

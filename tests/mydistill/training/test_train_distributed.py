@@ -59,6 +59,9 @@ def test_zero3_distillation_on_two_processes(tmp_path, data, tiny_model_dir):
     assert history[-1]["loss"] < history[0]["loss"]
     assert {"kd", "ce", "tokens_per_s", "peak_memory_mb"} <= set(history[-1])
     assert any("[mydistill] done" in line for line in lines)  # worker output reached the caller
+    # no library warning from our calls reaches the Prefect log (DeepSpeed's own deprecated torch calls
+    # are filtered, narrowly: see mydistill.training.engines.import_deepspeed)
+    assert [line for line in lines if "warn" in line.lower()] == []
     # the consolidated model is whole (not a shard) and trained away from its initialisation
     from mydistill.models import build_model, load_tokenizer
 
