@@ -188,7 +188,8 @@ _DYING_WORDS = (
 )
 
 
-_EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(: |$)")
+# ``ValueError: …``, ``mydistill.io.DataError: …``, or a bare ``KeyboardInterrupt``; not a word another rank printed
+_EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*: |[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)$")
 
 
 def worker_error(lines: list[str]) -> tuple[str, list[str]]:

@@ -151,6 +151,7 @@ def test_an_unprefixed_traceback_keeps_its_exception_line_when_another_rank_prin
         "Traceback (most recent call last):",
         '  File "/tmp/worker.py", line 12, in <module>',
         "rank 0 at step 3",  # rank 0, between rank 1's frames and its exception line
+        "done",
         '    raise ValueError("bad batch at step 3")',
         "ValueError: bad batch at step 3",
         "rank 0 at step 4",
@@ -158,4 +159,4 @@ def test_an_unprefixed_traceback_keeps_its_exception_line_when_another_rank_prin
         "local_rank: 1 (pid: 2812) of binary: /usr/bin/python",
     ]
     error, trace = worker_error(lines)
-    assert error == "ValueError: bad batch at step 3" and trace == lines[:5]
+    assert error == "ValueError: bad batch at step 3" and trace == lines[:6]
