@@ -52,8 +52,8 @@ class LossOutput(NamedTuple):
     """A scalar loss to backpropagate and plain-float metrics to log (``kd``, ``ce``, ``hidden``, ...).
 
     A named tuple, not a dataclass: ZeRO-3 hooks a module's outputs by walking tuples, lists and
-    dicts, and would not see the loss inside a dataclass (DeepSpeed warns "unknown inputs or outputs
-    type" and the objective's own parameters miss their backward hooks)."""
+    dicts, and would not see the loss inside a dataclass (DeepSpeed warned "unknown inputs or outputs
+    type": its backward hooks for the objective's module may then not run)."""
 
     loss: Tensor
     metrics: dict[str, float]

@@ -60,7 +60,7 @@ def init_distributed(device: torch.device, use_deepspeed: bool) -> None:
 def import_deepspeed():
     """DeepSpeed, set up for this machine (every worker imports it through here)."""
     if not torch.cuda.is_available():
-        # said, DeepSpeed takes the CPU accelerator without warning that it found no GPU
+        # told so, DeepSpeed takes the CPU accelerator without warning that it found no GPU
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         import deepspeed

@@ -186,8 +186,6 @@ _DYING_WORDS = (
     re.compile(r"what\(\):|terminate called|Fatal Python error|Assertion|Segmentation fault|out of memory|Killed", re.IGNORECASE),
     re.compile(r"error", re.IGNORECASE),
 )
-
-
 # ``ValueError: …``, ``mydistill.io.DataError: …``, or a bare ``KeyboardInterrupt``; not a word another rank printed
 _EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*: |[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)$")
 
@@ -203,7 +201,8 @@ def worker_error(lines: list[str]) -> tuple[str, list[str]]:
     """
     # the launcher's report that a worker died starts here: what comes before is the workers' own
     end = next((i for i, line in enumerate(lines) if _LAUNCHER_SAW_FAILURE.search(line)), None)
-    killed = killed_by(lines)
+    exit_ = _worker_exit(lines)
+    killed = _signal_name(exit_)
     for prefix_pattern in ("[rank", "") if killed is None else ():
         starts = [i for i, line in enumerate(lines) if line.startswith(prefix_pattern) and "Traceback (most recent call last)" in line]
         starts = [i for i in starts if not _launchers_traceback(lines, i)]
@@ -226,7 +225,7 @@ def worker_error(lines: list[str]) -> tuple[str, list[str]]:
         return (lines[-1] if lines else "no output"), lines[-40:]
     own = [line for line in lines[:end] if line.strip()]  # the workers' output, before the launcher's report
     what = "a worker failed"
-    if (exit_ := _worker_exit(lines)) is not None:
+    if exit_ is not None:
         rank, code = exit_
         what = f"worker local_rank {rank} exited with code {code}"
         if killed is not None:
@@ -249,7 +248,10 @@ def _worker_exit(lines: list[str]) -> tuple[int, int] | None:
 def killed_by(lines: list[str]) -> str | None:
     """The signal (``"SIGABRT"``…) that killed the first failed worker, from the launcher's output; None
     when it exited on its own (a Python error) or the launcher did not say."""
-    exit_ = _worker_exit(lines)
+    return _signal_name(_worker_exit(lines))
+
+
+def _signal_name(exit_: tuple[int, int] | None) -> str | None:
     if exit_ is None or exit_[1] >= 0:
         return None
     number = -exit_[1]

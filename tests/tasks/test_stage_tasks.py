@@ -141,4 +141,3 @@ class _FailedState:
 ])
 def test_only_errors_a_retry_can_fix_are_retried(error, retried):
     assert t._transient(None, None, _FailedState(error)) is retried
-
