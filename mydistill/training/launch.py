@@ -71,8 +71,10 @@ def launch_command(job_path: str, *, launcher: str, num_processes: int, hostfile
     port = str(master_port or free_port())
     entry = ["-m", "mydistill.train", "--job", job_path]
     if launcher == "torchrun":
+        # torchrun's own log folder beside the job file (else a new /tmp/torchelastic_* every launch, never removed)
+        logs = os.path.join(os.path.dirname(os.path.abspath(job_path)), "torchrun-logs")
         return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(num_processes),
-                "--master_addr", "127.0.0.1", "--master_port", port, *entry]
+                "--master_addr", "127.0.0.1", "--master_port", port, "--log-dir", logs, *entry]
     if launcher == "deepspeed":
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", port]
         if hostfile:

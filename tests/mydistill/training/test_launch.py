@@ -3,6 +3,7 @@ its own last words, under both launchers; the workers here are tiny scripts, not
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 
@@ -35,8 +36,9 @@ def aborting_script(tmp_path, how: str) -> str:
 
 
 def torchrun(script: str) -> list[str]:
+    logs = os.path.join(os.path.dirname(script), "torchrun-logs")
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script]
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "--log-dir", logs, script]
 
 
 def test_a_worker_aborted_in_cxx_fails_with_its_signal_and_its_last_words(tmp_path):

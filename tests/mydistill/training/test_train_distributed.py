@@ -49,8 +49,13 @@ def make_job(out, data, tokenizer_dir, *, stage="distill", teacher=None, arch=TI
                     teacher_uri=teacher, train=cfg.model_dump())
 
 
+def torchelastic_dirs() -> set[str]:
+    return {name for name in os.listdir(tempfile.gettempdir()) if name.startswith("torchelastic_")}
+
+
 def test_zero3_distillation_on_two_processes(tmp_path, data, tiny_model_dir):
     lines: list[str] = []
+    before = torchelastic_dirs()
     # an untied output projection: used by the fused loss outside its module, gathered by ZeRO-3
     job = make_job(tmp_path / "student", data, tiny_model_dir, teacher=tiny_model_dir, steps=12, deepspeed=ZERO3, arch=UNTIED_ARCH)
     manifest = launch_training(job, on_line=lines.append)
@@ -62,6 +67,7 @@ def test_zero3_distillation_on_two_processes(tmp_path, data, tiny_model_dir):
     # no library warning from our calls reaches the Prefect log (DeepSpeed's own deprecated torch calls
     # are filtered, narrowly: see mydistill.training.engines.import_deepspeed)
     assert [line for line in lines if "warn" in line.lower()] == []
+    assert torchelastic_dirs() == before  # torchrun's log folder went with the job's temporary folder
     # the consolidated model is whole (not a shard) and trained away from its initialisation
     from mydistill.models import build_model, load_tokenizer
 
