@@ -10,7 +10,8 @@ Two modes (``evaluate.judge.mode``):
 
 The API key comes from the environment variable ``api_key_env`` (never from the config).
 Verdicts are cached by (judge model, mode, prompt text) in a JSONL file, so a re-run asks only
-for what it has not seen. Failures do not stop the evaluation but are counted in ``stats``
+for what it has not seen. Requests go through :mod:`mydistill.openai_client` (429/5xx and dropped
+connections retried with backoff, Retry-After honoured, the key redacted). Failures do not stop the evaluation but are counted in ``stats``
 (``http_4xx``, ``http_5xx``, ``unreachable``, ``unreadable`` replies) and the first one is kept
 as a sentence; when no request at all gets a readable verdict the judge raises
 :class:`JudgeError` with that sentence, rather than scoring everything 0.
@@ -18,13 +19,12 @@ as a sentence; when no request at all gets a readable verdict the judge raises
 
 from __future__ import annotations
 
-import os
 import re
-import time
 from collections.abc import Sequence
 from typing import Any
 
 from mydistill import io
+from mydistill.openai_client import APIError, OpenAIClient, error_detail
 
 CACHE_FILE = "verdicts.jsonl"
 
@@ -67,10 +67,13 @@ def parse_pairwise_verdict(text: str) -> str | None:
 class Judge:
     """Callable ``(prompts, answers, references, teacher_answers) -> scores`` for evaluate_models."""
 
-    def __init__(self, cfg: Any, *, cache_uri: str | None = None, post: Any = None):
+    def __init__(self, cfg: Any, *, cache_uri: str | None = None, transport: Any = None):
         self.cfg = cfg
         self.cache_uri = cache_uri
-        self._post = post  # (url, json=, headers=, timeout=) -> response; default httpx.post (tests pass a fake)
+        self.client = OpenAIClient(
+            cfg.base_url, api_key_env=cfg.api_key_env, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
+            backoff_s=0.2, setting="evaluate.judge.base_url", model=cfg.model, transport=transport,
+        )
         self.cache: dict[str, str] = {}
         if cache_uri and io.exists(io.join(cache_uri, CACHE_FILE)):
             self.cache = {r["key"]: r["reply"] for r in io.read_records(io.join(cache_uri, CACHE_FILE))}
@@ -91,41 +94,33 @@ class Judge:
         if key in self.cache:
             self.stats["cached"] += 1
             return self.cache[key]
-        import httpx
-
-        url = self.cfg.base_url.rstrip("/") + "/chat/completions"
-        api_key = os.environ.get(self.cfg.api_key_env)
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         body = {"model": self.cfg.model, "messages": [{"role": "user", "content": content}], "max_tokens": 8,
                 "temperature": 0.0}
-        post = self._post or httpx.post
-        for attempt in range(self.cfg.max_retries + 1):
+        where = f"judge at {self.cfg.base_url}"
+
+        def count() -> None:
             self.stats["requests"] += 1
-            try:
-                response = post(url, json=body, headers=headers, timeout=self.cfg.timeout_s)
-            except httpx.HTTPError as e:
-                if attempt < self.cfg.max_retries:
-                    time.sleep(0.2 * 2**attempt)
-                    continue
-                self._note("unreachable", f"judge at {self.cfg.base_url} unreachable: {type(e).__name__}: {e}")
-                return None
-            if response.status_code >= 500 and attempt < self.cfg.max_retries:
-                time.sleep(0.2 * 2**attempt)
-                continue
-            if response.status_code >= 400:
-                kind = "http_5xx" if response.status_code >= 500 else "http_4xx"
-                self._note(kind, f"judge at {self.cfg.base_url} answered HTTP {response.status_code}: {_error_text(response)}")
-                return None
-            try:
-                reply = response.json()["choices"][0]["message"]["content"]
-                if not isinstance(reply, str):
-                    raise TypeError("content is not text")
-            except (ValueError, KeyError, IndexError, TypeError) as e:
-                self._note("unreadable", f"judge at {self.cfg.base_url} sent a reply that is not a chat completion ({e})")
-                return None
-            self.cache[key] = reply
-            return reply
-        return None  # unreachable: the loop returns on its last attempt
+
+        try:
+            response = self.client.post_sync("chat/completions", body, lambda r: r, label="judge request", on_attempt=count)
+        except APIError as e:
+            if e.status is None:
+                self._note("unreachable", f"{where} unreachable: {e}")
+            else:
+                self._note("http_5xx" if e.status >= 500 else "http_4xx", f"{where}: {e}")
+            return None
+        if response.status_code != 200:  # a 4xx about this request
+            self._note("http_4xx", f"{where} answered HTTP {response.status_code}: {self.client.redact(error_detail(response))}")
+            return None
+        try:
+            reply = response.json()["choices"][0]["message"]["content"]
+            if not isinstance(reply, str):
+                raise TypeError("content is not text")
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            self._note("unreadable", f"{where} sent a reply that is not a chat completion ({e})")
+            return None
+        self.cache[key] = reply
+        return reply
 
     # -- grading -----------------------------------------------------------------------------
 
@@ -183,10 +178,3 @@ class Judge:
 def make_judge(cfg: Any, *, cache_uri: str | None = None) -> Judge:
     return Judge(cfg, cache_uri=cache_uri)
 
-
-def _error_text(response: Any) -> str:
-    try:
-        error = response.json().get("error", {})
-        return str(error.get("message") or error)[:200]
-    except ValueError:
-        return response.text[:200]

@@ -15,12 +15,8 @@ built and goes only into the Authorization header: never into a config, record, 
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
-import os
-import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from mydistill.generation.base import (
@@ -32,14 +28,17 @@ from mydistill.generation.base import (
     TeacherBackend,
     stable_seed,
 )
-from mydistill.config.generation import mask_url, strip_userinfo
+from mydistill.config.generation import mask_url
+from mydistill.openai_client import (  # noqa: F401 (APIError and parse_retry_after are imported from here too)
+    APIError,
+    OpenAIClient,
+    RetryableError,
+    error_detail,
+    parse_retry_after,
+    run_sync,
+)
 
 logger = logging.getLogger(__name__)
-
-RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
-# Longest Retry-After we honour; a server asking for more is waited on for this long per attempt.
-MAX_RETRY_AFTER_S = 300.0
-
 
 # A request that timed out is sent again with a longer timeout, up to this.
 MAX_TIMEOUT_S = 600.0
@@ -85,33 +84,6 @@ class AdaptiveConcurrency:
             self._answered = 0
 
 
-class APIError(RuntimeError):
-    """The API cannot serve the run (unreachable after retries, bad key, unknown model)."""
-
-
-class _RetryableError(Exception):
-    def __init__(self, message: str, retry_after: float | None = None, overload: bool = False):
-        super().__init__(message)
-        self.overload = overload  # the server asks for fewer requests at once
-        self.retry_after = retry_after
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
 class OpenAIBackend(TeacherBackend):
     """Chat completions over HTTP; one request per (prompt, sample) so every sample has exact token counts.
 
@@ -137,27 +109,24 @@ class OpenAIBackend(TeacherBackend):
         tokenizer: Any = None,
         transport: Any = None,
     ):
-        # credentials in the URL would go out as Basic auth instead of the API key: the key alone is sent
-        self.api_base = strip_userinfo(api_base.rstrip("/"))
-        self.url = f"{self.api_base}/chat/completions"
+        self.client = OpenAIClient(
+            api_base, api_key_env=api_key_env, timeout_s=timeout_s, max_retries=max_retries, backoff_s=backoff_s,
+            setting="api_base", model=model, transport=transport,
+        )
+        self.api_base = self.client.api_base
+        self.url = self.client.url("chat/completions")
         self.model = model
         self.api_key_env = api_key_env
         self.concurrency = concurrency
         self.timeout_s = timeout_s
         self.max_retries = max_retries
-        self.backoff_s = backoff_s
         self.max_tokens_param = max_tokens_param
         self.formatter = ChatFormatter(tokenizer) if tokenizer is not None else None
-        self.transport = transport  # an httpx.AsyncBaseTransport, for tests (httpx.MockTransport)
-        self.__api_key = os.environ.get(api_key_env) or None
-        if self.__api_key is None:
+        if not self.client.has_key:
             logger.info("environment variable %s is not set: requests go without an API key", api_key_env)
 
     def __repr__(self) -> str:  # never show the key
         return f"OpenAIBackend(api_base={mask_url(self.api_base)!r}, model={self.model!r})"
-
-    def _redact(self, text: str) -> str:
-        return text.replace(self.__api_key, "***") if self.__api_key else text
 
     # ------------------------------------------------------------------------------------------
 
@@ -167,7 +136,7 @@ class OpenAIBackend(TeacherBackend):
         sampling: Sampling,
         on_progress: ProgressCallback | None = None,
     ) -> list[list[Completion]]:
-        results = _run_sync(self._generate_all(requests, sampling, on_progress))
+        results = run_sync(self._generate_all(requests, sampling, on_progress))
         flat = [c for per_request in results for c in per_request]
         failed = [c for c in flat if c.extra.get("http_status")]
         if len(flat) >= 2 and len(failed) == len(flat) and len({c.error for c in failed}) == 1:
@@ -180,20 +149,16 @@ class OpenAIBackend(TeacherBackend):
     async def _generate_all(
         self, requests: Sequence[GenerationRequest], sampling: Sampling, on_progress: ProgressCallback | None
     ) -> list[list[Completion]]:
-        import httpx
-
-        headers = {"Content-Type": "application/json"}
-        if self.__api_key:
-            headers["Authorization"] = f"Bearer {self.__api_key}"
         self.limiter = AdaptiveConcurrency(self.concurrency)
         self._timeout_now = self.timeout_s
-        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
-        async with httpx.AsyncClient(
-            headers=headers, timeout=httpx.Timeout(self.timeout_s), limits=limits, transport=self.transport
-        ) as client:
+        async with self.client.async_client(self.concurrency) as client:
 
             async def one(request: GenerationRequest, sample_index: int) -> Completion:
-                completion = await self._request(client, request, sample_index, sampling)
+                completion = await self.client.post(
+                    client, "chat/completions", self._body(request, sample_index, sampling),
+                    lambda response: self._completion(response, request),
+                    label=f"request for {request.prompt.key}", timeout=lambda: self._timeout_now, around=self._attempt,
+                )
                 if on_progress:
                     on_progress(1)
                 return completion
@@ -234,61 +199,14 @@ class OpenAIBackend(TeacherBackend):
             body["ignore_eos"] = True  # vLLM extension, used by benchmarks only
         return body
 
-    async def _request(
-        self, client: Any, request: GenerationRequest, sample_index: int, sampling: Sampling
-    ) -> Completion:
-        import httpx
-        from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential, wait_random
-
-        # backoff_s, 2*backoff_s, 4*backoff_s ... (at most 60 s), plus up to backoff_s of jitter so that
-        # many clients throttled together do not come back together.
-        backoff = wait_exponential(multiplier=self.backoff_s, max=60.0) + wait_random(0, self.backoff_s)
-
-        def wait(retry_state: Any) -> float:
-            error = retry_state.outcome.exception()
-            if isinstance(error, _RetryableError) and error.retry_after is not None:
-                return min(error.retry_after, MAX_RETRY_AFTER_S)
-            return backoff(retry_state)
-
-        def log_retry(retry_state: Any) -> None:
-            logger.warning(
-                "request for %s failed (%s); retry %d/%d in %.1fs",
-                request.prompt.key,
-                self._redact(str(retry_state.outcome.exception())),
-                retry_state.attempt_number,
-                self.max_retries,
-                retry_state.next_action.sleep if retry_state.next_action else 0.0,
-            )
-
-        body = self._body(request, sample_index, sampling)
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.max_retries + 1),
-            wait=wait,
-            retry=retry_if_exception_type((_RetryableError, httpx.TransportError)),
-            before_sleep=log_retry,
-            reraise=True,
-        )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    return await self._attempt(client, body, request)
-        except (_RetryableError, httpx.TransportError) as e:
-            reason = self._redact(f"{type(e).__name__}: {e}") if str(e) else type(e).__name__
-            raise APIError(
-                f"{mask_url(self.url)} failed after {self.max_retries + 1} attempts ({reason}). "
-                "Is the server running and reachable? Shards written so far are kept; re-run to resume."
-            ) from None
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    async def _attempt(self, client: Any, body: dict[str, Any], request: GenerationRequest) -> Completion:
+    async def _attempt(self, once: Callable[[], Awaitable[Completion]]) -> Completion:
         """One request under the adaptive limit: overload signs lower the limit (and a timeout
         lengthens the next requests' timeout), answers raise it again."""
         import httpx
 
         async with self.limiter:
             try:
-                response = await client.post(self.url, json=body, timeout=self._timeout_now)
-                completion = self._completion(response, request)
+                completion = await once()
             except httpx.TimeoutException:
                 self._timeout_now = min(MAX_TIMEOUT_S, self._timeout_now * 2)
                 self.limiter.overloaded(f"no answer within the timeout; next requests wait up to {self._timeout_now:.0f} s")
@@ -296,7 +214,7 @@ class OpenAIBackend(TeacherBackend):
             except httpx.TransportError as e:
                 self.limiter.overloaded(f"{type(e).__name__}")
                 raise
-            except _RetryableError as e:
+            except RetryableError as e:
                 if e.overload:
                     self.limiter.overloaded(str(e)[:80])
                 raise
@@ -304,76 +222,34 @@ class OpenAIBackend(TeacherBackend):
         return completion
 
     def _completion(self, response: Any, request: GenerationRequest) -> Completion:
+        """A 200 as a completion; a 4xx about this prompt (the client let it through) as a failed record."""
         status = response.status_code
-        if status == 200:
-            try:
-                data = response.json()
-                choice = data["choices"][0]
-                text = (choice.get("message") or {}).get("content") or ""
-                finish = choice.get("finish_reason")
-                usage = data.get("usage") or {}
-            except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
-                raise _RetryableError(f"malformed response ({type(e).__name__}: {e})") from None
-            completion = Completion(
-                text=text,
-                finish_reason="stop",
-                prompt_tokens=usage.get("prompt_tokens", request.prompt.num_tokens),
-                completion_tokens=int(usage.get("completion_tokens") or 0),
-            )
-            if finish == "length":
-                completion.finish_reason = "length"
-            elif finish not in (None, "stop", "eos", "eos_token", "stop_sequence"):
-                # e.g. content_filter: the text is not a real answer
-                completion.finish_reason = "error"
-                completion.error = f"finish_reason={finish}"
-            return completion
-
-        detail = self._redact(_error_detail(response))
-        if status in RETRYABLE_STATUS:
-            retry_after = parse_retry_after(response.headers.get("retry-after"))
-            # a 429 that says when to come back is paced by its Retry-After; one that does not, or a 503, asks for less
-            overload = status == 503 or (status == 429 and retry_after is None)
-            raise _RetryableError(f"HTTP {status}: {detail}", retry_after, overload=overload)
-        if status in (401, 403):
-            key_state = "is set" if self.__api_key else "is NOT set"
-            raise APIError(
-                f"{mask_url(self.url)} refused the request with HTTP {status} ({detail}). "
-                f"Check the API key in the environment variable {self.api_key_env} (it {key_state})."
-            )
-        if status in (404, 405):
-            raise APIError(
-                f"{mask_url(self.url)} answered HTTP {status} ({detail}). Check api_base (it should end with the "
-                f"API version, e.g. /v1) and the model name {self.model!r}."
-            )
-        if 400 <= status < 500:
+        if status != 200:
             return Completion(
                 text="",
                 finish_reason="error",
                 prompt_tokens=request.prompt.num_tokens,
-                error=f"HTTP {status}: {detail}",
+                error=f"HTTP {status}: {self.client.redact(error_detail(response))}",
                 extra={"http_status": status},
             )
-        raise APIError(f"{mask_url(self.url)} answered HTTP {status} ({detail})")
-
-
-def _error_detail(response: Any, limit: int = 300) -> str:
-    try:
-        data = response.json()
-        message = data.get("error", data) if isinstance(data, dict) else data
-        if isinstance(message, dict):
-            message = message.get("message", message)
-        text = str(message)
-    except ValueError:
-        text = response.text
-    text = " ".join(text.split())
-    return text[:limit] + ("..." if len(text) > limit else "")
-
-
-def _run_sync(coro: Any) -> Any:
-    """Run ``coro`` to completion from sync code, also when an event loop is already running here."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, coro).result()
+        try:
+            data = response.json()
+            choice = data["choices"][0]
+            text = (choice.get("message") or {}).get("content") or ""
+            finish = choice.get("finish_reason")
+            usage = data.get("usage") or {}
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+            raise RetryableError(f"malformed response ({type(e).__name__}: {e})") from None
+        completion = Completion(
+            text=text,
+            finish_reason="stop",
+            prompt_tokens=usage.get("prompt_tokens", request.prompt.num_tokens),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+        )
+        if finish == "length":
+            completion.finish_reason = "length"
+        elif finish not in (None, "stop", "eos", "eos_token", "stop_sequence"):
+            # e.g. content_filter: the text is not a real answer
+            completion.finish_reason = "error"
+            completion.error = f"finish_reason={finish}"
+        return completion

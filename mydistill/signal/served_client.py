@@ -1,8 +1,8 @@
 """The signal stage's client for a served teacher: scores prompts on an OpenAI-compatible ``/completions``
 endpoint with bounded concurrency and retries (see :mod:`mydistill.signal.served` for the stage).
 
-429/5xx/timeouts are retried with backoff honouring Retry-After (as the generate stage's client
-does); 401/403/404 and retries exhausted raise :class:`~mydistill.generation.openai_api.APIError`;
+429/5xx/timeouts are retried with backoff honouring Retry-After by :mod:`mydistill.openai_client`;
+401/403/404 and retries exhausted raise its :class:`~mydistill.openai_client.APIError`;
 other 4xx refuse the prompts of that request (the reason comes back in place of the answer).
 """
 
@@ -10,33 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mydistill.config.generation import mask_url, strip_userinfo
+from mydistill.config.generation import mask_url
 from mydistill.config.signal import SignalConfig
-from mydistill.generation.openai_api import (
-    MAX_RETRY_AFTER_S,
-    RETRYABLE_STATUS,
-    APIError,
-    _error_detail,
-    _run_sync,
-    parse_retry_after,
-)
+from mydistill.openai_client import APIError, OpenAIClient, RetryableError, error_detail, run_sync
 
 logger = logging.getLogger(__name__)
 
 
 class ServedTeacherError(RuntimeError):
     """The served teacher cannot make this store; the message says why and what to do."""
-
-
-class _Retryable(Exception):
-    def __init__(self, message: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 @dataclass
@@ -59,40 +45,23 @@ class CompletionsScorer:
 
     def __init__(self, cfg: SignalConfig, *, model: str | None = None, tokenizer: Any = None, transport: Any = None):
         assert cfg.api_base
-        self.api_base = strip_userinfo(cfg.api_base.rstrip("/"))
         self.cfg = cfg
         self.model = model or cfg.api_model
-        self.transport = transport  # an httpx transport, for tests
-        self.__api_key = os.environ.get(cfg.api_key_env) or None
+        self.client = OpenAIClient(
+            cfg.api_base, api_key_env=cfg.api_key_env, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
+            backoff_s=cfg.backoff_s, setting="signal.api_base (the server must offer /completions)", model=self.model,
+            transport=transport,
+        )
+        self.api_base = self.client.api_base
         self._piece_ids: dict[str, int | None] | None = None
         self.tokenizer = tokenizer
 
     def __repr__(self) -> str:  # never show the key
         return f"CompletionsScorer(api_base={mask_url(self.api_base)!r}, model={self.model!r})"
 
-    def _redact(self, text: str) -> str:
-        return text.replace(self.__api_key, "***") if self.__api_key else text
-
-    def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json"}
-        if self.__api_key:
-            headers["Authorization"] = f"Bearer {self.__api_key}"
-        return headers
-
     def served_model(self) -> str:
         """``cfg.api_model``, checked against ``GET /models``; or the one model the server lists."""
-        import httpx
-
-        url = f"{self.api_base}/models"
-        try:
-            # (a test's httpx.MockTransport serves sync and async clients alike)
-            with httpx.Client(headers=self._headers(), timeout=self.cfg.timeout_s, transport=self.transport) as client:
-                response = client.get(url)
-        except httpx.TransportError as e:
-            raise APIError(f"{mask_url(url)} is unreachable ({type(e).__name__}: {e}); is the teacher server running?") from None
-        self._fatal(response, url)
-        if response.status_code != 200:
-            raise APIError(f"{mask_url(url)} answered HTTP {response.status_code} ({self._redact(_error_detail(response))})")
+        response = self.client.get_sync("models")
         names = [m.get("id") for m in (response.json().get("data") or []) if isinstance(m, dict)]
         if self.cfg.api_model:
             if names and self.cfg.api_model not in names:
@@ -102,6 +71,7 @@ class CompletionsScorer:
             self.model = names[0]
         else:
             raise APIError(f"{mask_url(self.api_base)} serves {names or 'no models'}; name one as signal.api_model")
+        self.client.model = self.model
         return self.model
 
     # ------------------------------------------------------------------------------------------
@@ -110,22 +80,20 @@ class CompletionsScorer:
         self, prompts: Sequence[str | list[int]], *, add_special_tokens: bool, temperature: float
     ) -> list[Scored | str]:
         """One :class:`Scored` per prompt, or the reason (a string) the server refused that prompt."""
-        return _run_sync(self._score_all(list(prompts), add_special_tokens, temperature))
+        return run_sync(self._score_all(list(prompts), add_special_tokens, temperature))
 
     async def _score_all(self, prompts: list[str | list[int]], add_special_tokens: bool, temperature: float) -> list[Any]:
-        import httpx
-
         size = self.cfg.api_batch_size
         batches = [prompts[i : i + size] for i in range(0, len(prompts), size)]
         semaphore = asyncio.Semaphore(self.cfg.concurrency)
-        limits = httpx.Limits(max_connections=self.cfg.concurrency, max_keepalive_connections=self.cfg.concurrency)
-        async with httpx.AsyncClient(
-            headers=self._headers(), timeout=httpx.Timeout(self.cfg.timeout_s), limits=limits, transport=self.transport
-        ) as client:
+        async with self.client.async_client(self.cfg.concurrency) as client:
 
             async def one(batch: list[str | list[int]]) -> list[Any]:
                 async with semaphore:
-                    return await self._request(client, batch, add_special_tokens, temperature)
+                    body = self._body(batch, add_special_tokens, temperature)
+                    return await self.client.post(
+                        client, "completions", body, lambda response: self._parse(response, len(batch)), label="scoring request"
+                    )
 
             tasks = [asyncio.ensure_future(one(b)) for b in batches]
             try:
@@ -151,73 +119,19 @@ class CompletionsScorer:
             body.update(prompt_logprobs=self.cfg.k, return_token_ids=True)
         return body
 
-    async def _request(self, client: Any, batch: list[str | list[int]], add_special_tokens: bool, temperature: float) -> list[Any]:
-        import httpx
-        from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential, wait_random
-
-        backoff = wait_exponential(multiplier=self.cfg.backoff_s, max=60.0) + wait_random(0, self.cfg.backoff_s)
-
-        def wait(state: Any) -> float:
-            error = state.outcome.exception()
-            if isinstance(error, _Retryable) and error.retry_after is not None:
-                return min(error.retry_after, MAX_RETRY_AFTER_S)
-            return backoff(state)
-
-        url = f"{self.api_base}/completions"
-        body = self._body(batch, add_special_tokens, temperature)
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.cfg.max_retries + 1),
-            wait=wait,
-            retry=retry_if_exception_type((_Retryable, httpx.TransportError)),
-            before_sleep=lambda s: logger.warning(
-                "scoring request failed (%s); retry %d/%d", self._redact(str(s.outcome.exception())),
-                s.attempt_number, self.cfg.max_retries,
-            ),
-            reraise=True,
-        )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    response = await client.post(url, json=body)
-                    return self._parse(response, url, len(batch))
-        except (_Retryable, httpx.TransportError) as e:
-            raise APIError(
-                f"{mask_url(url)} failed after {self.cfg.max_retries + 1} attempts ({self._redact(f'{type(e).__name__}: {e}')}). "
-                "Is the server running and reachable? Shards written so far are kept; re-run to resume."
-            ) from None
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _fatal(self, response: Any, url: str) -> None:
+    def _parse(self, response: Any, n: int) -> list[Scored | str]:
+        """A 200's choices, one per prompt; a 4xx (the client let it through) refuses these prompts, named."""
         status = response.status_code
-        if status in (401, 403):
-            state = "is set" if self.__api_key else "is NOT set"
-            raise APIError(
-                f"{mask_url(url)} refused the request with HTTP {status} ({self._redact(_error_detail(response))}). "
-                f"Check the API key in the environment variable {self.cfg.api_key_env} (it {state})."
-            )
-        if status in (404, 405):
-            raise APIError(
-                f"{mask_url(url)} answered HTTP {status} ({self._redact(_error_detail(response))}). Check signal.api_base "
-                f"(it should end with the API version, e.g. /v1; the server must offer /completions) and the model {self.model!r}."
-            )
-
-    def _parse(self, response: Any, url: str, n: int) -> list[Scored | str]:
-        status = response.status_code
-        if status in RETRYABLE_STATUS:
-            raise _Retryable(f"HTTP {status}: {self._redact(_error_detail(response))}", parse_retry_after(response.headers.get("retry-after")))
-        self._fatal(response, url)
-        if 400 <= status < 500:  # about these prompts (too long, too many log-probs asked): refused, named
-            return [f"HTTP {status}: {self._redact(_error_detail(response))}"] * n
-        if status != 200:
-            raise APIError(f"{mask_url(url)} answered HTTP {status} ({self._redact(_error_detail(response))})")
+        if status != 200:  # about these prompts (too long, too many log-probs asked)
+            return [f"HTTP {status}: {self.client.redact(error_detail(response))}"] * n
         try:
             data = response.json()
             choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
             model = str(data.get("model") or self.model)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise _Retryable(f"malformed response ({type(e).__name__}: {e})") from None
+            raise RetryableError(f"malformed response ({type(e).__name__}: {e})") from None
         if len(choices) != n:
-            raise ServedTeacherError(f"{mask_url(url)} answered {len(choices)} choices for {n} prompts")
+            raise ServedTeacherError(f"{mask_url(self.client.url('completions'))} answered {len(choices)} choices for {n} prompts")
         return [self._choice(c, model) for c in choices]
 
     def _choice(self, choice: dict[str, Any], model: str) -> Scored | str:

@@ -270,7 +270,7 @@ def test_server_errors_exhaust_retries_into_a_clear_error():
         seen.append(1)
         return httpx.Response(503, json={"error": {"message": "overloaded"}})
 
-    with pytest.raises(APIError, match=r"failed after 3 attempts \(_RetryableError: HTTP 503: overloaded\)"):
+    with pytest.raises(APIError, match=r"failed after 3 attempts \(HTTP 503: overloaded\)"):
         _backend(handler, max_retries=2, backoff_s=0.001).generate([_request()], Sampling(4))
     assert len(seen) == 3
 

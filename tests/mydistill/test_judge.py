@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -25,13 +27,13 @@ def test_verdicts_are_read_from_the_reply():
 
 
 class FakeJudge:
-    """Stands in for httpx.post: replies by rule to the message asked, counting requests."""
+    """An httpx.MockTransport handler: replies by rule to the message asked, counting requests."""
 
     def __init__(self, reply):
         self.reply, self.calls = reply, []
 
-    def __call__(self, url, *, json, headers, timeout):
-        content = json["messages"][0]["content"]
+    def __call__(self, request):
+        content = json.loads(request.content)["messages"][0]["content"]
         self.calls.append(content)
         return httpx.Response(200, json={"choices": [{"message": {"content": self.reply(content)}}]})
 
@@ -39,7 +41,7 @@ class FakeJudge:
 def _judge(reply, mode="reference", tmp_path=None):
     fake = FakeJudge(reply)
     cfg = JudgeConfig(base_url="http://judge.invalid/v1", model="m", mode=mode)
-    return Judge(cfg, cache_uri=str(tmp_path) if tmp_path else None, post=fake), fake
+    return Judge(cfg, cache_uri=str(tmp_path) if tmp_path else None, transport=httpx.MockTransport(fake)), fake
 
 
 def test_pairwise_swaps_the_order_so_a_position_bias_cancels(tmp_path):
@@ -101,7 +103,7 @@ def test_a_5xx_is_retried_and_a_4xx_is_counted_with_the_servers_message(server, 
         _faults(server, [])
     monkeypatch.setenv(KEY_ENV, "wrong-key")
     judge = _server_judge(server)
-    with pytest.raises(JudgeError, match="answered HTTP 401"):
+    with pytest.raises(JudgeError, match=f"refused the request with HTTP 401 .*{KEY_ENV}"):
         judge(["q"], ["a"], ["r"], None)
     assert judge.stats["http_4xx"] == 1 and judge.stats["requests"] == 1  # a 4xx is not retried
     assert "wrong-key" not in str(judge.stats)
@@ -112,3 +114,12 @@ def test_an_unreachable_judge_is_counted():
     with pytest.raises(JudgeError, match="unreachable"):
         judge(["q"], ["a"], ["r"], None)
     assert judge.stats["unreachable"] == 1
+
+
+def test_a_rate_limited_judge_waits_and_asks_again():
+    answers = [httpx.Response(429, headers={"retry-after": "0"}, json={"error": {"message": "rate limited"}}),
+               httpx.Response(200, json={"choices": [{"message": {"content": "CORRECT"}}]})]
+    judge = Judge(JudgeConfig(base_url="http://judge.invalid/v1", model="m", max_retries=2),
+                  transport=httpx.MockTransport(lambda request: answers.pop(0)))
+    assert judge(["q"], ["a"], ["a"], None) == [1.0]
+    assert judge.stats["requests"] == 2 and judge.stats["http_4xx"] == 0
