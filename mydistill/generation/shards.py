@@ -15,7 +15,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from mydistill import io
 from mydistill.config.generation import GenerateConfig
@@ -47,8 +47,12 @@ RECORD_FIELDS = (
 )
 RATIONALE_FIELDS = ("rationale", "answer")
 
-# A prompt, formatted for the teacher, with the sample indices still to make.
-Pending = tuple[PromptItem, PreparedPrompt, tuple[int, ...]]
+class Pending(NamedTuple):
+    """A prompt, formatted for the teacher, with the sample indices still to make."""
+
+    item: PromptItem
+    prompt: PreparedPrompt
+    samples: tuple[int, ...]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,7 +267,7 @@ def write_reused(
         key = prompt_sha256(item.prompt)
         missing = tuple(s for s in samples if (key, s) not in cached)
         if missing:
-            left.append((item, prompt, missing))
+            left.append(Pending(item, prompt, missing))
         records += [
             build_record(item, prompt, s, cached_completion(cached[(key, s)]), teacher_id=teacher_id, sampling=sampling_dict(cfg), cfg=cfg)
             for s in samples if (key, s) in cached

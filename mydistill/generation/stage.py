@@ -225,10 +225,10 @@ def _generate_missing(
     """Write the responses not ``done`` yet: from the response cache where it holds them, the rest
     from the teacher; returns this run's numbers."""
     pending = [
-        (item, prompt, tuple(s for s in range(cfg.num_samples) if (item.id, s) not in done))
+        Pending(item, prompt, tuple(s for s in range(cfg.num_samples) if (item.id, s) not in done))
         for item, prompt in prepared
     ]
-    pending = [p for p in pending if p[2]]
+    pending = [p for p in pending if p.samples]
     if pending and not shards:
         # Recorded before the first shard, so a later run can tell whether it may add to them.
         io.write_json(io.join(output_uri, PARAMS_NAME), {"generation": params})
@@ -317,14 +317,14 @@ def _generate_shards(
     chunks: list[list[Pending]] = []
     size = 0
     for entry in pending:
-        if chunks and size + len(entry[2]) <= cfg.shard_size:
+        if chunks and size + len(entry.samples) <= cfg.shard_size:
             chunks[-1].append(entry)
-            size += len(entry[2])
+            size += len(entry.samples)
         else:
             chunks.append([entry])
-            size = len(entry[2])
+            size = len(entry.samples)
 
-    total = sum(len(e[2]) for e in pending)
+    total = sum(len(e.samples) for e in pending)
     generated = tokens = 0
     started = time.perf_counter()
     if total:
