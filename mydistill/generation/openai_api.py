@@ -116,10 +116,8 @@ class OpenAIBackend(TeacherBackend):
         self.api_base = self.client.api_base
         self.url = self.client.url("chat/completions")
         self.model = model
-        self.api_key_env = api_key_env
         self.concurrency = concurrency
-        self.timeout_s = timeout_s
-        self.max_retries = max_retries
+        self.timeout_s = timeout_s  # the first attempt's; a timeout doubles it for later ones
         self.max_tokens_param = max_tokens_param
         self.formatter = ChatFormatter(tokenizer) if tokenizer is not None else None
         if not self.client.has_key:
