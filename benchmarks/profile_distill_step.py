@@ -32,7 +32,8 @@ from mydistill.config import DistillConfig, LossConfig  # noqa: E402
 from mydistill.losses import DistillObjective  # noqa: E402
 from mydistill.models import count_parameters, resolve_dtype  # noqa: E402
 from mydistill.training.engines import PlainEngine  # noqa: E402
-from mydistill.training.objective import StudentObjective, batch_teacher_signal  # noqa: E402
+from mydistill.training.objective import StudentObjective  # noqa: E402
+from mydistill.training.teachers import OnlineTeachers  # noqa: E402
 
 PHASES = ("teacher_forward", "student_forward_and_loss", "backward", "optimizer_step")
 
@@ -66,7 +67,7 @@ def main() -> None:
 
     def step(batch):
         with torch.profiler.record_function("teacher_forward"):
-            signal = batch_teacher_signal(teacher, batch)
+            signal = OnlineTeachers([teacher]).signal(batch)
         with torch.profiler.record_function("student_forward_and_loss"):
             loss, _ = engine(batch, signal)
         with torch.profiler.record_function("backward"):

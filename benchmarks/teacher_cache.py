@@ -44,7 +44,7 @@ import time
 import torch
 
 from mydistill import io
-from mydistill.losses import DistillObjective, LossConfig
+from mydistill.losses import DistillObjective, HiddenHead, LossConfig
 from mydistill.models import build_model, count_parameters
 from mydistill.signal import SignalConfig, StoreTeacher, compute_teacher_signal
 from mydistill.tokenization import collate, shift_labels, tokenize_example
@@ -185,7 +185,7 @@ def dense_distill_loss(student, teacher, tokenizer, examples, loss_cfg: LossConf
         t_hidden = teacher.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         out = objective(
             student_hidden=hidden, student_head_weight=student.lm_head.weight, labels=labels,
-            teacher_hidden=t_hidden, teacher_head_weight=teacher.lm_head.weight,
+            teacher=HiddenHead(t_hidden, teacher.lm_head.weight),
         )
         n = out.metrics["tokens"]
         for key in totals:

@@ -41,7 +41,8 @@ from mydistill.config import DistillConfig  # noqa: E402
 from mydistill.losses import DistillObjective, LossConfig  # noqa: E402
 from mydistill.tokenization import IGNORE_INDEX, TokenizedExample, collate  # noqa: E402
 from mydistill.training.engines import PlainEngine  # noqa: E402
-from mydistill.training.objective import StudentObjective, batch_teacher_signal  # noqa: E402
+from mydistill.training.objective import StudentObjective  # noqa: E402
+from mydistill.training.teachers import OnlineTeachers  # noqa: E402
 
 
 def llama(vocab: int, hidden: int, layers: int, seed: int):
@@ -175,7 +176,7 @@ def main() -> None:
     engine = PlainEngine(StudentObjective(student, objective), cfg)
 
     def our_step(batch):
-        loss, _ = engine(batch, batch_teacher_signal(teacher, batch))
+        loss, _ = engine(batch, OnlineTeachers([teacher]).signal(batch))
         engine.backward(loss)
         engine.step()
 

@@ -10,7 +10,7 @@ Every section lives here and nothing here imports torch, so validating a config 
 * :mod:`.tracking` -- ``tracking`` (MLflow) and ``costs`` (prices for the cost report).
 * :mod:`.losses` -- ``distill.loss`` (divergence, temperature, hidden states, step-by-step).
 * :mod:`.generation` -- ``generate`` (teacher backends and sampling).
-* :mod:`.signal` -- ``signal`` (the teacher-signal store).
+* :mod:`.teacher_signal` -- ``signal`` (the teacher-signal store).
 * :mod:`.on_policy` -- ``distill.on_policy`` (GKD's student-sampled batches).
 * :mod:`.cross_tokenizer` -- ``distill.cross_tokenizer`` (a teacher with another tokenizer).
 """

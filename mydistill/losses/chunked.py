@@ -5,7 +5,7 @@ teacher's, their softmaxes and the logits' gradient, all in fp32: at V = 128k an
 that is ~8 GiB per tensor. Here the student's output projection is fused into the loss, Liger-style:
 
 * the student gives its final hidden states ``(N, H)`` and head ``(V, H)`` (and bias), fp32 or bf16;
-* the teacher is any :class:`~mydistill.losses.signal.TeacherSignal`; given as hidden states + head
+* the teacher is any :class:`~mydistill.losses.teacher_signal.TeacherSignal`; given as hidden states + head
   its logits are never materialised either;
 * tokens are processed ``chunk_size`` valid rows at a time; per chunk the logits are computed in
   an fp32 buffer, the loss and its gradient w.r.t. the logits are evaluated (the divergence's
@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from mydistill.losses.divergences import DistillLossParts, check_mix, valid_token_mask
-from mydistill.losses.signal import TeacherSignal, as_signal, linear_into, work_dtype
+from mydistill.losses.teacher_signal import TeacherSignal, as_signal, linear_into, work_dtype
 from mydistill.losses.table import DistillMix, lookup, rows_and_grad, softmax_lse_
 
 _FUSED = {"enabled": True}

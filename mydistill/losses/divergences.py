@@ -7,7 +7,7 @@ Every divergence of :data:`~mydistill.losses.table.DIVERGENCE_TABLE` is a public
 (:func:`distill_loss` applies it in the Hinton soft/hard mix).
 
 Shapes: ``student_logits`` is ``(N, V)`` (leading dimensions are flattened, e.g. ``(B, S, V)``);
-``teacher`` is any :class:`~mydistill.losses.signal.TeacherSignal` (a logits tensor or a list of
+``teacher`` is any :class:`~mydistill.losses.teacher_signal.TeacherSignal` (a logits tensor or a list of
 them is accepted too); ``mask`` and ``labels`` are ``(N,)``. A token is valid when ``mask`` is true
 (if given) and ``labels != ignore_index`` (if given); invalid rows are dropped before any
 vocabulary-sized work. Everything runs in fp32 whatever the input dtype (fp64 stays fp64), the
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mydistill.losses.signal import DenseLogits, HiddenHead, TeacherSignal, as_signal, upcast
+from mydistill.losses.teacher_signal import DenseLogits, HiddenHead, TeacherSignal, as_signal, upcast
 from mydistill.losses.table import (
     DIVERGENCE_NAMES,
     DIVERGENCE_TABLE,

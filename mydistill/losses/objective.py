@@ -6,14 +6,15 @@
                                  teacher_hidden_size=H_t, teacher_num_layers=L_t)
     optimizer = AdamW([*student.parameters(), *objective.parameters()])  # projections are learned
     out = objective(student_hidden=h[:, :-1], student_head_weight=student.lm_head.weight,
-                    labels=input_ids[:, 1:], teacher_logits=t_logits[:, :-1])
+                    labels=input_ids[:, 1:], teacher=DenseLogits(t_logits[:, :-1]))
+    # or, from the trainer: objective(..., signal=BatchSignal(teacher=..., hidden_states=...))
     out.loss.backward(); log(out.metrics)
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,29 +24,8 @@ from mydistill.config.losses import LossConfig
 from mydistill.losses.chunked import chunked_distill_loss
 from mydistill.losses.divergences import distill_loss
 from mydistill.losses.hidden import HiddenStateDistiller
-from mydistill.losses.signal import TeacherSignal, teacher_from_parts
+from mydistill.losses.teacher_signal import BatchSignal, TeacherSignal, as_signal
 from mydistill.losses.table import DistillMix
-
-
-_TEACHER_KWARGS = {
-    "teacher_logits": "logits",
-    "teacher_hidden": "hidden",
-    "teacher_head_weight": "head_weight",
-    "teacher_head_bias": "head_bias",
-    "teacher_topk": "topk",
-}
-
-
-def _teacher_from_kwargs(
-    teacher: TeacherSignal | None, parts: dict[str, Any], weights: Sequence[float] | None
-) -> TeacherSignal | None:
-    """The objective's keyword form (``teacher_hidden=..., teacher_head_weight=...``) as one signal."""
-    unknown = sorted(set(parts) - set(_TEACHER_KWARGS))
-    if unknown:
-        raise TypeError(f"DistillObjective got unexpected keyword arguments {unknown}")
-    if teacher is not None:
-        raise ValueError(f"give the teacher either as teacher= or as {sorted(parts)}, not both")
-    return teacher_from_parts(**{_TEACHER_KWARGS[k]: v for k, v in parts.items()}, weights=weights)
 
 
 class LossOutput(NamedTuple):
@@ -105,12 +85,11 @@ class DistillObjective(nn.Module):
         student_hidden: Tensor,
         student_head_weight: Tensor,
         labels: Tensor | None,
-        teacher: TeacherSignal | None = None,
+        signal: BatchSignal | None = None,
+        teacher: TeacherSignal | Tensor | Sequence[Tensor] | None = None,
         student_hidden_states: Sequence[Tensor] | None = None,
-        teacher_hidden_states: Sequence[Tensor] | None = None,
         attention_mask: Tensor | None = None,
         student_head_bias: Tensor | None = None,
-        **teacher_parts: Any,
     ) -> LossOutput:
         """Compute the loss for one batch.
 
@@ -120,18 +99,21 @@ class DistillObjective(nn.Module):
             student_head_weight: ``(V, H)`` the student's output projection; ``student_head_bias`` ``(V,)``.
             labels: ``(B, T)`` or ``(N,)``; ``cfg.ignore_index`` marks tokens to skip in every logit term.
                 None is allowed only for pure KD (``alpha = 1``); ``attention_mask`` then marks valid tokens.
-            teacher: the teacher's signal aligned with ``student_hidden`` (any :class:`TeacherSignal`).
-            teacher_parts: or the trainer's keyword form, turned into one by
-                :func:`~mydistill.losses.signal.teacher_from_parts` with ``cfg.teacher_weights``:
-                ``teacher_logits`` ``(B, T, V)``; ``teacher_hidden``, ``teacher_head_weight``,
-                ``teacher_head_bias`` (final hidden states ``(B, T, H_t)`` and head ``(V, H_t)``);
-                ``teacher_topk`` (a store's sparse teacher); lists for several teachers.
-            student_hidden_states, teacher_hidden_states: per-layer states (``output_hidden_states``),
-                needed when ``cfg.hidden`` is set and a teacher is given.
+            signal: everything the teacher side gives for this batch (:class:`BatchSignal`): its
+                distribution aligned with ``student_hidden`` and, for ``cfg.hidden``, its per-layer states.
+            teacher: a shorthand for ``signal=BatchSignal(teacher=...)``: any :class:`TeacherSignal`,
+                or a logits tensor ``(B, T, V)`` (a list of them: equal-weight ensemble).
+            student_hidden_states: the student's per-layer states (``output_hidden_states``), needed
+                when ``cfg.hidden`` is set and a teacher is given.
             attention_mask: ``(B, T)`` positions that count for the hidden-state term.
         """
         cfg = self.cfg
-        teacher = teacher if not teacher_parts else _teacher_from_kwargs(teacher, teacher_parts, cfg.teacher_weights)
+        if teacher is not None:
+            if signal is not None:
+                raise ValueError("give the teacher either as signal= or as teacher=, not both")
+            signal = BatchSignal(teacher=as_signal(teacher), origin="online")
+        signal = signal or BatchSignal()
+        teacher = signal.teacher
         has_teacher = teacher is not None
         mask = attention_mask if labels is None else None
         mix = DistillMix.from_config(cfg)
@@ -158,13 +140,13 @@ class DistillObjective(nn.Module):
         if parts.teacher_agreement is not None:
             named["teacher_agreement"] = parts.teacher_agreement
         if self.hidden is not None and has_teacher and cfg.hidden is not None:
-            if student_hidden_states is None or teacher_hidden_states is None:
+            if student_hidden_states is None or signal.hidden_states is None:
                 raise ValueError(
-                    "distill.loss.hidden is set, so the objective needs student_hidden_states and "
-                    "teacher_hidden_states (run both models with output_hidden_states=True), or remove the hidden "
+                    "distill.loss.hidden is set, so the objective needs student_hidden_states and the teacher's "
+                    "(signal.hidden_states; run both models with output_hidden_states=True), or remove the hidden "
                     "section"
                 )
-            hidden_loss = self.hidden(student_hidden_states, teacher_hidden_states, attention_mask)
+            hidden_loss = self.hidden(student_hidden_states, signal.hidden_states, attention_mask)
             loss = loss + cfg.hidden.weight * hidden_loss
             named["hidden"] = hidden_loss.detach()
         named["loss"] = loss.detach()

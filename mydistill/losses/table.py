@@ -3,7 +3,7 @@
 A :class:`Divergence` row holds the per-token math ``rows(lq, lp, param) -> (n,)``, where ``lq`` and
 ``lp`` are the student's and the teacher's log-probabilities over the same categories at
 temperature T (the V tokens, or a top-k teacher's k tokens plus a tail; see
-:mod:`mydistill.losses.signal`). The paths use it the same way:
+:mod:`mydistill.losses.teacher_signal`). The paths use it the same way:
 
 * plain (:mod:`mydistill.losses.divergences`): ``rows`` on all valid tokens, autograd for the gradients;
 * chunked (:mod:`mydistill.losses.chunked`): ``rows`` on one chunk, its gradient w.r.t. the scaled

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mydistill.losses.signal import upcast
+from mydistill.losses.teacher_signal import upcast
 
 
 def uld_loss(

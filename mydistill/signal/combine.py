@@ -1,7 +1,7 @@
 """Several sparse teachers (several stores) mixed per token into one :class:`TopKTeacher`.
 
 The mixture is the loss library's multi-teacher rule, ``p = Σ_i w_i softmax(t_i / T)`` (weights
-from :func:`~mydistill.losses.signal.normalized_weights`, i.e. ``distill.loss.teacher_weights``),
+from :func:`~mydistill.losses.teacher_signal.normalized_weights`, i.e. ``distill.loss.teacher_weights``),
 applied to sparse teachers: each teacher's tempered distribution is its listed tokens plus its
 residual spread evenly over the tokens it does not list (the same maximum-entropy assumption
 :meth:`TopKTeacher.category_log_probs` makes), so a token listed by one teacher and not by another
@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from mydistill.losses.signal import TopKTeacher, normalized_weights
+from mydistill.losses.teacher_signal import TopKTeacher, normalized_weights
 
 
 def _union_ids(all_ids: Tensor, vocab: int) -> tuple[Tensor, int]:

@@ -2,8 +2,8 @@
 
 :class:`StoreTeacher` is what the distill stage builds when a store is configured: it checks every
 store against the run (tokenizer, training data, vocabulary), then turns the examples of a batch
-into one :class:`~mydistill.losses.signal.TopKTeacher` ``(B, T, K)`` aligned with the batch's
-shifted labels, ready for ``DistillObjective(..., teacher_topk=...)``. Several stores are mixed per
+into one :class:`~mydistill.losses.teacher_signal.TopKTeacher` ``(B, T, K)`` aligned with the batch's
+shifted labels, ready for ``DistillObjective(..., teacher=...)`` (:meth:`StoreTeacher.signal` gives it as a batch signal). Several stores are mixed per
 token with :func:`~mydistill.signal.combine.combine_topk`.
 """
 
@@ -18,11 +18,11 @@ import torch
 from torch import Tensor
 
 from mydistill import io
-from mydistill.losses.signal import TopKTeacher, normalized_weights
+from mydistill.losses.teacher_signal import BatchSignal, TopKTeacher, normalized_weights
 from mydistill.signal.combine import combine_topk
 from mydistill.signal.format import example_key
 from mydistill.signal.store import SignalStore, StoreMismatch
-from mydistill.tokenization import IGNORE_INDEX, tokenizer_sha256
+from mydistill.tokenization import IGNORE_INDEX, shift_labels, tokenizer_sha256
 
 
 class StoreTeacher:
@@ -127,6 +127,13 @@ class StoreTeacher:
         if len(teachers) == 1:
             return teachers[0]
         return combine_topk(teachers, self.weights, temperature=self.temperature, vocab_size=self.vocab_size)
+
+    def signal(self, batch: dict[str, Tensor], indices: Sequence[int] | None = None, *, hidden_states: bool = False) -> BatchSignal:
+        """The training side's one call (:class:`~mydistill.training.teachers.SignalSource`): the stored
+        top-k teacher for ``batch``, whose rows are the training records at ``indices``."""
+        if indices is None:
+            raise ValueError("a teacher-signal store needs the batch's example indices")
+        return BatchSignal(teacher=self.batch_topk(list(indices), shift_labels(batch["labels"])), origin="store")
 
 
 def pretempered(teacher: TopKTeacher, temperature: float, vocab_size: int) -> TopKTeacher:

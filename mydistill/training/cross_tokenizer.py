@@ -27,6 +27,7 @@ from torch import Tensor
 
 from mydistill.config.cross_tokenizer import CrossTokenizerConfig, CrossTokenizerMethod
 from mydistill.losses.objective import LossOutput
+from mydistill.losses.teacher_signal import BatchSignal, ULDSignal
 from mydistill.losses.uld import uld_loss
 from mydistill.models import VocabularyMismatch
 from mydistill.tokenization import (
@@ -177,10 +178,10 @@ class ULDObjective(torch.nn.Module):
     """The training objective for ``cross_tokenizer.method: uld``: ``CE + λ ULD``.
 
     Wraps the run's :class:`~mydistill.losses.DistillObjective` (which gives the student's CE,
-    chunked, with no teacher) and takes the same keyword arguments, plus the teacher signal of
-    :meth:`ULDTeacher.signal`: ``uld_teacher_logits`` ``(N, V_t)`` and ``uld_student_rows``
-    ``(N,)``, the flat student positions they align with. So it drops into the trainer wherever
-    the plain objective goes, under any engine.
+    chunked, with no teacher) and takes the same arguments; the teacher's part is the ``uld`` of
+    the :class:`~mydistill.losses.BatchSignal` that :meth:`ULDTeacher.signal` gives: its logits at
+    the response positions aligned with the student's flattened rows. So it drops into the
+    trainer wherever the plain objective goes, under any engine.
     """
 
     def __init__(self, objective: torch.nn.Module, cfg: CrossTokenizerConfig) -> None:
@@ -198,25 +199,26 @@ class ULDObjective(torch.nn.Module):
         student_hidden: Tensor,
         student_head_weight: Tensor,
         labels: Tensor | None,
-        uld_teacher_logits: Tensor | None = None,
-        uld_student_rows: Tensor | None = None,
+        signal: BatchSignal | None = None,
         student_head_bias: Tensor | None = None,
         **kwargs: Any,
     ) -> LossOutput:
+        # the wrapped objective sees no logit teacher: its part is the CE (and any hidden-state term)
         out = self.objective(
             student_hidden=student_hidden, student_head_weight=student_head_weight, labels=labels,
             student_head_bias=student_head_bias, **kwargs,
         )
-        if uld_teacher_logits is None or uld_student_rows is None:
+        uld_signal = signal.uld if signal is not None else None
+        if uld_signal is None:
             return out
-        rows = student_hidden.reshape(-1, student_hidden.shape[-1])[uld_student_rows]
+        rows = student_hidden.reshape(-1, student_hidden.shape[-1])[uld_signal.student_rows]
         # full-vocabulary student logits, but only at the aligned response positions
         student_logits = F.linear(rows, student_head_weight, student_head_bias)
         uld = uld_loss(
-            student_logits, uld_teacher_logits, temperature=self.cross_cfg.uld_temperature, top_k=self.cross_cfg.uld_top_k
+            student_logits, uld_signal.logits, temperature=self.cross_cfg.uld_temperature, top_k=self.cross_cfg.uld_top_k
         )
         loss = out.loss + self.cross_cfg.uld_weight * uld
-        metrics = {**out.metrics, "uld": float(uld.detach()), "uld_positions": float(uld_student_rows.numel())}
+        metrics = {**out.metrics, "uld": float(uld.detach()), "uld_positions": float(uld_signal.student_rows.numel())}
         metrics["loss"] = float(loss.detach())
         return LossOutput(loss=loss, metrics=metrics)
 
@@ -238,8 +240,11 @@ class ULDTeacher:
         self.examples = teacher_examples(records, teacher_tokenizer, max_length)
 
     @torch.no_grad()
-    def signal(self, batch: dict[str, Tensor], indices: Sequence[int]) -> dict[str, Tensor]:
-        """``uld_teacher_logits`` ``(N, V_t)`` and ``uld_student_rows`` ``(N,)`` for the student ``batch``."""
+    def signal(self, batch: dict[str, Tensor], indices: Sequence[int] | None = None, *, hidden_states: bool = False) -> BatchSignal:
+        """The teacher's logits ``(N, V_t)`` at the N response positions aligned with the student
+        ``batch``, whose rows are the training records at ``indices``."""
+        if indices is None:
+            raise ValueError("a ULD teacher signal needs the batch's example indices")
         device = batch["input_ids"].device
         teacher_batch = {k: v.to(device) for k, v in collate_teacher([self.examples[i] for i in indices], self.tokenizer).items()}
         s_rows, t_rows = aligned_response_rows(shift_labels(batch["labels"]), shift_labels(teacher_batch["labels"]))
@@ -247,7 +252,7 @@ class ULDTeacher:
             input_ids=teacher_batch["input_ids"], attention_mask=teacher_batch["attention_mask"]
         ).last_hidden_state
         logits = self.teacher.lm_head(hidden.reshape(-1, hidden.shape[-1])[t_rows])
-        return {"uld_teacher_logits": logits, "uld_student_rows": s_rows}
+        return BatchSignal(uld=ULDSignal(logits, s_rows), origin="uld")
 
 
 def uld_batch_loss(
@@ -274,7 +279,7 @@ def uld_batch_loss(
     hidden = student.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     return ULDObjective(objective, cfg)(
         student_hidden=hidden, student_head_weight=student.lm_head.weight, labels=labels,
-        uld_teacher_logits=teacher_logits, uld_student_rows=s_rows,
+        signal=BatchSignal(uld=ULDSignal(teacher_logits, s_rows), origin="uld"),
     )
 
 

@@ -6,11 +6,10 @@ from typing import Any
 
 import torch
 
-from mydistill.losses import DistillObjective, LossOutput
-from mydistill.signal.source import TeacherSource, online_signal
+from mydistill.losses import BatchSignal, DistillObjective, LossOutput
 from mydistill.tokenization import shift_labels
 from mydistill.training.step_by_step import LABEL_ROWS
-from mydistill.training.teachers import OnlineTeachers
+from mydistill.training.teachers import SignalSource
 
 
 class StudentObjective(torch.nn.Module):
@@ -31,40 +30,26 @@ class StudentObjective(torch.nn.Module):
         # layer-wise distillation (distill.loss.hidden) needs every layer's hidden states
         self.wants_hidden_states = getattr(getattr(objective, "cfg", None), "hidden", None) is not None
 
-    def forward(self, batch: dict[str, torch.Tensor], signal: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: dict[str, torch.Tensor], signal: BatchSignal) -> tuple[torch.Tensor, dict[str, float]]:
         student_out = self.student.model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=self.wants_hidden_states
         )
-        if self.wants_hidden_states:
-            signal = {**signal, "student_hidden_states": student_out.hidden_states}
+        # distilling step-by-step: the objective splits the batch's label and rationale rows again
+        tasks = {"label_rows": batch[LABEL_ROWS]} if LABEL_ROWS in batch else {}
         out = self.objective(
             student_hidden=student_out.last_hidden_state,
             student_head_weight=self.student.lm_head.weight,
             labels=shift_labels(batch["labels"]),
             attention_mask=batch["attention_mask"],
-            **signal,
+            signal=signal,
+            student_hidden_states=student_out.hidden_states if self.wants_hidden_states else None,
+            **tasks,
         )
         return out.loss, out.metrics
 
 
-def batch_teacher_signal(
-    teacher: Any, batch: dict[str, torch.Tensor], indices: list[int] | None = None, hidden_states: bool = False
-) -> dict[str, Any]:
-    """The frozen teacher's signal for a batch: its final hidden states and output projection
-    (the objective computes teacher logits chunk by chunk, like the student's), or, from a
-    :class:`~mydistill.signal.source.TeacherSource`, a stored top-k teacher or a ULD signal for
-    the examples at ``indices``. Several online teachers (:class:`OnlineTeachers`) give one entry each."""
-    if isinstance(teacher, TeacherSource):
-        return teacher.signal(batch, indices)
-    if isinstance(teacher, OnlineTeachers):
-        return teacher.signal(batch, hidden_states=hidden_states)
-    return online_signal(teacher, batch, hidden_states=hidden_states)
-
-
-def forward_loss(engine: Any, batch: dict[str, torch.Tensor], teacher: Any | None, indices: list[int] | None = None) -> Any:
-    """Loss for one batch: the teacher's signal, then the student and objective under the engine."""
-    signal = batch_teacher_signal(teacher, batch, indices, hidden_states=engine.module.wants_hidden_states)
-    if LABEL_ROWS in batch:  # distilling step-by-step: the objective splits the label and rationale rows
-        signal = {**signal, "label_rows": batch[LABEL_ROWS]}
+def forward_loss(engine: Any, batch: dict[str, torch.Tensor], source: SignalSource, indices: list[int] | None = None) -> LossOutput:
+    """Loss for one batch: the teacher's signal from ``source``, then the student and objective under the engine."""
+    signal = source.signal(batch, indices, hidden_states=engine.module.wants_hidden_states)
     loss, metrics = engine(batch, signal)
     return LossOutput(loss, metrics)

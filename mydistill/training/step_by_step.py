@@ -24,17 +24,12 @@ from torch import Tensor, nn
 
 from mydistill.mix import has_rationale
 from mydistill.io import DataError
-from mydistill.losses import LossOutput, StepByStepConfig
+from mydistill.losses import BatchSignal, LossOutput, StepByStepConfig
 from mydistill.tokenization import TokenizedExample, collate, tokenize_example, with_prefix
 
 # Batch key: the number of leading rows that belong to the label task (the rest are rationale rows).
 LABEL_ROWS = "label_rows"
 
-# Objective arguments with one row per example; everything else (heads, biases) is shared by both tasks.
-_ROW_ARGS = {
-    "student_hidden", "labels", "attention_mask", "teacher_logits", "teacher_hidden",
-    "student_hidden_states", "teacher_hidden_states",
-}
 
 
 @dataclass
@@ -87,7 +82,7 @@ def _rows(value: Any, rows: slice) -> Any:
         return None
     if isinstance(value, Tensor):
         return value[rows]
-    return [_rows(v, rows) for v in value]  # several teachers, or per-layer hidden states
+    return [_rows(v, rows) for v in value]  # per-layer hidden states
 
 
 class StepByStepObjective(nn.Module):
@@ -105,19 +100,32 @@ class StepByStepObjective(nn.Module):
     def cfg(self) -> Any:
         return self.objective.cfg
 
-    def forward(self, *, label_rows: int | Tensor | None = None, **kwargs: Any) -> LossOutput:
+    def forward(
+        self,
+        *,
+        student_hidden: Tensor,
+        student_head_weight: Tensor,
+        labels: Tensor | None,
+        signal: BatchSignal | None = None,
+        attention_mask: Tensor | None = None,
+        student_hidden_states: Any = None,
+        label_rows: int | Tensor | None = None,
+        **shared: Any,
+    ) -> LossOutput:
+        signal = signal or BatchSignal()
+        per_row = dict(student_hidden=student_hidden, labels=labels, attention_mask=attention_mask, student_hidden_states=student_hidden_states)
         if label_rows is None:
-            return self.objective(**kwargs)
-        unsupported = sorted(k for k in kwargs if k == "teacher_topk" or k.startswith("uld_"))
-        if unsupported:
+            return self.objective(student_head_weight=student_head_weight, signal=signal, **per_row, **shared)
+        if signal.origin not in ("online", "none"):
             raise ValueError(
-                f"distilling step-by-step needs the online teacher (or none), not {', '.join(unsupported)}: "
+                f"distilling step-by-step needs the online teacher (or none), not a {signal.origin} teacher signal: "
                 "its task-prefixed examples are not in a teacher-signal store"
             )
         n = int(label_rows)
         parts = []
         for rows in (slice(0, n), slice(n, None)):
-            parts.append(self.objective(**{k: _rows(v, rows) if k in _ROW_ARGS else v for k, v in kwargs.items()}))
+            sliced = {k: _rows(v, rows) for k, v in per_row.items()}
+            parts.append(self.objective(student_head_weight=student_head_weight, signal=signal.rows(rows), **sliced, **shared))
         return self.objective.combine_step_by_step(*parts)
 
 

@@ -2,27 +2,51 @@
 
 The frozen teacher is loaded whole on every process in ``teacher.dtype``, or partitioned across
 them by ZeRO-3 inference (``distill.teacher_sharding: zero3``). ``distill.extra_teachers`` run
-beside it (:class:`OnlineTeachers`, mixed per token by ``distill.loss.teacher_weights``; all share
-the student's tokenizer). When the signal comes from stores (``signal.enabled``) or from a teacher
-with another tokenizer (ULD), a :class:`~mydistill.signal.source.TeacherSource` stands between
-the trainer and the teacher. :func:`load_teachers` makes all of these decisions once, and
-returns them as one :class:`Teachers`.
+beside it, mixed per token by ``distill.loss.teacher_weights`` (all share the student's tokenizer).
+
+Every source of a batch's teacher signal answers one call, ``source.signal(batch, indices,
+hidden_states=...)``, with one :class:`~mydistill.losses.BatchSignal`:
+
+* :class:`OnlineTeachers` -- teacher models run on the batch (one model is an ensemble of one);
+* :class:`~mydistill.signal.teacher.StoreTeacher` -- top-k read from teacher-signal stores;
+* :class:`~mydistill.training.cross_tokenizer.ULDTeacher` -- a teacher with another tokenizer;
+* :class:`NoTeacher` -- none (stage 2, sequence-level KD).
+
+:func:`load_teachers` makes all of these decisions once, and returns them as one :class:`Teachers`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+from torch import Tensor
 
 from mydistill.config import DistillConfig
+from mydistill.losses import BatchSignal, teacher_from_parts
 from mydistill.models import count_parameters, load_model, load_tokenizer, resolve_dtype
-from mydistill.signal.source import TeacherSource, online_signal
 from mydistill.training.cross_tokenizer import TokenizerMismatch, ULDTeacher, check_tokenizers_agree
 from mydistill.training.engines import import_deepspeed
 from mydistill.training.job import TrainJob
 from mydistill.training.student import student_vocab_size
+
+
+class SignalSource(Protocol):
+    """Where each batch's teacher signal comes from (see the module docstring)."""
+
+    def signal(self, batch: dict[str, Tensor], indices: Sequence[int] | None = None, *, hidden_states: bool = False) -> BatchSignal:
+        """The teacher side of ``batch``; ``indices`` are its rows' positions in the training records
+        (stores and ULD look the examples up); ``hidden_states`` asks for the per-layer states too."""
+        ...
+
+
+class NoTeacher:
+    """No teacher signal: the objective trains on the labels alone."""
+
+    def signal(self, batch: dict[str, Tensor], indices: Sequence[int] | None = None, *, hidden_states: bool = False) -> BatchSignal:
+        return BatchSignal()
 
 
 @dataclass
@@ -32,19 +56,23 @@ class Teachers:
     Attributes:
         model: the main frozen teacher (None: stores alone, sequence-level KD, or a stage without one).
         extras: ``distill.extra_teachers``, loaded like ``model``.
+        weights: ``distill.loss.teacher_weights`` for the online teachers (None: equal).
         tokenizer: the main teacher's tokenizer (checked against the student's before any load).
-        source: what each batch's signal comes from: the online teacher(s), or a ``TeacherSource``.
+        source: what each batch's signal comes from (a :class:`SignalSource`).
     """
 
     model: Any = None
     extras: list[Any] = field(default_factory=list)
+    weights: Sequence[float] | None = None
     tokenizer: Any = None
-    source: Any = None
+    source: SignalSource = field(default_factory=NoTeacher)
 
     @property
-    def online(self) -> Any:
+    def online(self) -> SignalSource:
         """The teacher(s) that score student-sampled (on-policy) batches."""
-        return OnlineTeachers([self.model, *self.extras]) if self.extras else self.model
+        if self.model is None:
+            return NoTeacher()
+        return OnlineTeachers([self.model, *self.extras], self.weights)
 
     def fit_heads(self, vocab_size: int, *, same_tokenizer: bool) -> None:
         """Trim padded output projections to the student's vocabulary (see :func:`match_head_rows`)."""
@@ -71,28 +99,35 @@ def load_teachers(
     dtype = resolve_dtype(job.teacher_dtype, device)
     model = load_teacher(job.teacher_uri, distill, ds_config, device, dtype) if needs_teacher_model(job, distill) else None
     extras = load_extra_teachers(job, distill, model, student_tokenizer, ds_config, device, dtype)
-    teachers = Teachers(model=model, extras=extras, tokenizer=tokenizer)
-    teachers.source = teachers.online if extras else teacher_source(job, distill, records, model, tokenizer, student_tokenizer)
+    weights = distill.loss.teacher_weights if distill is not None and extras else None
+    teachers = Teachers(model=model, extras=extras, weights=weights, tokenizer=tokenizer)
+    teachers.source = teachers.online if extras else teacher_source(job, distill, records, teachers.online, tokenizer, student_tokenizer)
     return teachers
 
 
 @dataclass
 class OnlineTeachers:
-    """Frozen teacher models, the main one first; :meth:`signal` gives the objective's keyword arguments."""
+    """Frozen teacher models run on each batch, the main one first, mixed per token by ``weights``.
+
+    The objective computes their logits chunk by chunk from the final hidden states and heads
+    (full ``(B, T, V)`` logits dominate peak memory at real vocabulary sizes)."""
 
     models: list[Any]
+    weights: Sequence[float] | None = None
 
-    def signal(self, batch: dict[str, torch.Tensor], hidden_states: bool = False) -> dict[str, Any]:
-        """Each teacher's final hidden states and head, as lists in teacher order; with ``hidden_states``
-        also the main teacher's per-layer states (layer-wise distillation follows the main teacher)."""
-        signals = [online_signal(m, batch, hidden_states=hidden_states and i == 0) for i, m in enumerate(self.models)]
-        out: dict[str, Any] = {
-            "teacher_hidden": [s["teacher_hidden"] for s in signals],
-            "teacher_head_weight": [s["teacher_head_weight"] for s in signals],
-        }
-        if hidden_states:
-            out["teacher_hidden_states"] = signals[0]["teacher_hidden_states"]
-        return out
+    def signal(self, batch: dict[str, Tensor], indices: Sequence[int] | None = None, *, hidden_states: bool = False) -> BatchSignal:
+        """Each teacher's final hidden states and head as one signal (a weight of 0 leaves a teacher
+        out); with ``hidden_states`` also the main teacher's per-layer states (layer-wise
+        distillation follows the main teacher)."""
+        hiddens, per_layer = [], None
+        with torch.no_grad():
+            for i, teacher in enumerate(self.models):
+                want = hidden_states and i == 0
+                out = teacher.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=want)
+                hiddens.append(out.last_hidden_state)
+                per_layer = out.hidden_states if want else per_layer
+        teacher = teacher_from_parts(hidden=hiddens, head_weight=[t.lm_head.weight for t in self.models], weights=self.weights)
+        return BatchSignal(teacher=teacher, hidden_states=per_layer, origin="online")
 
 
 def match_head_rows(teacher: Any, vocab_size: int) -> None:
@@ -163,21 +198,21 @@ def needs_teacher_model(job: TrainJob, distill: DistillConfig | None) -> bool:
 
 
 def teacher_source(
-    job: TrainJob, distill: DistillConfig | None, records: list[dict[str, Any]], teacher: Any, teacher_tokenizer: Any,
+    job: TrainJob, distill: DistillConfig | None, records: list[dict[str, Any]], online: SignalSource, teacher_tokenizer: Any,
     tokenizer: Any,
-) -> Any:
-    """What the objective learns from each batch: the online teacher (or none), or a
-    :class:`~mydistill.signal.source.TeacherSource` over stores or the ULD teacher. Stores are
-    checked against this run's tokenizer, data and vocabulary here, before any training."""
+) -> SignalSource:
+    """What the objective learns from each batch: the ``online`` teacher (or none), stores, or the
+    ULD teacher. Stores are checked against this run's tokenizer, data and vocabulary here, before
+    any training."""
     if distill is None or not (job.signal_uris or distill.cross_tokenizer.method == "uld"):
-        return teacher
+        return online
     if job.signal_uris:
         from mydistill.signal.teacher import StoreTeacher
 
         loss = distill.loss
-        store = StoreTeacher(
+        return StoreTeacher(
             job.signal_uris, records=records, tokenizer=tokenizer, vocab_size=student_vocab_size(job, tokenizer),
             weights=loss.teacher_weights, temperature=loss.temperature, divergence=loss.divergence,
         )
-        return TeacherSource(teacher=teacher, store=store)
-    return TeacherSource(teacher=teacher, uld=ULDTeacher(teacher, teacher_tokenizer, records, distill.max_length))
+    assert isinstance(online, OnlineTeachers)  # ULD needs the teacher model (needs_teacher_model)
+    return ULDTeacher(online.models[0], teacher_tokenizer, records, distill.max_length)

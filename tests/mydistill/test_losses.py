@@ -27,7 +27,7 @@ from mydistill.losses import (
     tvd,
 )
 from mydistill.losses.divergences import DIVERGENCE_NAMES, divergence_kwargs
-from mydistill.losses.signal import MIN_RESIDUAL
+from mydistill.losses.teacher_signal import MIN_RESIDUAL
 
 FAST = settings(max_examples=12, deadline=None)
 DISTRIBUTION_DIVERGENCES = [n for n in DIVERGENCE_NAMES if n != "logit_mse"]

@@ -9,10 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mydistill.losses import (
+    BatchSignal,
     DistillObjective,
+    HiddenHead,
     HiddenStateDistiller,
     LossConfig,
     LossOutput,
+    TeacherEnsemble,
     TopKTeacher,
     hidden_cosine,
     hidden_mse,
@@ -35,10 +38,12 @@ def batch(seed: int = 0):
         "student_hidden": torch.randn(B, T, H_S, generator=gen),
         "student_head_weight": torch.randn(V, H_S, generator=gen) * 0.4,
         "labels": labels,
-        "teacher_hidden": torch.randn(B, T, H_T, generator=gen),
-        "teacher_head_weight": torch.randn(V, H_T, generator=gen) * 0.4,
+        "signal": BatchSignal(
+            teacher=HiddenHead(torch.randn(B, T, H_T, generator=gen), torch.randn(V, H_T, generator=gen) * 0.4),
+            hidden_states=[torch.randn(B, T, H_T, generator=gen) for _ in range(L_T + 1)],
+            origin="online",
+        ),
         "student_hidden_states": [torch.randn(B, T, H_S, generator=gen) for _ in range(L_S + 1)],
-        "teacher_hidden_states": [torch.randn(B, T, H_T, generator=gen) for _ in range(L_T + 1)],
         "attention_mask": attention,
     }
 
@@ -104,14 +109,15 @@ def test_chunked_objective_equals_plain_with_hidden_states(divergence):
 
 
 def test_objective_with_teacher_logits_topk_and_ensemble():
-    chunked, plain = objective_pair(divergence="reverse_kl", alpha=1.0, teacher_weights=[1.0, 2.0])
+    chunked, plain = objective_pair(divergence="reverse_kl", alpha=1.0)
     inputs = batch(1)
-    t1 = inputs.pop("teacher_hidden") @ inputs.pop("teacher_head_weight").T
+    head = inputs.pop("signal").teacher
+    t1 = head.hidden @ head.weight.T
     t2 = torch.randn_like(t1)
-    for teacher in ({"teacher_logits": [t1, t2]}, {"teacher_topk": TopKTeacher.from_logits(t1, k=5)}):
-        if "teacher_topk" in teacher:
-            chunked, plain = objective_pair(divergence="reverse_kl", alpha=1.0)
-        assert_outputs_close(run(chunked, inputs, **teacher), run(plain, inputs, **teacher))
+    for teacher in (TeacherEnsemble([t1, t2], [1.0, 2.0]), TopKTeacher.from_logits(t1, k=5), t1):
+        assert_outputs_close(run(chunked, inputs, teacher=teacher), run(plain, inputs, teacher=teacher))
+    with pytest.raises(ValueError, match="either as signal= or as teacher="):
+        chunked(**inputs, teacher=t1, signal=BatchSignal(teacher=head))
 
 
 def test_no_teacher_is_cross_entropy_only():
@@ -159,7 +165,7 @@ def test_objective_owns_projections_and_ted_filters():
 def test_hidden_section_without_hidden_states_is_a_clear_error():
     objective = layer_wise(LossConfig(hidden={}))
     inputs = batch(4)
-    inputs.pop("teacher_hidden_states")
+    inputs["signal"] = BatchSignal(teacher=inputs["signal"].teacher, origin="online")
     with pytest.raises(ValueError, match="output_hidden_states=True"):
         objective(**inputs)
 
@@ -225,3 +231,29 @@ def test_layer_maps():
     states = [torch.randn(3, 4) for _ in range(3)]
     with pytest.raises(ValueError, match="teacher layer 4 but got 3"):
         distiller(states, states)
+
+
+def test_a_batch_signal_splits_by_example_rows_and_the_step_by_step_wrapper_uses_it():
+    from mydistill.losses import ULDSignal
+    from mydistill.training.step_by_step import StepByStepObjective
+
+    cfg = LossConfig(alpha=0.5, step_by_step={"label_weight": 1.0, "rationale_weight": 0.5}, hidden={"weight": 0.3})
+    objective = layer_wise(cfg)
+    inputs = batch(7)
+    signal = inputs["signal"]
+    first = signal.rows(slice(0, 1))
+    assert torch.equal(first.teacher.hidden, signal.teacher.hidden[:1]) and first.teacher.weight is signal.teacher.weight
+    assert [h.shape[0] for h in first.hidden_states] == [1] * (L_T + 1)
+    # the wrapper's two passes are the objective on each half of the rows, with each half's signal
+    wrapped = StepByStepObjective(objective)(label_rows=torch.tensor(1), **inputs)
+    halves = []
+    for rows in (slice(0, 1), slice(1, None)):
+        part = {k: (v[rows] if isinstance(v, torch.Tensor) else [h[rows] for h in v]) for k, v in inputs.items() if k != "signal"}
+        halves.append(objective(**{**part, "student_head_weight": inputs["student_head_weight"]}, signal=signal.rows(rows)))
+    torch.testing.assert_close(wrapped.loss, objective.combine_step_by_step(*halves).loss)
+    # a signal looked up by example index cannot be split, and says so
+    looked_up = BatchSignal(uld=ULDSignal(torch.randn(3, 7), torch.arange(3)), origin="uld")
+    with pytest.raises(ValueError, match="needs the online teacher .* not a uld teacher signal"):
+        StepByStepObjective(objective)(label_rows=1, **{**inputs, "signal": looked_up})
+    with pytest.raises(ValueError, match="cannot be split by rows"):
+        looked_up.rows(slice(0, 1))

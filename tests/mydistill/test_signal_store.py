@@ -183,8 +183,8 @@ def test_loss_from_the_store_matches_the_online_teacher(tmp_path, data_uri, mix_
         out = str(tmp_path / f"signal-{k}")
         compute_teacher_signal(data_uri, tiny_model_dir, out, cfg=SignalConfig(k=k, mode="topk", device="cpu"), max_length=48)
         source = StoreTeacher([out], records=mix_records, tokenizer=tokenizer, vocab_size=261, temperature=2.0)
-        from_store = kd(teacher_topk=source.batch_topk(rows, labels))
-        online = kd(teacher_logits=logits) if k == 261 else kd(teacher_topk=TopKTeacher.from_logits(logits, k))
+        from_store = kd(teacher=source.batch_topk(rows, labels))
+        online = kd(teacher=logits) if k == 261 else kd(teacher=TopKTeacher.from_logits(logits, k))
         # the only difference left is the 8-bit log-probs (a near-uniform random teacher: KL is tiny)
         assert from_store.item() == pytest.approx(online.item(), rel=0.05, abs=1e-3)
 

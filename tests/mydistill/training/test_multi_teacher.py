@@ -7,7 +7,7 @@ import torch
 
 from mydistill import io
 from mydistill.config import ConfigError, DistillConfig, validate_config
-from mydistill.losses import DistillObjective, LossConfig
+from mydistill.losses import DistillObjective, LossConfig, teacher_from_parts
 from mydistill.train import TrainJob, run_training
 
 from tests.conftest import TINY_ARCH, save_tiny_model
@@ -55,8 +55,8 @@ def test_a_zero_weight_teacher_is_left_out_exactly(chunked):
         objective = DistillObjective(
             LossConfig(chunked=chunked, chunk_size=5, teacher_weights=weights), student_hidden_size=h, student_num_layers=1
         )
-        out = objective(student_hidden=student, student_head_weight=head, labels=labels, teacher_hidden=hiddens,
-                        teacher_head_weight=heads)
+        teacher = teacher_from_parts(hidden=hiddens, head_weight=heads, weights=weights)  # as OnlineTeachers mixes them
+        out = objective(student_hidden=student, student_head_weight=head, labels=labels, teacher=teacher)
         grads = torch.autograd.grad(out.loss, [student, head])
         return out, grads
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mydistill.losses import DistillObjective, LossConfig
+from mydistill.losses import DistillObjective, HiddenHead, LossConfig
 from mydistill.models import build_model
 from mydistill.config import OnPolicyConfig
 from mydistill.training.on_policy import (
@@ -100,7 +100,7 @@ def kd_loss(student, teacher, objective, batch):
         t_hidden = teacher.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     return objective(
         student_hidden=hidden, student_head_weight=student.lm_head.weight, labels=labels,
-        teacher_hidden=t_hidden, teacher_head_weight=teacher.lm_head.weight,
+        teacher=HiddenHead(t_hidden, teacher.lm_head.weight),
     )
 
 
