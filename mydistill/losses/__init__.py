@@ -1,7 +1,7 @@
 """Distillation losses: the divergence family, the chunked fused path, hidden states, the objective.
 
 The teacher's signal is one type (:mod:`.teacher_signal`: dense logits, hidden states + head, top-k, an
-ensemble), and everything a teacher gives for one batch another (:class:`BatchSignal`, what the objective takes); each divergence is written once, in one table (:mod:`.table`), which drives the plain
+ensemble), and everything a teacher gives for one batch another (:mod:`.batch_signal`, what the objective takes); each divergence is written once, in one table (:mod:`.table`), which drives the plain
 reference functions on ``(N, V)`` logits (:mod:`.divergences`) and the memory-efficient path from
 hidden states (:mod:`.chunked`); layer-wise
 distillation in :mod:`.hidden` (TED's stage 1, training the teacher filters, in :mod:`.ted`); the
@@ -41,14 +41,13 @@ from mydistill.losses.hidden import (
 from mydistill.losses.multitask import step_by_step_loss
 from mydistill.losses.objective import DistillObjective, LossOutput
 from mydistill.losses.ted import TeacherFilterFit, filter_task_loss, fit_teacher_filters
+from mydistill.losses.batch_signal import BatchSignal, ULDSignal
 from mydistill.losses.teacher_signal import (
-    BatchSignal,
     DenseLogits,
     HiddenHead,
     TeacherEnsemble,
     TeacherSignal,
     TopKTeacher,
-    ULDSignal,
     VocabSizeMismatch,
     teacher_from_parts,
 )

@@ -24,7 +24,8 @@ from mydistill.config.losses import LossConfig
 from mydistill.losses.chunked import chunked_distill_loss
 from mydistill.losses.divergences import distill_loss
 from mydistill.losses.hidden import HiddenStateDistiller
-from mydistill.losses.teacher_signal import BatchSignal, TeacherSignal, as_signal
+from mydistill.losses.batch_signal import BatchSignal
+from mydistill.losses.teacher_signal import TeacherSignal, as_signal
 from mydistill.losses.table import DistillMix
 
 

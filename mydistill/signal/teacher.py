@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from mydistill import io
-from mydistill.losses.teacher_signal import BatchSignal, TopKTeacher, normalized_weights
+from mydistill.losses.batch_signal import BatchSignal
+from mydistill.losses.teacher_signal import TopKTeacher, normalized_weights
 from mydistill.signal.combine import combine_topk
 from mydistill.signal.format import example_key
 from mydistill.signal.store import SignalStore, StoreMismatch

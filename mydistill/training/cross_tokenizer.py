@@ -27,7 +27,7 @@ from torch import Tensor
 
 from mydistill.config.cross_tokenizer import CrossTokenizerConfig, CrossTokenizerMethod
 from mydistill.losses.objective import LossOutput
-from mydistill.losses.teacher_signal import BatchSignal, ULDSignal
+from mydistill.losses.batch_signal import BatchSignal, ULDSignal
 from mydistill.losses.uld import uld_loss
 from mydistill.models import VocabularyMismatch
 from mydistill.tokenization import (
