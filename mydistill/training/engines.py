@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +19,7 @@ import torch.distributed as dist
 from mydistill import io
 from mydistill.config import REPO_ROOT, TrainConfig
 from mydistill.training.checkpoints import latest_tag
+from mydistill.training.process import import_deepspeed
 
 if TYPE_CHECKING:
     from mydistill.training.objective import StudentObjective
@@ -55,28 +55,6 @@ def init_distributed(device: torch.device, use_deepspeed: bool) -> None:
         import_deepspeed().init_distributed(dist_backend=backend)  # (with the CPU-only ops switched off)
     else:
         dist.init_process_group(backend=backend)
-
-
-def import_deepspeed():
-    """DeepSpeed, set up for this machine (every worker imports it through here)."""
-    if not torch.cuda.is_available():
-        # told so, DeepSpeed takes the CPU accelerator without warning that it found no GPU
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    try:
-        import deepspeed
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("DeepSpeed is not installed: run `make setup` (or `pip install deepspeed`)") from e
-    if not torch.cuda.is_available():
-        # the shared-memory comm op is JIT-compiled on first use and needs a compiler toolchain;
-        # on CPU the gloo backend does the same job
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    # ZeRO-3 inside DeepSpeed calls these torch collectives, deprecated under their old names; the
-    # FutureWarning is DeepSpeed's to fix and came once per step and rank into the Prefect log
-    warnings.filterwarnings(
-        "ignore", category=FutureWarning,
-        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
-    )
-    return deepspeed
 
 
 def deepspeed_config(path_or_dict: str | dict[str, Any], cfg: TrainConfig, device: torch.device) -> dict[str, Any]:

@@ -62,7 +62,7 @@ class ShardedTeacher:
     ``.config``, and ``teacher(...)`` for a full forward pass."""
 
     def __init__(self, uri: str, student_ds_config: dict[str, Any], device: torch.device) -> None:
-        from mydistill.training.engines import import_deepspeed
+        from mydistill.training.process import import_deepspeed
 
         deepspeed = import_deepspeed()
         from transformers.integrations import HfDeepSpeedConfig

@@ -28,7 +28,7 @@ from mydistill.config import DistillConfig
 from mydistill.losses import BatchSignal, teacher_from_parts
 from mydistill.models import count_parameters, load_model, load_tokenizer, resolve_dtype
 from mydistill.training.cross_tokenizer import TokenizerMismatch, ULDTeacher, check_tokenizers_agree
-from mydistill.training.engines import import_deepspeed
+from mydistill.training.process import import_deepspeed
 from mydistill.training.job import TrainJob
 from mydistill.training.student import student_vocab_size
 

@@ -65,7 +65,7 @@ def test_zero3_distillation_on_two_processes(tmp_path, data, tiny_model_dir):
     assert {"kd", "ce", "tokens_per_s", "peak_memory_mb"} <= set(history[-1])
     assert any("[mydistill] done" in line for line in lines)  # worker output reached the caller
     # no library warning from our calls reaches the Prefect log (DeepSpeed's own deprecated torch calls
-    # are filtered, narrowly: see mydistill.training.engines.import_deepspeed)
+    # are filtered, narrowly: see mydistill.training.process.import_deepspeed)
     assert [line for line in lines if "warn" in line.lower()] == []
     assert torchelastic_dirs() == before  # torchrun's log folder went with the job's temporary folder
     # the consolidated model is whole (not a shard) and trained away from its initialisation

@@ -1,0 +1,33 @@
+"""What every training process needs before anything else: DeepSpeed imported the way this machine
+wants it, and a worker that dies with its parent. Small, and importing nothing of the project's
+own, so that engines, teachers and the launcher can all use it without importing each other.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+
+def import_deepspeed():
+    """DeepSpeed, set up for this machine (every worker imports it through here)."""
+    if not torch.cuda.is_available():
+        # told so, DeepSpeed takes the CPU accelerator without warning that it found no GPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("DeepSpeed is not installed: run `make setup` (or `pip install deepspeed`)") from e
+    if not torch.cuda.is_available():
+        # the shared-memory comm op is JIT-compiled on first use and needs a compiler toolchain;
+        # on CPU the gloo backend does the same job
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    # ZeRO-3 inside DeepSpeed calls these torch collectives, deprecated under their old names; the
+    # FutureWarning is DeepSpeed's to fix and came once per step and rank into the Prefect log
+    warnings.filterwarnings(
+        "ignore", category=FutureWarning,
+        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+    )
+    return deepspeed
