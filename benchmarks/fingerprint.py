@@ -20,7 +20,8 @@ import tempfile
 import time
 from unittest import mock
 
-from mydistill import io, plan
+from mydistill import io
+from mydistill.pipeline import plan
 from mydistill.config import validate_config
 
 

@@ -103,7 +103,7 @@ def run(
     """Run the whole pipeline as a Prefect flow and print the results."""
     cfg = _load(config, overrides)
     with one_line_errors():
-        from mydistill.preflight import require_preflight
+        from mydistill.pipeline.preflight import require_preflight
 
         require_preflight(cfg)  # every input checked before Prefect or any model starts
         from flows.pipeline_flow import distill_pipeline
@@ -130,7 +130,7 @@ def check(
 ) -> None:
     """Check everything a run would read (data, models, S3, the API, the work dir) and list every problem."""
     cfg = _load(config, overrides)
-    from mydistill.preflight import preflight
+    from mydistill.pipeline.preflight import preflight
 
     start = time.perf_counter()
     problems = preflight(cfg)
@@ -160,8 +160,8 @@ def plan(
 ) -> None:
     """Show each input's fingerprint, where each stage reads and writes, and which stages a run
     would re-run (and why) or answer from their finished artifacts."""
-    from mydistill import changes
-    from mydistill.plan import make_plan
+    from mydistill.pipeline import changes
+    from mydistill.pipeline.plan import make_plan
 
     cfg = _load(config, overrides)
     p = make_plan(cfg)
@@ -201,7 +201,7 @@ def demo_teacher(
 
 def print_summary(result: dict[str, Any], elapsed: float, currency: str = "USD") -> None:
     report, decision = result["report"], result["decision"]
-    from mydistill.evaluate import summary_table
+    from mydistill.evaluation.evaluate import summary_table
 
     table = Table(title=f"mydistill — pipeline finished in {elapsed:.0f} s")
     columns, rows = summary_table(report)
@@ -216,7 +216,7 @@ def print_summary(result: dict[str, Any], elapsed: float, currency: str = "USD")
         alias = f", alias '{decision['alias']}'" if decision.get("alias") else ""
         console.print(f"registered {decision['model_name']} version {decision['version']}{alias}")
     if result.get("cost"):
-        from mydistill.costs import cost_lines
+        from mydistill.pipeline.costs import cost_lines
 
         for line in cost_lines(result["cost"], currency):
             console.print(line)

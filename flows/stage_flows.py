@@ -7,7 +7,7 @@ from typing import Any
 from prefect import flow
 
 from mydistill.config import PipelineConfig, load_config
-from mydistill.plan import make_plan
+from mydistill.pipeline.plan import make_plan
 from tasks import stage_tasks as t
 
 

@@ -1,6 +1,6 @@
 """Fingerprints: what an input holds, told cheaply enough to decide whether a stage can be skipped.
 
-A stage's identity (its output name in :mod:`mydistill.plan`, and thereby Prefect's cache key)
+A stage's identity (its output name in :mod:`mydistill.pipeline.plan`, and thereby Prefect's cache key)
 covers the fingerprints of everything it reads, so a dataset or a teacher changed in place at the
 same URI re-runs exactly the stages downstream of it.
 

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from mydistill.io import DataError, exists, join, localize
+from mydistill.tokenization import IGNORE_INDEX, shift_labels
 
 
 def load_tokenizer(uri: str) -> Any:
@@ -178,3 +179,23 @@ def ensure_cut_student(teacher_uri: str, layers: list[int] | None, keep_every: i
         output_uri, stage="student-init", inputs=inputs, files=[], from_teacher=teacher_uri, teacher_layers=layers,
         teacher_num_layers=total, parameters=count_parameters(student), teacher_parameters=count_parameters(teacher),
     )
+
+
+@torch.no_grad()
+def response_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at response positions (M, V) and their target tokens (M,)."""
+    logits, labels, _ = response_logits_and_starts(model, batch)
+    return logits, labels
+
+
+@torch.no_grad()
+def response_logits_and_starts(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`response_logits`, and for each row the index among those M of its first response
+    position (B,) (-1 for a row with no response token)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = shift_labels(batch["labels"])
+    mask = labels != IGNORE_INDEX
+    counts = mask.sum(1)
+    starts = torch.cumsum(counts, 0) - counts
+    first = torch.where(counts > 0, starts, torch.full_like(starts, -1))
+    return logits[mask].float(), labels[mask], first

@@ -3,7 +3,7 @@
 Retries only where I/O can fail (the teacher API, object stores, the MLflow server), never on
 training, which would just fail again. Stages whose outputs are addressed by the plan use
 :data:`ARTIFACT_CACHE`: the output URI (the stage's identity: its settings and the fingerprints of
-what it reads, see :mod:`mydistill.plan`) and the task's code, and not the whole config and plan,
+what it reads, see :mod:`mydistill.pipeline.plan`) and the task's code, and not the whole config and plan,
 so a changed input re-runs exactly the stages downstream of it. :func:`fresh_unless_done` makes a
 stage run again when its artifact is gone.
 """
@@ -19,10 +19,11 @@ from prefect import Task, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 
-from mydistill import changes, costs, io, raised_by_us, stage_functions, tracking
+from mydistill import io, raised_by_us, stage_functions, tracking
+from mydistill.pipeline import changes, costs
 from mydistill.config import PipelineConfig
-from mydistill.metrics import report_key
-from mydistill.plan import StagePlan
+from mydistill.evaluation.metrics import report_key
+from mydistill.pipeline.plan import StagePlan
 
 
 ARTIFACT_CACHE = (INPUTS - "parent_run_id" - "config" - "plan") + TASK_SOURCE
@@ -110,7 +111,7 @@ def load_credentials() -> list[str]:
 def preflight(config: PipelineConfig) -> None:
     """Check every input of the run (data, models, S3, the API, the work dir) before any stage:
     a broken eval file fails the run in seconds, listing every problem, not after training."""
-    from mydistill.preflight import require_preflight
+    from mydistill.pipeline.preflight import require_preflight
 
     require_preflight(config)
     get_run_logger().info("preflight: inputs readable")
@@ -273,7 +274,7 @@ def close_pipeline_run(
 
 def report_markdown(report: dict[str, Any], mlflow_run: dict[str, Any] | None = None, cost: list[str] | None = None) -> str:
     """The evaluation table, and where the MLflow run is (a link with a server, the run id with a local store)."""
-    from mydistill.evaluate import summary_table
+    from mydistill.evaluation.evaluate import summary_table
 
     columns, rows = summary_table(report)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

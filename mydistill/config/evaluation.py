@@ -10,6 +10,13 @@ from pydantic import Field, model_validator
 from mydistill.config.section import Section
 
 
+# metrics computed from an answer's text (mydistill.evaluation.metrics)
+TEXT_METRICS = ("exact", "contains", "extract", "rouge_l", "chrf")
+# names accepted by `evaluate.metrics`; `judge` is graded by a model (mydistill.evaluation.judge)
+METRIC_NAMES = (*TEXT_METRICS, "judge")
+EXTRACT_PRESETS = ("last_number", "after_answer")
+
+
 class JudgeConfig(Section):
     """An OpenAI-compatible chat model that grades answers (the `judge` metric)."""
 
@@ -54,9 +61,6 @@ class EvaluateConfig(Section):
 
     @model_validator(mode="after")
     def _metrics_known(self) -> EvaluateConfig:
-
-        from mydistill.metrics import EXTRACT_PRESETS, METRIC_NAMES
-
         unknown = [m for m in self.metrics if m not in METRIC_NAMES]
         if unknown:
             raise ValueError(f"metrics: unknown {unknown}; expected some of {', '.join(METRIC_NAMES)}")

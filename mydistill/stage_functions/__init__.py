@@ -1,7 +1,7 @@
 """One function per pipeline stage: read the plan's inputs, do the work, write the plan's output.
 
 These are what the Prefect tasks call (one each) and what a user calls from Python. Each takes
-the validated config, the :class:`~mydistill.plan.StagePlan` and, optionally, the MLflow
+the validated config, the :class:`~mydistill.pipeline.plan.StagePlan` and, optionally, the MLflow
 parent run to log a child run under. Each is idempotent: outputs carry manifests, and a stage
 whose output already matches its inputs returns at once.
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from mydistill import costs, debris, io, lineage, tracking
+from mydistill import debris, io, lineage, tracking
+from mydistill.pipeline import costs
 from mydistill.config import PipelineConfig
 from mydistill.fingerprint import fingerprint
-from mydistill.plan import StagePlan
+from mydistill.pipeline.plan import StagePlan
 
 
 def sweep_debris(uri: str) -> None:

@@ -6,10 +6,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mydistill import costs, io, tracking
+from mydistill import io, tracking
+from mydistill.pipeline import costs
 from mydistill.config import PipelineConfig
 from mydistill.mix import TASK_TRAIN_FILE, TRAIN_FILE, VAL_FILE, run_mix
-from mydistill.plan import StagePlan, signal_mode, signal_temperature
+from mydistill.pipeline.plan import StagePlan, signal_mode, signal_temperature
 from mydistill.stage_functions.common import numeric, on_gpu, require_done, sweep_debris, teacher_lineage
 from mydistill.stage_functions.training import train_job, with_lengths
 

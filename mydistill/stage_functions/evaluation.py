@@ -6,9 +6,10 @@ import os
 import time
 from typing import Any
 
-from mydistill import costs, io, tracking
+from mydistill import io, tracking
+from mydistill.pipeline import costs
 from mydistill.config import PipelineConfig
-from mydistill.plan import StagePlan
+from mydistill.pipeline.plan import StagePlan
 from mydistill.stage_functions.common import on_gpu, require_done, sweep_debris
 
 
@@ -18,7 +19,7 @@ def evaluate(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None = N
     The plots (student vs teacher vs baseline, and the loss curves of both training stages from
     their checkpoint manifests) go to the evaluate run and to the pipeline run, as images.
     """
-    from mydistill.evaluate import PLOT_FILE, SAMPLES_FILE, evaluate_models, loss_curves_figure
+    from mydistill.evaluation.evaluate import PLOT_FILE, SAMPLES_FILE, evaluate_models, loss_curves_figure
 
     models = {"teacher": plan.teacher_uri, "student": plan.student_uri}
     if plan.baseline_uri:
@@ -31,7 +32,7 @@ def evaluate(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None = N
         ev = cfg.evaluate
         judge = judge_id = None
         if "judge" in ev.metrics:
-            from mydistill.judge import judge_cache_uri, make_judge
+            from mydistill.evaluation.judge import judge_cache_uri, make_judge
 
             assert ev.judge is not None  # the config requires it with the judge metric
             judge = make_judge(ev.judge, cache_uri=ev.judge.cache_uri or judge_cache_uri(cfg.work_dir))

@@ -7,7 +7,7 @@ from typing import Any
 
 from mydistill import io, tracking
 from mydistill.config import PipelineConfig
-from mydistill.plan import StagePlan
+from mydistill.pipeline.plan import StagePlan
 from mydistill.tokenization import PROMPT_PREFIX_KEY, prompt_prefix_of
 
 
@@ -127,7 +127,7 @@ def register(cfg: PipelineConfig, plan: StagePlan, report: dict[str, Any], paren
     checkpoint registered before (a re-run, a nightly run on which nothing changed) is not
     registered again: its earlier decision is returned (``reused``).
     """
-    from mydistill.metrics import report_key
+    from mydistill.evaluation.metrics import report_key
 
     reg = cfg.registry
     student = report["models"]["student"]

@@ -7,11 +7,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mydistill import costs, io, lineage, tracking
+from mydistill import io, lineage, tracking
+from mydistill.pipeline import costs
 from mydistill.config import DISTILL_ONLY_FIELDS, PipelineConfig
 from mydistill.fingerprint import fingerprint
 from mydistill.mix import TASK_TRAIN_FILE, TRAIN_FILE, VAL_FILE
-from mydistill.plan import StagePlan, baseline_steps
+from mydistill.pipeline.plan import StagePlan, baseline_steps
 from mydistill.stage_functions.common import on_gpu, require_done, sweep_debris
 from mydistill.stage_functions.registry import log_model
 from mydistill.training.job import TrainJob, job_lengths

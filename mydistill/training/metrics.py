@@ -45,7 +45,7 @@ def global_sum(value: float, device: torch.device) -> float:
 @torch.no_grad()
 def validation_loss(student: Any, examples: list[TokenizedExample], pad_token_id: int, device: torch.device) -> float:
     """Mean next-token cross-entropy over response tokens of ``examples``."""
-    from mydistill.scoring import response_logits
+    from mydistill.models import response_logits
 
     student.eval()
     total, count = 0.0, 0

@@ -44,7 +44,7 @@ def test_a_run_that_prefect_loses_track_of_is_run_once_more_and_reported(monkeyp
 
     import flows.cli as cli
     import flows.pipeline_flow as pipeline_flow
-    import mydistill.preflight as preflight
+    import mydistill.pipeline.preflight as preflight
 
     calls = []
     result = {

@@ -17,7 +17,7 @@ import pytest
 from mydistill import io
 from mydistill.config import load_config
 from mydistill.demo.task import make_examples
-from mydistill.plan import make_plan
+from mydistill.pipeline.plan import make_plan
 
 from tests.flows.test_pipeline import task_states
 

@@ -10,7 +10,7 @@ import pytest
 
 from mydistill import io
 from mydistill.config import load_config
-from mydistill.plan import make_plan
+from mydistill.pipeline.plan import make_plan
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

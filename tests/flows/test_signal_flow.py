@@ -6,7 +6,7 @@ import pytest
 
 from mydistill import io
 from mydistill.config import load_config
-from mydistill.plan import make_plan
+from mydistill.pipeline.plan import make_plan
 
 from tests.flows import test_pipeline
 from tests.flows.test_pipeline import SHRUNKEN, run_pipeline, task_states

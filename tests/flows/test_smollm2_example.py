@@ -17,7 +17,7 @@ import pytest
 
 from mydistill import stage_functions
 from mydistill.config import REPO_ROOT, load_config
-from mydistill.plan import make_plan
+from mydistill.pipeline.plan import make_plan
 
 pytestmark = [pytest.mark.slow]
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-from mydistill import changes, io
-from mydistill.plan import make_plan
+from mydistill import io
+from mydistill.pipeline import changes
+from mydistill.pipeline.plan import make_plan
 
 from tests.mydistill.test_fingerprint import user_inputs  # noqa: F401 (fixture)
 

@@ -3,7 +3,7 @@
 import pytest
 
 from mydistill.config import CostsConfig
-from mydistill.costs import cost_lines, priced, stage_cost, total_cost
+from mydistill.pipeline.costs import cost_lines, priced, stage_cost, total_cost
 
 
 def test_stages_sum_and_are_priced_per_gpu_hour_and_per_api_token():

@@ -3,8 +3,8 @@ import json
 import pytest
 
 from mydistill import io
-from mydistill.evaluate import evaluate_models
-from mydistill.scoring import normalise_answer
+from mydistill.evaluation.evaluate import evaluate_models
+from mydistill.evaluation.scoring import normalise_answer
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ import pytest
 
 from mydistill import stage_functions
 from mydistill.config import load_config
-from mydistill.evaluate import evaluate_models
-from mydistill.plan import make_plan
+from mydistill.evaluation.evaluate import evaluate_models
+from mydistill.pipeline.plan import make_plan
 from tests.conftest import save_tiny_model
 from tests.mydistill.training.test_cross_tokenizer import merged_tokenizer
 

@@ -11,7 +11,7 @@ import pytest
 
 from mydistill.config import validate_config
 from mydistill.fingerprint import MISSING, fingerprint, part
-from mydistill.plan import make_plan
+from mydistill.pipeline.plan import make_plan
 
 
 def _write(path, rows):

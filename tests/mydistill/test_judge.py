@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from mydistill.config import JudgeConfig
-from mydistill.judge import Judge, JudgeError, parse_pairwise_verdict, parse_reference_verdict
+from mydistill.evaluation.judge import Judge, JudgeError, parse_pairwise_verdict, parse_reference_verdict
 from tests.mydistill import generation_fixtures as fx
 
 KEY_ENV = "MYDISTILL_TEST_JUDGE_KEY"

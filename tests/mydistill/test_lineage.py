@@ -12,7 +12,7 @@ import pytest
 from mydistill import io, stage_functions
 from mydistill.config import validate_config
 from mydistill.lineage import LineageMismatch
-from mydistill.plan import make_plan
+from mydistill.pipeline.plan import make_plan
 
 from tests.conftest import save_tiny_model
 

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from mydistill import metrics as M
+from mydistill.evaluation import metrics as M
 
 
 @pytest.mark.parametrize(("answer", "reference", "score"), [

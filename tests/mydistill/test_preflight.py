@@ -6,7 +6,7 @@ import time
 import pytest
 
 from mydistill.config import load_config
-from mydistill.preflight import PreflightError, preflight, require_preflight
+from mydistill.pipeline.preflight import PreflightError, preflight, require_preflight
 
 
 def _jsonl(path, lines):

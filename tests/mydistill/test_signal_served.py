@@ -258,7 +258,7 @@ def test_the_signal_stage_with_a_served_teacher_feeds_the_distill_stage(server, 
     from mydistill.config import load_config
     from mydistill.demo.task import make_examples
     from mydistill.mix import TRAIN_FILE, VAL_FILE
-    from mydistill.plan import make_plan
+    from mydistill.pipeline.plan import make_plan
     from mydistill.stage_functions import teacher_signal, train_job
     from mydistill.train import run_training
 
@@ -308,7 +308,7 @@ def test_a_refused_key_or_a_wrong_url_stops_the_stage_with_what_to_check(teacher
 
 def test_the_plan_names_a_served_store_apart_and_leaves_local_stores_where_they_were(tmp_path):
     from mydistill.config import load_config
-    from mydistill.plan import _signal_content, make_plan
+    from mydistill.pipeline.plan import _signal_content, make_plan
 
     local = load_config("demo", [f"work_dir={tmp_path}", "signal.enabled=true"])
     served = load_config("demo", [f"work_dir={tmp_path}", "signal.enabled=true", "signal.backend=openai",

@@ -10,7 +10,7 @@ import pytest
 
 from mydistill import io, stage_functions, tracking
 from mydistill.config import load_config
-from mydistill.plan import make_plan
+from mydistill.pipeline.plan import make_plan
 
 from tests.conftest import save_tiny_model
 
@@ -92,7 +92,7 @@ def test_quality_gate(score, retained, champion, passed, reason):
 
 
 def test_a_teacher_scoring_zero_makes_retention_undefined_and_fails_the_gate():
-    from mydistill.evaluate import retention
+    from mydistill.evaluation.evaluate import retention
 
     assert retention(0.4, 0.8, "contains") == (0.5, None)
     retained, why = retention(0.4, 0.0, "contains")
@@ -105,7 +105,7 @@ def test_a_teacher_scoring_zero_makes_retention_undefined_and_fails_the_gate():
 
 def test_the_gate_uses_the_configured_metric():
     from mydistill.config import load_config
-    from mydistill.plan import make_plan
+    from mydistill.pipeline.plan import make_plan
 
     cfg = load_config("demo", ["evaluate.metrics=[exact, contains]", "registry.gate_metric=contains", "registry.enabled=false"])
     report = {"gate_metric": "contains", "models": {"student": {"exact_match": 0.0, "contains": 0.9, "teacher_retained": 0.9}}}
@@ -271,7 +271,7 @@ def test_artifacts_go_beside_any_sqlite_store_or_where_configured(tmp_path, monk
 def test_the_registered_champion_is_an_mlflow_model_that_answers_as_the_checkpoint_does(registry):
     import mlflow
 
-    from mydistill.scoring import generate_answers
+    from mydistill.evaluation.scoring import generate_answers
     from mydistill.models import load_model, load_tokenizer
 
     decision, name = registry(0.5)

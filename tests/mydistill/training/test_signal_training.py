@@ -99,7 +99,7 @@ def test_teacher_with_another_tokenizer_needs_a_method(tmp_path, mix_data, tiny_
 def test_the_plan_puts_the_signal_stage_between_mix_and_distill(tmp_path):
     off = load_config("demo", [f"work_dir={tmp_path}"])
     on = load_config("demo", [f"work_dir={tmp_path}", "signal.enabled=true", "signal.k=48"])
-    from mydistill.plan import make_plan
+    from mydistill.pipeline.plan import make_plan
     from mydistill.stage_functions import train_job
 
     plan_off, plan_on = make_plan(off), make_plan(on)
@@ -117,7 +117,7 @@ def test_the_plan_puts_the_signal_stage_between_mix_and_distill(tmp_path):
 def test_the_signal_stage_writes_the_store_the_distill_job_reads(tmp_path, tiny_model_dir):
     from mydistill.mix import TRAIN_FILE
     from mydistill.demo.task import make_examples
-    from mydistill.plan import make_plan
+    from mydistill.pipeline.plan import make_plan
     from mydistill.stage_functions import teacher_signal
 
     cfg = load_config("demo", [f"work_dir={tmp_path}", f"teacher.uri={tiny_model_dir}", "signal.enabled=true", "signal.k=12", "signal.sampled_tokens=4"])
@@ -135,7 +135,7 @@ def test_the_signal_stage_writes_the_store_the_distill_job_reads(tmp_path, tiny_
 
 
 def test_auto_mode_is_sampled_for_forward_kl_and_top_k_otherwise(tmp_path):
-    from mydistill.plan import make_plan, signal_mode
+    from mydistill.pipeline.plan import make_plan, signal_mode
 
     assert SignalConfig().mode == "auto"
     assert SignalConfig().resolved_mode("forward_kl") == "sampled"

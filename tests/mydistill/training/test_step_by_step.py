@@ -149,7 +149,7 @@ def test_no_rationale_in_the_data_names_the_dataset_and_the_switch(demo_tokenize
 def test_distill_stage_trains_both_tasks_and_logs_them(tmp_path, tiny_model_dir):
     """Through the stages: generate output (synthetic rationale records) -> mix -> distill."""
     from mydistill import stage_functions
-    from mydistill.plan import make_plan
+    from mydistill.pipeline.plan import make_plan
 
     prompts, real, evaluation = (str(tmp_path / f"{n}.jsonl") for n in ("prompts", "real", "eval"))
     io.write_records(prompts, [{"id": r["id"], "prompt": r["prompt"]} for r in rationale_records(32)])
@@ -192,8 +192,8 @@ def test_rationale_weight_zero_gives_the_label_loss_on_the_plain_path(tmp_path, 
 
 
 def test_finetune_and_evaluation_prompt_the_student_with_its_label_prefix(tmp_path, tiny_model_dir, monkeypatch):
-    import mydistill.evaluate as evaluate
-    import mydistill.scoring as scoring
+    import mydistill.evaluation.evaluate as evaluate
+    import mydistill.evaluation.scoring as scoring
 
     data = train_records(tmp_path)
     run_training(sbs_job(tmp_path, data, tiny_model_dir, steps=2, step_by_step={"label_prefix": "<L> "}, name="distilled"))

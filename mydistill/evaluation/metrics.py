@@ -11,8 +11,8 @@ picks them by name (``evaluate.metrics``) and averages over a dataset.
 - ``rouge_l``: ROUGE-L F1 over words (rouge-score, stemming off);
 - ``chrf``: chrF (sacrebleu), divided by 100.
 
-The model-graded ``judge`` metric lives in :mod:`mydistill.judge`; the teacher-forced ones
-(perplexity, KL, top-1 agreement, calibration) in :mod:`mydistill.scoring`.
+The model-graded ``judge`` metric lives in :mod:`mydistill.evaluation.judge`; the teacher-forced ones
+(perplexity, KL, top-1 agreement, calibration) in :mod:`mydistill.evaluation.scoring`.
 """
 
 from __future__ import annotations
@@ -21,10 +21,8 @@ import re
 import string
 from collections.abc import Callable, Sequence
 
-TEXT_METRICS = ("exact", "contains", "extract", "rouge_l", "chrf")
-# names accepted by `evaluate.metrics`; `judge` is graded by a model (mydistill.judge)
-METRIC_NAMES = (*TEXT_METRICS, "judge")
-EXTRACT_PRESETS = ("last_number", "after_answer")
+# the names `evaluate.metrics` accepts live with the config that validates them
+from mydistill.config.evaluation import EXTRACT_PRESETS, METRIC_NAMES, TEXT_METRICS  # noqa: F401
 # the report kept `exact_match` as the name of exact match before metrics were configurable
 REPORT_KEYS = {"exact": "exact_match"}
 

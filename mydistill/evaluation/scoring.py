@@ -1,7 +1,7 @@
 """How one model is scored on the evaluation set: its greedy answers, and the teacher-forced metrics on
 the reference responses (perplexity, first-token calibration, KL / top-1 agreement with the teacher).
 
-The evaluate stage (:mod:`mydistill.evaluate`) runs these for every model and builds the report.
+The evaluate stage (:mod:`mydistill.evaluation.evaluate`) runs these for every model and builds the report.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mydistill.metrics import expected_calibration_error, mean
-from mydistill.tokenization import IGNORE_INDEX, TokenizedExample, collate, shift_labels, tokenize_example, with_prefix
+from mydistill.evaluation.metrics import expected_calibration_error, mean
+from mydistill.models import response_logits, response_logits_and_starts  # noqa: F401 (imported from here too)
+from mydistill.tokenization import IGNORE_INDEX, TokenizedExample, collate, tokenize_example, with_prefix
 
 # the teacher-forced batch: logits are (B, T, V) floats per model, and V is ~50k-150k for real models
 FORCED_BATCH = 16
@@ -33,29 +34,9 @@ def generate_answers(
 
     backend = HFBackend(model=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
     requests = [GenerationRequest(prompt=backend.prepare(str(i), p)) for i, p in enumerate(prompts)]
-    progress = ProgressLog(f"evaluate: {label}", len(requests), logging.getLogger("mydistill.evaluate"))
+    progress = ProgressLog(f"evaluate: {label}", len(requests), logging.getLogger("mydistill.evaluation.evaluate"))
     completions = backend.generate(requests, Sampling(max_new_tokens=max_new_tokens), progress)
     return [c[0].text for c in completions]
-
-
-@torch.no_grad()
-def response_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits at response positions (M, V) and their target tokens (M,)."""
-    logits, labels, _ = response_logits_and_starts(model, batch)
-    return logits, labels
-
-
-@torch.no_grad()
-def response_logits_and_starts(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`response_logits`, and for each row the index among those M of its first response
-    position (B,) (-1 for a row with no response token)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = shift_labels(batch["labels"])
-    mask = labels != IGNORE_INDEX
-    counts = mask.sum(1)
-    starts = torch.cumsum(counts, 0) - counts
-    first = torch.where(counts > 0, starts, torch.full_like(starts, -1))
-    return logits[mask].float(), labels[mask], first
 
 
 def _same_responses(examples: dict[str, list[TokenizedExample]]) -> None:

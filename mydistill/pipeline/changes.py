@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from mydistill import io
-from mydistill.plan import STAGE_READS, STAGES, StagePlan
+from mydistill.pipeline.plan import STAGE_READS, STAGES, StagePlan
 
 
 def record_uri(work_dir: str, name: str) -> str:

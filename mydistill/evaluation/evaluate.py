@@ -3,9 +3,9 @@
 Every model (teacher, student, baseline) answers the held-out prompts greedily, each through its
 own tokenizer, and is scored on:
 
-- the answer metrics named in ``evaluate.metrics`` (:mod:`mydistill.metrics`: ``exact`` — stored
+- the answer metrics named in ``evaluate.metrics`` (:mod:`mydistill.evaluation.metrics`: ``exact`` — stored
   as ``exact_match`` —, ``contains``, ``extract``, ``rouge_l``, ``chrf``; ``judge`` from
-  :mod:`mydistill.judge`), overall and per category when eval rows carry one;
+  :mod:`mydistill.evaluation.judge`), overall and per category when eval rows carry one;
 - ``perplexity``: exp of the mean next-token cross-entropy on the reference responses;
 - ``kl_to_teacher`` / ``top1_agreement``: mean KL(teacher ‖ model) and the share of response
   positions where both pick the same token, teacher-forced on the references: only for a model
@@ -26,7 +26,7 @@ A student distilled step-by-step answers behind its label prefix (``prompt_prefi
 checkpoint's manifest); each model is prompted with its own prefix ('' for the others), and the
 teacher-forced metrics score the same response tokens for every model sharing a tokenizer.
 
-How one model is scored (answers, teacher-forced metrics) is :mod:`mydistill.scoring`; this module
+How one model is scored (answers, teacher-forced metrics) is :mod:`mydistill.evaluation.scoring`; this module
 runs it for every model and builds, writes and tabulates the report.
 """
 
@@ -37,8 +37,9 @@ import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mydistill import io, scoring
-from mydistill.metrics import TEXT_METRICS, answer_agreement, mean, report_key, score_answers
+from mydistill import io
+from mydistill.evaluation import scoring
+from mydistill.evaluation.metrics import TEXT_METRICS, answer_agreement, mean, report_key, score_answers
 from mydistill.models import count_parameters, load_model, load_tokenizer
 from mydistill.tokenization import prompt_prefix_of, tokenizer_sha256, with_prefix
 
@@ -142,7 +143,7 @@ def evaluate_models(
     """Score every model in ``model_uris`` on ``eval_uri``; write metrics, samples and a plot.
 
     ``judge(prompts, answers, references, teacher_answers)`` grades answers for the ``judge``
-    metric (:func:`mydistill.judge.make_judge`); ``judge_id`` names it in the cache key. Returns
+    metric (:func:`mydistill.evaluation.judge.make_judge`); ``judge_id`` names it in the cache key. Returns
     the report (also ``metrics.json`` under ``output_uri``). Skipped when ``output_uri`` already
     holds a report for the same models, data and metrics. ``dtypes``: each model's load precision
     by name (``teacher.dtype`` / ``student.dtype``; missing: fp32).
@@ -239,7 +240,7 @@ def _teacher_forced_by_tokenizer(
     models: dict[str, Any], tokenizers: dict[str, Any], teacher: str | None, prompts: list[str], references: list[str],
     prefixes: dict[str, str],
 ) -> dict[str, dict[str, float]]:
-    """:func:`mydistill.scoring.teacher_forced_metrics` within each group of models sharing a tokenizer:
+    """:func:`mydistill.evaluation.scoring.teacher_forced_metrics` within each group of models sharing a tokenizer:
     ids fed to a model must be its own; KL / top-1 agreement only where the teacher is in the same group."""
     groups: dict[str, list[str]] = {}
     for name, tok in tokenizers.items():
