@@ -39,7 +39,8 @@ from mydistill.training.engines import (
     DeepSpeedEngine, PlainEngine, deepspeed_config, init_distributed, is_main_process, resolve_device, world, zero3_loading,
 )
 from mydistill.training.job import MetricsCallback, TrainingError, TrainJob
-from mydistill.training.launch import die_with_parent
+from mydistill.training.launch import LineCallback, launch_training
+from mydistill.training.process import die_with_parent
 from mydistill.training.metrics import global_sum, peak_memory_mb, peak_tflops, progress_bar, validation_loss
 from mydistill.training.objective import StudentObjective, forward_loss
 from mydistill.training.on_policy import OnPolicyMixer, eos_ids_of
@@ -68,6 +69,23 @@ class Run:
     start_step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     manifest_extra: dict[str, Any] = field(default_factory=dict)
+
+
+def run_job(
+    job: TrainJob,
+    *,
+    on_line: LineCallback | None = None,
+    on_metrics: MetricsCallback | None = None,
+    env: dict[str, str] | None = None,
+    progress: bool = False,
+    restarts: int = 1,
+) -> dict[str, Any]:
+    """Train ``job`` where its config says: in this process (``launcher: none``; ``on_metrics``
+    receives the metrics) or on launched workers (:func:`~mydistill.training.launch.launch_training`;
+    rank 0 logs to MLflow itself, ``on_line`` receives their output). Returns the manifest."""
+    if job.train_config().launcher == "none":
+        return run_training(job, on_metrics=on_metrics, progress=progress)
+    return launch_training(job, on_line=on_line, env=env, restarts=restarts)
 
 
 def run_training(job: TrainJob, on_metrics: MetricsCallback | None = None, progress: bool = False) -> dict[str, Any]:
@@ -317,4 +335,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["TrainJob", "TrainingError", "run_training", "save_checkpoint", "batch_indices"]
+__all__ = ["TrainJob", "TrainingError", "run_job", "run_training", "save_checkpoint", "batch_indices"]

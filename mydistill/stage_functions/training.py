@@ -16,7 +16,7 @@ from mydistill.pipeline.plan import StagePlan, baseline_steps
 from mydistill.stage_functions.common import on_gpu, require_done, sweep_debris
 from mydistill.stage_functions.registry import log_model
 from mydistill.training.job import TrainJob, job_lengths
-from mydistill.training.launch import launch_training
+from mydistill.train import run_job
 
 
 def train_job(cfg: PipelineConfig, plan: StagePlan, stage: str) -> TrainJob:
@@ -117,7 +117,7 @@ def train(
             tracking.log_dataset(run_id, io.read_records(job.data_uri), name=os.path.basename(job.data_uri).removesuffix(".jsonl"), source=job.data_uri, context="training")
         before = io.read_manifest(job.output_uri)
         job.mlflow_run_id = run_id
-        manifest = launch_training(
+        manifest = run_job(
             job, on_line=on_line, on_metrics=tracking.metrics_logger(run_id) if run_id else None, progress=progress,
             env={"MLFLOW_TRACKING_URI": tracking.current_uri()},
         )

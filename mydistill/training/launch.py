@@ -22,7 +22,8 @@ from collections.abc import Callable
 from typing import Any
 
 from mydistill import io
-from mydistill.training.job import MetricsCallback, TrainJob
+from mydistill.training.job import TrainJob
+from mydistill.training.process import die_with_parent  # noqa: F401 (imported from here too)
 
 
 LineCallback = Callable[[str], None]
@@ -37,27 +38,6 @@ class WorkerFailed(RuntimeError):
     def __init__(self, message: str, *, signal: str | None = None) -> None:
         super().__init__(message)
         self.signal = signal
-
-
-def die_with_parent() -> None:
-    """Have the kernel SIGKILL this process when its parent dies (Linux ``PR_SET_PDEATHSIG``).
-
-    Called first thing in every training worker, and in the launcher's child before it execs:
-    torchrun and DeepSpeed start workers in sessions of their own, so a kill of the task's or the
-    launcher's process group would otherwise leave workers training on, holding a GPU and writing
-    into the checkpoint folder a re-run resumes from. A parent already gone (the race before the
-    call) ends this process at once. Elsewhere than Linux it does nothing.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    parent = os.getppid()
-    libc = ctypes.CDLL(None, use_errno=True)
-    pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:
-        os._exit(1)
 
 
 def free_port() -> int:
@@ -90,15 +70,14 @@ def launch_training(
     job: TrainJob,
     *,
     on_line: LineCallback | None = None,
-    on_metrics: MetricsCallback | None = None,
     env: dict[str, str] | None = None,
-    progress: bool = False,
     restarts: int = 1,
 ) -> dict[str, Any]:
-    """Run ``job`` as its config says (in process, or on launched workers); returns its manifest.
+    """Run ``job`` on launched workers (``torchrun`` or the DeepSpeed launcher, as its config says);
+    returns its manifest. (:func:`mydistill.train.run_job` chooses between this and training in
+    process.)
 
-    Workers log metrics to MLflow themselves (rank 0, into ``job.mlflow_run_id``); in process,
-    ``on_metrics`` receives them. When a worker dies by a signal nobody sent on purpose (a C++
+    Workers log metrics to MLflow themselves (rank 0, into ``job.mlflow_run_id``). When a worker dies by a signal nobody sent on purpose (a C++
     abort in gloo or NCCL, a segfault, a node's kill) the workers are started again, up to
     ``restarts`` times, and resume from the job's last checkpoint (``save_every``; without one the
     stage starts over). A Python error in the job, or a stop (SIGTERM, SIGINT), would only happen
@@ -106,9 +85,7 @@ def launch_training(
     """
     cfg = job.train_config()
     if cfg.launcher == "none":
-        from mydistill.train import run_training
-
-        return run_training(job, on_metrics=on_metrics, progress=progress)
+        raise ValueError("launcher: none trains in this process: call mydistill.train.run_job (or run_training)")
     with tempfile.TemporaryDirectory(prefix=io.temp_prefix("job")) as tmp:
         job_path = os.path.join(tmp, "job.json")
         io.write_text(job_path, job.to_json())

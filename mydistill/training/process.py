@@ -6,6 +6,8 @@ own, so that engines, teachers and the launcher can all use it without importing
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import warnings
 
 import torch
@@ -31,3 +33,24 @@ def import_deepspeed():
         message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
     )
     return deepspeed
+
+
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux ``PR_SET_PDEATHSIG``).
+
+    Called first thing in every training worker, and in the launcher's child before it execs:
+    torchrun and DeepSpeed start workers in sessions of their own, so a kill of the task's or the
+    launcher's process group would otherwise leave workers training on, holding a GPU and writing
+    into the checkpoint folder a re-run resumes from. A parent already gone (the race before the
+    call) ends this process at once. Elsewhere than Linux it does nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
