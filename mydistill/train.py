@@ -131,8 +131,8 @@ def setup(job: TrainJob, cfg: TrainConfig, inputs: dict[str, Any], on_metrics: M
     records = read_training_records(job.data_uri)  # read once: stores, ULD and the examples all use them
     # the frozen teachers first, before any ZeRO-3 config exists for the student
     teachers = load_teachers(job, distill, tokenizer, records, ds_config, device)
-    zero3_loading_ctx = zero3_loading(ds_config) if ds_config and job.init_uri else None  # noqa: F841 (kept alive)
-    student = load_student(job, cfg, tokenizer, device)
+    with zero3_loading(ds_config) if ds_config and job.init_uri else contextlib.nullcontext():
+        student = load_student(job, cfg, tokenizer, device)
     student.train()
     same_tokenizer = not distill or distill.cross_tokenizer.method == "none"
     teachers.fit_heads(student.config.vocab_size, same_tokenizer=same_tokenizer)
@@ -145,33 +145,38 @@ def setup(job: TrainJob, cfg: TrainConfig, inputs: dict[str, Any], on_metrics: M
     ).to(device)
     run = Run(device=device, tokenizer=tokenizer, teachers=teachers, student=student, objective=objective, engine=None,
               examples=[], val_examples=[])
-    trained = prepare_examples(run, job, cfg, distill, records)
+    prepare_examples(run, job, cfg, distill, records)
     # TED stage 1 before the engine exists, so that ZeRO-3 partitions the trained teacher filters
     run.manifest_extra.update(
         fit_ted_filters(job, distill, objective, teachers.model, run.examples, tokenizer, device, inputs, on_metrics)
     )
     run.manifest_extra["parameters"] = count_parameters(student)
-    module = StudentObjective(student, trained)
+    module = StudentObjective(student, trained_objective(objective, distill))
     run.engine = DeepSpeedEngine(module, cfg, ds_config) if ds_config else PlainEngine(module, cfg)
     return run
 
 
-def prepare_examples(run: Run, job: TrainJob, cfg: TrainConfig, distill: DistillConfig | None, records: list[dict[str, Any]]) -> Any:
-    """Tokenize the training and validation data; returns the objective as trained (ULD and
-    step-by-step wrap it). Under step-by-step the student then answers behind the label prefix,
-    which its checkpoint records (a stage trained from it inherits the prefix)."""
-    trained: Any = run.objective
+def trained_objective(objective: DistillObjective, distill: DistillConfig | None) -> Any:
+    """The objective as trained: ULD adds the cross-tokenizer term; step-by-step splits each batch
+    into its two tasks."""
+    trained: Any = objective
     if distill and distill.cross_tokenizer.method == "uld":
         trained = ULDObjective(trained, distill.cross_tokenizer)
+    if distill and distill.loss.step_by_step is not None:
+        trained = StepByStepObjective(trained)
+    return trained
+
+
+def prepare_examples(run: Run, job: TrainJob, cfg: TrainConfig, distill: DistillConfig | None, records: list[dict[str, Any]]) -> None:
+    """Tokenize the training and validation data. Under step-by-step the student answers behind
+    the label prefix, which its checkpoint records (a stage trained from it inherits the prefix)."""
     step_by_step = distill.loss.step_by_step if distill else None
     run.prompt_prefix = step_by_step.label_prefix if step_by_step else (prompt_prefix_of(job.init_uri) or "")
     if step_by_step is not None:
-        trained = StepByStepObjective(trained)
         run.tasks = step_by_step_examples(records, run.tokenizer, cfg.max_length, step_by_step, job.data_uri)
     run.examples = run.tasks.label if run.tasks else tokenize_records(records, run.tokenizer, cfg.max_length, run.prompt_prefix)
     if job.val_uri:
         run.val_examples = load_examples(job.val_uri, run.tokenizer, cfg.max_length, run.prompt_prefix)
-    return trained
 
 
 def resume(run: Run, job: TrainJob, cfg: TrainConfig, inputs: dict[str, Any]) -> None:

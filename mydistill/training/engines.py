@@ -8,9 +8,10 @@ load checkpoints the same way.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -78,13 +79,16 @@ def deepspeed_config(path_or_dict: str | dict[str, Any], cfg: TrainConfig, devic
     return config
 
 
-def zero3_loading(ds_config: dict[str, Any]) -> Any:
-    """While the returned object lives, transformers' from_pretrained loads a model straight
-    into its ZeRO-3 shards instead of whole on every process (what a 7B student needs)."""
+@contextlib.contextmanager
+def zero3_loading(ds_config: dict[str, Any]) -> Iterator[Any]:
+    """Inside the block, transformers' from_pretrained loads a model straight into its ZeRO-3
+    shards instead of whole on every process (what a 7B student needs)."""
     import_deepspeed()
     from transformers.integrations import HfDeepSpeedConfig
 
-    return HfDeepSpeedConfig(ds_config)
+    # transformers holds this config by a weak reference only: the block keeps it alive
+    config = HfDeepSpeedConfig(ds_config)
+    yield config
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
