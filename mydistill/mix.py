@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from mydistill.config.pipeline import MixConfig
 from mydistill.io import DataError, join, manifest_matches, read_records, records_sha256, text_field, write_manifest, write_records
 
 TRAIN_FILE = "train.jsonl"
@@ -170,27 +171,20 @@ def run_mix(
     teacher_uri: str,
     real_uri: str,
     output_uri: str,
+    cfg: MixConfig | None = None,
     *,
-    teacher_fraction: float = 0.7,
-    val_fraction: float = 0.1,
-    total: int | None = None,
-    upsample: bool = True,
-    dedup: bool = True,
-    seed: int = 0,
     prompt_field: str = "prompt",
     answer_field: str = "answer",
 ) -> dict[str, Any]:
-    """The mix stage: read both datasets, mix, write ``train/val/task_train.jsonl`` + manifest.
+    """The mix stage: read both datasets, mix them as ``cfg`` says (the config's ``mix`` section;
+    default 70% teacher), write ``train/val/task_train.jsonl`` + manifest.
 
     Skipped (the existing manifest returned) when ``output_uri`` already holds a mix of exactly
     these inputs.
     """
     teacher = read_records(teacher_uri)
     real = read_records(real_uri)
-    params = dict(
-        teacher_fraction=teacher_fraction, val_fraction=val_fraction, total=total, upsample=upsample,
-        dedup=dedup, seed=seed, prompt_field=prompt_field, answer_field=answer_field,
-    )
+    params = {**(cfg or MixConfig()).model_dump(), "prompt_field": prompt_field, "answer_field": answer_field}
     inputs = {"teacher_sha256": records_sha256(teacher), "real_sha256": records_sha256(real), **params}
     if any(has_rationale(r) for r in teacher):
         inputs["keeps_rationales"] = True  # a mix written before rationales were kept is made again

@@ -73,8 +73,7 @@ def mix(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None = None) 
     started = time.perf_counter()
     with tracking.stage_run(parent_run_id, "mix", cfg.tracking.experiment) as run_id:
         manifest = run_mix(
-            plan.generate_uri, plan.real_uri, plan.mix_uri,
-            prompt_field=cfg.data.prompt_field, answer_field=cfg.data.answer_field, **cfg.mix.model_dump(),
+            plan.generate_uri, plan.real_uri, plan.mix_uri, cfg.mix, prompt_field=cfg.data.prompt_field, answer_field=cfg.data.answer_field,
         )
         if run_id:
             tracking.log_metrics(run_id, costs.stage_cost(wall_s=time.perf_counter() - started))

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from mydistill import io
+from mydistill.config import MixConfig
 from mydistill.mix import mix_datasets, run_mix
 
 
@@ -88,11 +89,11 @@ def test_run_mix_writes_files_and_manifest_and_skips_when_done(tmp_path):
     io.write_records(str(tmp_path / "gen" / "part-00000.jsonl"), teacher_rows(70))
     io.write_records(str(tmp_path / "real.jsonl"), real_rows(40))
     out = str(tmp_path / "mix")
-    manifest = run_mix(str(tmp_path / "gen"), str(tmp_path / "real.jsonl"), out, seed=0)
+    manifest = run_mix(str(tmp_path / "gen"), str(tmp_path / "real.jsonl"), out, MixConfig(seed=0))
     assert manifest["stats"]["teacher_fraction_realised"] == pytest.approx(0.7, abs=0.01)
     assert manifest["files"]["train.jsonl"]["count"] == len(io.read_records(f"{out}/train.jsonl"))
     mtime = (tmp_path / "mix" / "train.jsonl").stat().st_mtime_ns
-    assert run_mix(str(tmp_path / "gen"), str(tmp_path / "real.jsonl"), out, seed=0) == manifest
+    assert run_mix(str(tmp_path / "gen"), str(tmp_path / "real.jsonl"), out, MixConfig(seed=0)) == manifest
     assert (tmp_path / "mix" / "train.jsonl").stat().st_mtime_ns == mtime
 
 
@@ -124,7 +125,7 @@ def test_a_numeric_answer_is_its_text_and_invalid_utf8_is_named_by_line(tmp_path
     real.write_text('{"prompt": "2+2", "answer": 4}\n')
     teacher = tmp_path / "teacher.jsonl"
     io.write_records(str(teacher), [{"prompt": "p", "response": "r"}])
-    run_mix(str(teacher), str(real), str(tmp_path / "mix"), val_fraction=0.0)
+    run_mix(str(teacher), str(real), str(tmp_path / "mix"), MixConfig(val_fraction=0.0))
     assert {r["response"] for r in io.read_records(str(tmp_path / "mix" / "task_train.jsonl"))} == {"4"}
     real.write_bytes(b'{"prompt": "ok", "answer": "a"}\n{"prompt": "caf\xe9", "answer": "a"}\n')
     with pytest.raises(io.DataError, match=r"real.jsonl:2: not valid UTF-8 \(byte 0xe9 at column 16\)"):
