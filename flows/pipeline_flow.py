@@ -27,16 +27,22 @@ def distill_pipeline(config: PipelineConfig = load_config("demo")) -> dict[str, 
     report = decision = None
     try:
         t.what_changed(config, plan, parent)
-        t.fresh_unless_done(t.generate, plan.generate_uri)(config, plan, plan.generate_uri, parent)
-        t.fresh_unless_done(t.mix, plan.mix_uri)(config, plan, plan.mix_uri, parent)
+        # each task's returned URI goes into the next, so the Prefect UI draws the DAG's edges
+        responses = t.fresh_unless_done(t.generate, plan.generate_uri)(config, plan, plan.generate_uri, parent)
+        mixed = t.fresh_unless_done(t.mix, plan.mix_uri)(config, plan, plan.mix_uri, parent, reads=(responses,))
+        signal = None
         if plan.signal_uri:
-            t.fresh_unless_done(t.teacher_signal, plan.signal_uri)(config, plan, plan.signal_uri, parent)
-        t.fresh_unless_done(t.train, plan.distill_uri)(config, plan, "distill", plan.distill_uri, parent)
+            signal = t.fresh_unless_done(t.teacher_signal, plan.signal_uri)(config, plan, plan.signal_uri, parent, reads=(mixed,))
+        students = [t.fresh_unless_done(t.train, plan.distill_uri)(
+            config, plan, "distill", plan.distill_uri, parent, reads=(mixed, *([signal] if signal else [])),
+        )]
         if plan.finetune_uri:
-            t.fresh_unless_done(t.train, plan.finetune_uri)(config, plan, "finetune", plan.finetune_uri, parent)
+            students.append(t.fresh_unless_done(t.train, plan.finetune_uri)(
+                config, plan, "finetune", plan.finetune_uri, parent, reads=(students[0], mixed),
+            ))
         if plan.baseline_uri:
-            t.fresh_unless_done(t.train, plan.baseline_uri)(config, plan, "baseline", plan.baseline_uri, parent)
-        report = t.fresh_unless_done(t.evaluate, plan.evaluate_uri)(config, plan, plan.evaluate_uri, parent)
+            students.append(t.fresh_unless_done(t.train, plan.baseline_uri)(config, plan, "baseline", plan.baseline_uri, parent))
+        report = t.fresh_unless_done(t.evaluate, plan.evaluate_uri)(config, plan, plan.evaluate_uri, parent, reads=tuple(students))
         decision = t.register(config, plan, report, parent)
         t.record_run(config, plan, parent, decision)
     except BaseException:

@@ -82,8 +82,9 @@ def evaluate_flow(config: PipelineConfig = load_config("demo")) -> dict[str, Any
     """Score student, teacher and baseline (needs the training stages' outputs)."""
 
     def run(plan, parent):
+        baseline = ()
         if plan.baseline_uri:
-            t.fresh_unless_done(t.train, plan.baseline_uri)(config, plan, "baseline", plan.baseline_uri, parent)
-        return t.fresh_unless_done(t.evaluate, plan.evaluate_uri)(config, plan, plan.evaluate_uri, parent)
+            baseline = (t.fresh_unless_done(t.train, plan.baseline_uri)(config, plan, "baseline", plan.baseline_uri, parent),)
+        return t.fresh_unless_done(t.evaluate, plan.evaluate_uri)(config, plan, plan.evaluate_uri, parent, reads=baseline)
 
     return _tracked(config, "evaluate", run)

@@ -23,7 +23,7 @@ from mydistill import io, raised_by_us, stage_functions, tracking
 from mydistill.pipeline import changes, costs
 from mydistill.config import PipelineConfig
 from mydistill.evaluation.metrics import report_key
-from mydistill.pipeline.plan import StagePlan
+from mydistill.pipeline.plan import STAGE_READS, StagePlan
 
 
 ARTIFACT_CACHE = (INPUTS - "parent_run_id" - "config" - "plan") + TASK_SOURCE
@@ -41,6 +41,16 @@ def fresh_unless_done(stage_task: Task, output_uri: str) -> Task:
     result was deleted, the stage must run again instead of handing on a URI to nothing.
     """
     return stage_task.with_options(refresh_cache=io.read_manifest(output_uri) is None)
+
+
+def check_reads(plan: StagePlan, stage: str, reads: tuple[str, ...] | list[str]) -> None:
+    """``reads`` are the URIs that the tasks before ``stage`` returned (the flow passes each task's
+    result into the next, so the Prefect UI draws the DAG's edges). Each must be an artifact the
+    plan says ``stage`` reads: a flow wired wrongly fails here, naming the stage."""
+    expected = {uri: name for name, uri in plan.stage_uris().items() if name in STAGE_READS[stage]}
+    wrong = [uri for uri in reads if uri not in expected]
+    if wrong:
+        raise ValueError(f"{stage} was handed {wrong}, which it does not read; it reads {sorted(expected.values()) or 'no earlier stage'}")
 
 
 CREDENTIALS_BLOCK_ENV = "MYDISTILL_CREDENTIALS_BLOCK"
@@ -142,7 +152,8 @@ def generate(config: PipelineConfig, plan: StagePlan, output_uri: str, parent_ru
 
 
 @task(name="mix", task_run_name="mix", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient, cache_policy=ARTIFACT_CACHE, persist_result=True)
-def mix(config: PipelineConfig, plan: StagePlan, output_uri: str, parent_run_id: str | None = None) -> str:
+def mix(config: PipelineConfig, plan: StagePlan, output_uri: str, parent_run_id: str | None = None, reads: tuple[str, ...] = ()) -> str:
+    check_reads(plan, "mix", reads)
     manifest = stage_functions.mix(config, plan, parent_run_id)
     stats = manifest["stats"]
     get_run_logger().info(
@@ -153,7 +164,8 @@ def mix(config: PipelineConfig, plan: StagePlan, output_uri: str, parent_run_id:
 
 
 @task(name="signal", task_run_name="signal", cache_policy=ARTIFACT_CACHE, persist_result=True)
-def teacher_signal(config: PipelineConfig, plan: StagePlan, output_uri: str, parent_run_id: str | None = None) -> str:
+def teacher_signal(config: PipelineConfig, plan: StagePlan, output_uri: str, parent_run_id: str | None = None, reads: tuple[str, ...] = ()) -> str:
+    check_reads(plan, "signal", reads)
     manifest = stage_functions.teacher_signal(config, plan, parent_run_id)
     counts = manifest["counts"]
     get_run_logger().info(
@@ -165,7 +177,10 @@ def teacher_signal(config: PipelineConfig, plan: StagePlan, output_uri: str, par
 
 
 @task(name="train", task_run_name="{stage}", cache_policy=ARTIFACT_CACHE, persist_result=True)
-def train(config: PipelineConfig, plan: StagePlan, stage: str, output_uri: str, parent_run_id: str | None = None) -> str:
+def train(
+    config: PipelineConfig, plan: StagePlan, stage: str, output_uri: str, parent_run_id: str | None = None, reads: tuple[str, ...] = (),
+) -> str:
+    check_reads(plan, stage, reads)
     manifest = stage_functions.train(config, plan, stage, parent_run_id, progress=_interactive(), on_line=get_run_logger().info)
     final = manifest.get("final_metrics", {})
     get_run_logger().info("%s done → %s (loss %.4f, %.0f tokens/s)", stage, output_uri, final.get("loss", float("nan")), final.get("tokens_per_s", 0))
@@ -173,7 +188,8 @@ def train(config: PipelineConfig, plan: StagePlan, stage: str, output_uri: str, 
 
 
 @task(name="evaluate", task_run_name="evaluate", cache_policy=ARTIFACT_CACHE, persist_result=True)
-def evaluate(config: PipelineConfig, plan: StagePlan, output_uri: str, parent_run_id: str | None = None) -> dict[str, Any]:
+def evaluate(config: PipelineConfig, plan: StagePlan, output_uri: str, parent_run_id: str | None = None, reads: tuple[str, ...] = ()) -> dict[str, Any]:
+    check_reads(plan, "evaluate", reads)
     report = stage_functions.evaluate(config, plan, parent_run_id)
     mlflow_run = tracking.run_reference(parent_run_id) if parent_run_id else None
     spent = None
@@ -200,21 +216,13 @@ def register(config: PipelineConfig, plan: StagePlan, report: dict[str, Any], pa
 def open_pipeline_run(config: PipelineConfig, plan: StagePlan) -> str:
     from prefect.runtime import flow_run
 
-    tracking.configure(config.tracking.tracking_uri, config.tracking.artifact_location)
-    killed = tracking.mark_dead_runs_killed(config.tracking.experiment)
+    run_id, killed = stage_functions.open_pipeline_run(config, plan, tags={
+        "prefect.flow_run_id": str(flow_run.id),
+        # the ephemeral API has no UI: no link then (it used to read "None/flow-runs/…")
+        **({"prefect.flow_run_url": str(flow_run.ui_url)} if flow_run.ui_url and not str(flow_run.ui_url).startswith("None") else {}),
+    })
     if killed:
         get_run_logger().info("marked %d MLflow run(s) left RUNNING by a killed process as KILLED", len(killed))
-    run_id = tracking.start_run(
-        config.tracking.experiment, config.name,
-        tags={
-            "prefect.flow_run_id": str(flow_run.id), "mydistill.pipeline": "true",
-            # the ephemeral API has no UI: no link then (it used to read "None/flow-runs/…")
-            **({"prefect.flow_run_url": str(flow_run.ui_url)} if flow_run.ui_url and not str(flow_run.ui_url).startswith("None") else {}),
-        },
-    )
-    tracking.log_params(run_id, config.model_dump())
-    tracking.log_dict(run_id, config.model_dump(mode="json"), "config.json")
-    tracking.log_dict(run_id, plan.as_dict(), "plan.json")
     get_run_logger().info("MLflow run %s at %s", run_id, tracking.display_uri(tracking.current_uri()))
     return run_id
 
@@ -245,14 +253,7 @@ def what_changed(config: PipelineConfig, plan: StagePlan, parent_run_id: str | N
 def record_run(config: PipelineConfig, plan: StagePlan, parent_run_id: str | None, decision: dict[str, Any] | None) -> None:
     """Remember this run's fingerprints for the next one; log the champion's score and its history
     over past runs of this pipeline on the parent run."""
-    if parent_run_id and decision:
-        holder = tracking.alias_holder(config.registry.model_name, config.registry.alias)  # after this run's decision
-        if holder is not None and holder.get("score") is not None:
-            tracking.log_metrics(parent_run_id, {"champion_score": float(holder["score"])})
-        tracking.log_metrics(parent_run_id, {tracking.SCORE_METRIC: float(decision["score"])})  # before the search below
-        runs = tracking.pipeline_runs(config.tracking.experiment, config.name)
-        tracking.log_figure(parent_run_id, changes.champion_history_figure(runs), "plots/champion_history.png")
-    changes.record_run(config.work_dir, config.name, plan, mlflow_run_id=parent_run_id)
+    stage_functions.record_run(config, plan, parent_run_id, decision)
 
 
 @task(name="close-mlflow-run", task_run_name="close-mlflow-run", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient)
@@ -260,15 +261,8 @@ def close_pipeline_run(
     config: PipelineConfig, run_id: str, report: dict[str, Any] | None, decision: dict[str, Any] | None, failed: bool = False,
 ) -> dict[str, float]:
     """Log the summary and what the run cost on the pipeline's MLflow run, then end it; returns the cost."""
-    if report:
-        tracking.log_metrics(run_id, stage_functions.summary_metrics(report))
-    if decision:
-        gate = "passed" if decision["passed"] else "failed"
-        tracking.set_tags(run_id, {"mydistill.gate": gate, "mydistill.gate_reason": decision["reason"]})
-    retained = (report or {}).get("models", {}).get("student", {}).get("teacher_retained")
-    cost = stage_functions.run_costs(config, run_id, retained)
+    cost = stage_functions.close_pipeline_run(config, run_id, report, decision, failed=failed)
     get_run_logger().info("run cost: %s", "; ".join(costs.cost_lines(cost, config.costs.currency)))
-    tracking.end_run(run_id, "FAILED" if failed else "FINISHED")
     return cost
 
 

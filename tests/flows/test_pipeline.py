@@ -59,6 +59,20 @@ def task_states(flow_run_id) -> dict[str, str]:
         time.sleep(0.5)
 
 
+def task_edges(flow_run_id) -> set[tuple[str, str]]:
+    """(upstream task, downstream task) pairs as the Prefect API records them: the edges the UI draws."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    names = {r.id: r.name for r in runs}
+    return {
+        (names[i.id], r.name) for r in runs for inputs in r.task_inputs.values() for i in inputs
+        if getattr(i, "input_type", None) == "task_run" and i.id in names
+    }
+
+
 def flow_run_logs(flow_run_id) -> list[str]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
@@ -109,6 +123,9 @@ def test_pipeline_runs_end_to_end_and_tracks_everything(harness, config):
     assert {"kd", "ce", "tokens_per_s", "peak_memory_mb"} <= set(distill.data.metrics)
     assert "val_loss" in by_stage["finetune"].data.metrics
     assert any("[mydistill] done" in line for line in flow_run_logs(flow_run_id))  # worker output streamed
+    # each task's returned URI went into the next: the Prefect UI draws the DAG's edges
+    assert {("generate", "mix"), ("mix", "distill"), ("distill", "finetune"), ("mix", "finetune"), ("finetune", "evaluate"),
+            ("baseline", "evaluate"), ("evaluate", "register"), ("register", "record-run")} <= task_edges(flow_run_id)
     # each trained model is an MLflow model of the transformers flavor, logged by its stage's run
     import mlflow
 

@@ -141,3 +141,15 @@ class _FailedState:
 ])
 def test_only_errors_a_retry_can_fix_are_retried(error, retried):
     assert t._transient(None, None, _FailedState(error)) is retried
+
+
+def test_a_stage_handed_an_artifact_it_does_not_read_says_which(tmp_path):
+    from mydistill.config import load_config
+    from mydistill.pipeline.plan import make_plan
+    from tasks.stage_tasks import check_reads
+
+    plan = make_plan(load_config("demo", [f"work_dir={tmp_path}/runs", f"demo.cache_dir={tmp_path}/cache"]))
+    check_reads(plan, "finetune", (plan.distill_uri, plan.mix_uri))
+    check_reads(plan, "baseline", ())
+    with pytest.raises(ValueError, match=r"finetune was handed \[.*generate-.*\], which it does not read; it reads \['distill', 'mix'\]"):
+        check_reads(plan, "finetune", (plan.generate_uri,))
