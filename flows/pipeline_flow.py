@@ -9,9 +9,10 @@ from prefect import flow
 from mydistill.config import PipelineConfig, load_config
 from mydistill.plan import make_plan
 from tasks import stage_tasks as t
+from tasks.cluster import delete_cluster_jobs
 
 
-@flow(name="distill-pipeline", log_prints=True)
+@flow(name="distill-pipeline", log_prints=True, on_cancellation=[delete_cluster_jobs], on_crashed=[delete_cluster_jobs])
 def distill_pipeline(config: PipelineConfig = load_config("demo")) -> dict[str, Any]:
     """Distil the teacher into the student and evaluate it against the teacher and a baseline.
 

@@ -9,6 +9,7 @@ from prefect import flow
 from mydistill.config import PipelineConfig, load_config
 from mydistill.plan import make_plan
 from tasks import stage_tasks as t
+from tasks.cluster import delete_cluster_jobs
 
 
 def _tracked(config: PipelineConfig, stage: str, run):
@@ -56,7 +57,7 @@ def signal_flow(config: PipelineConfig = load_config("demo")) -> str:
     return _tracked(config, "signal", run)
 
 
-@flow(name="distill")
+@flow(name="distill", on_cancellation=[delete_cluster_jobs], on_crashed=[delete_cluster_jobs])
 def distill_flow(config: PipelineConfig = load_config("demo")) -> str:
     """Stage 1: distil the student from the teacher (needs the mix stage's output)."""
     return _tracked(
@@ -65,7 +66,7 @@ def distill_flow(config: PipelineConfig = load_config("demo")) -> str:
     )
 
 
-@flow(name="finetune")
+@flow(name="finetune", on_cancellation=[delete_cluster_jobs], on_crashed=[delete_cluster_jobs])
 def finetune_flow(config: PipelineConfig = load_config("demo")) -> str:
     """Stage 2: fine-tune the distilled student on the real task data (needs stage 1's output)."""
 
@@ -77,7 +78,7 @@ def finetune_flow(config: PipelineConfig = load_config("demo")) -> str:
     return _tracked(config, "finetune", run)
 
 
-@flow(name="evaluate")
+@flow(name="evaluate", on_cancellation=[delete_cluster_jobs], on_crashed=[delete_cluster_jobs])
 def evaluate_flow(config: PipelineConfig = load_config("demo")) -> dict[str, Any]:
     """Score student, teacher and baseline (needs the training stages' outputs)."""
 

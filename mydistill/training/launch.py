@@ -94,6 +94,7 @@ def launch_training(
     env: dict[str, str] | None = None,
     progress: bool = False,
     restarts: int = 1,
+    labels: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run ``job`` as its config says (in process, or on launched workers); returns its manifest.
 
@@ -102,9 +103,14 @@ def launch_training(
     abort in gloo or NCCL, a segfault, a node's kill) the workers are started again, up to
     ``restarts`` times, and resume from the job's last checkpoint (``save_every``; without one the
     stage starts over). A Python error in the job, or a stop (SIGTERM, SIGINT), would only happen
-    again: it fails at once.
+    again: it fails at once. With ``engine: kubeflow`` the job runs on a cluster instead
+    (:func:`mydistill.training.kubeflow.run_trainjob`; ``labels`` go on its TrainJob).
     """
     cfg = job.train_config()
+    if cfg.engine == "kubeflow":
+        from mydistill.training.kubeflow import run_trainjob
+
+        return run_trainjob(job, cfg.kubeflow, num_processes=cfg.num_processes, on_line=on_line, env=env, labels=labels)
     if cfg.launcher == "none":
         from mydistill.train import run_training
 
