@@ -228,3 +228,48 @@ def test_the_flows_cancel_hook_deletes_the_flow_runs_jobs_and_their_processes(k8
     assert [name for _, name in k8s.jobs] == [others["metadata"]["name"]]  # another run's job is left alone
     wait_for(lambda: not any(group_alive(g) for g in groups))
 
+
+
+@pytest.mark.slow
+def test_a_flow_run_killed_by_sigterm_deletes_its_trainjob_and_no_pod_survives(k8s, tmp_path):
+    # what a worker does to a flow run it cancels or stops: SIGTERM, which Prefect turns into a
+    # TerminationSignal in the flow run's main thread, where the task waits on the TrainJob
+    import os
+    import signal
+
+    from prefect import flow, task
+    from prefect.exceptions import TerminationSignal
+    from prefect.runtime import flow_run
+    from prefect.testing.utilities import prefect_test_harness
+
+    from tasks.cluster import delete_cluster_jobs
+
+    cfg = cluster_config(k8s, tmp_path, num_nodes=2, env={"FAKE_MODE": "sleep"})
+    job = train_job(tmp_path)
+
+    def on_line(line: str) -> None:
+        if line.endswith("sleeping"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    @task
+    def train_on_the_cluster() -> None:
+        kubeflow.run_trainjob(job, cfg, num_processes=1, on_line=on_line, labels={kubeflow.FLOW_RUN_LABEL: str(flow_run.id)})
+
+    @flow(on_crashed=[delete_cluster_jobs], on_cancellation=[delete_cluster_jobs])
+    def stage(config: dict) -> None:
+        train_on_the_cluster()
+
+    config = load_config("demo-tiny", [f"work_dir={tmp_path}/work"]).model_dump(mode="json")
+    config["distill"].update(engine="kubeflow", kubeflow=cfg.model_dump(mode="json"))
+    # Prefect re-sends the SIGTERM to the handler it found once the flow run has crashed: a no-op
+    # here, where the default would end pytest
+    before = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        with prefect_test_harness(server_startup_timeout=180), pytest.raises(TerminationSignal):
+            stage(config)  # the flow run ends Crashed, its on_crashed hook run
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert k8s.jobs == {} and len(k8s.created) == 1
+    groups = k8s.process_groups()
+    assert len(groups) == 2
+    wait_for(lambda: not any(group_alive(g) for g in groups))
