@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import json
 import os
 import queue
 import re
@@ -63,6 +64,11 @@ class TrainJobFailed(WorkerFailed):
 
 class ManifestError(ValueError):
     """The TrainJob template does not render to a valid TrainJob; the message names the file and field."""
+
+
+class ClusterRefused(RuntimeError):
+    """The Kubernetes API refused a request (no access, no Kubeflow Trainer, an invalid TrainJob):
+    retrying cannot help; the message says what was refused and why."""
 
 
 def trainjob_name(stage: str, output_uri: str) -> str:
@@ -184,23 +190,43 @@ class Cluster:
         from kubernetes.client.exceptions import ApiException
 
         self.ApiException = ApiException
-        if cfg.kubeconfig or cfg.context or "KUBERNETES_SERVICE_HOST" not in os.environ:
-            api = config.new_client_from_config(config_file=cfg.kubeconfig, context=cfg.context, persist_config=False)
-        else:  # inside a pod (the Prefect job on a Kubernetes work pool): its service account
-            configuration = client.Configuration()
-            config.load_incluster_config(client_configuration=configuration)
-            api = client.ApiClient(configuration)
+        try:
+            if cfg.kubeconfig or cfg.context or "KUBERNETES_SERVICE_HOST" not in os.environ:
+                api = config.new_client_from_config(config_file=cfg.kubeconfig, context=cfg.context, persist_config=False)
+            else:  # inside a pod (the Prefect job on a Kubernetes work pool): its service account
+                configuration = client.Configuration()
+                config.load_incluster_config(client_configuration=configuration)
+                api = client.ApiClient(configuration)
+        except config.ConfigException as e:
+            raise ClusterRefused(
+                f"engine: kubeflow: no access to a Kubernetes cluster ({e}); set kubeflow.kubeconfig (and kubeflow.context), "
+                "or run the flow inside the cluster"
+            ) from None
+        self.host = api.configuration.host
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
         self.namespace = cfg.namespace
+
+    def refused(self, e: Any, action: str) -> Exception:
+        """A refusal by the API (4xx) as one line for people; anything else (5xx, a timeout) as it is."""
+        if not (400 <= (e.status or 0) < 500):
+            return e
+        message = _api_message(e)
+        hint = {
+            401: ": check the kubeconfig's credentials",
+            403: ": the flow run's service account needs deploy/kubeflow/rbac.yaml",
+            404: ": is Kubeflow Trainer (its TrainJob CRD) installed on this cluster?",
+        }.get(e.status, "")
+        return ClusterRefused(f"Kubernetes API {self.host} refused to {action} in namespace {self.namespace}: "
+                              f"{e.status} {message}{hint}")
 
     def get(self, name: str) -> dict[str, Any] | None:
         try:
             return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
         except self.ApiException as e:
-            if e.status == 404:
+            if e.status == 404 and f'"{name}" not found' in _api_message(e):  # not a 404 for want of the CRD
                 return None
-            raise
+            raise self.refused(e, f"read TrainJob {name}") from None
 
     def create(self, manifest: dict[str, Any]) -> bool:
         """Submit ``manifest``; False when a job of that name exists already."""
@@ -210,7 +236,7 @@ class Cluster:
         except self.ApiException as e:
             if e.status == 409:
                 return False
-            raise
+            raise self.refused(e, f"create TrainJob {manifest['metadata']['name']}") from None
 
     def delete(self, name: str) -> bool:
         """Delete the job (its pods go with it); False when there was none."""
@@ -222,7 +248,7 @@ class Cluster:
         except self.ApiException as e:
             if e.status == 404:
                 return False
-            raise
+            raise self.refused(e, f"delete TrainJob {name}") from None
 
     def wait_gone(self, name: str, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
@@ -233,10 +259,16 @@ class Cluster:
 
     def list(self, labels: dict[str, str]) -> list[dict[str, Any]]:
         selector = ",".join(f"{k}={v}" for k, v in labels.items())
-        return self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, label_selector=selector)["items"]
+        try:
+            return self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, label_selector=selector)["items"]
+        except self.ApiException as e:
+            raise self.refused(e, "list TrainJobs") from None
 
     def pods(self, name: str) -> list[Any]:
-        return self.core.list_namespaced_pod(self.namespace, label_selector=f"{JOBSET_NAME_LABEL}={name}").items
+        try:
+            return self.core.list_namespaced_pod(self.namespace, label_selector=f"{JOBSET_NAME_LABEL}={name}").items
+        except self.ApiException as e:
+            raise self.refused(e, f"list the pods of TrainJob {name}") from None
 
     def follow(self, pod: str) -> Any:
         """The pod's log as a stream (an HTTP response: close it to stop)."""
@@ -247,6 +279,14 @@ class Cluster:
             return self.core.read_namespaced_pod_log(pod, self.namespace, tail_lines=lines).splitlines()
         except self.ApiException:
             return []
+
+
+def _api_message(e: Any) -> str:
+    """The message of the API's ``Status`` answer (its body), else the HTTP reason."""
+    try:
+        return json.loads(e.body or "{}").get("message") or e.reason or ""
+    except (ValueError, AttributeError):
+        return e.reason or ""
 
 
 def condition(trainjob: dict[str, Any], kind: str) -> dict[str, Any] | None:
@@ -389,6 +429,27 @@ def run_trainjob(
     return manifest
 
 
+def _transient(error: BaseException) -> bool:
+    """A blip on the way to the API server (a dropped connection, a timeout, a 5xx): worth asking again."""
+    import urllib3
+
+    status = getattr(error, "status", None)
+    return isinstance(error, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)) or (
+        isinstance(status, int) and status >= 500 and not isinstance(error, ClusterRefused)
+    )
+
+
+def _patiently(call: Callable[[], Any]) -> Any:
+    """``call()``, asked again on a transient error for about two minutes: a training job outlives
+    a restart of the API server, and so does the stage waiting on it."""
+    from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
+
+    for attempt in Retrying(retry=retry_if_exception(_transient), stop=stop_after_delay(120),
+                            wait=wait_exponential(multiplier=0.5, max=15), reraise=True):
+        with attempt:
+            return call()
+
+
 def _wait(cluster: Cluster, name: str, where: str, logs: LogFollower, say: LineCallback, poll: float) -> None:
     next_check = 0.0
     while True:
@@ -396,9 +457,9 @@ def _wait(cluster: Cluster, name: str, where: str, logs: LogFollower, say: LineC
         if time.monotonic() < next_check:
             continue
         next_check = time.monotonic() + poll
-        pods = cluster.pods(name)
+        pods = _patiently(lambda: cluster.pods(name))
         logs.watch(pods)
-        trainjob = cluster.get(name)
+        trainjob = _patiently(lambda: cluster.get(name))
         if trainjob is None:
             logs.finish(say, timeout=2)
             raise TrainJobFailed(f"{where} was deleted while the stage was waiting on it")

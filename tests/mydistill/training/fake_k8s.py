@@ -16,7 +16,8 @@ and ``TMPDIR``), with the environment the torch runtime of Kubeflow Trainer inje
 and the trainer's ``env`` (values, and ``secretKeyRef`` read from :attr:`FakeKubernetes.secrets`;
 a missing Secret leaves the pod waiting with ``CreateContainerConfigError``, as the kubelet does).
 Pods carry the labels JobSet puts on them (``jobset.sigs.k8s.io/jobset-name``,
-``jobset.sigs.k8s.io/replicatedjob-name: node``, ``batch.kubernetes.io/job-completion-index``). When
+``jobset.sigs.k8s.io/replicatedjob-name: node``, ``batch.kubernetes.io/job-completion-index``).
+:attr:`FakeKubernetes.unavailable` makes the next requests fail with 503, as a restarting API server. When
 every pod exits 0 the TrainJob gets ``Complete``; when one fails it gets ``Failed`` and the others
 are stopped (SIGTERM, exit code 143), as JobSet's default failure policy does. Deleting a
 TrainJob kills its pods' process groups.
@@ -138,6 +139,7 @@ class FakeKubernetes:
         self.secrets: dict[str, dict[str, str]] = {}
         self.lock = threading.RLock()
         self._dead_groups: list[int] = []
+        self.unavailable = 0  # answer this many next requests 503, as an API server restarting does
         # the "image": this Python environment, its scripts (torchrun) first on PATH
         self.image_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         fake = self
@@ -195,6 +197,10 @@ class FakeKubernetes:
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         length = int(req.headers.get("Content-Length") or 0)
         body = json.loads(req.rfile.read(length) or b"null") if length else None
+        with self.lock:
+            down, self.unavailable = self.unavailable > 0, max(0, self.unavailable - 1)
+        if down:
+            return self._send(req, 503, _status(503, "ServiceUnavailable", "the fake is restarting"))
         try:
             if m := TRAINJOBS.match(url.path):
                 self._trainjobs(req, method, m["ns"], m["name"], query, body)

@@ -162,6 +162,28 @@ def test_a_pod_that_cannot_start_fails_the_stage_at_once(k8s, tmp_path):
     assert k8s.jobs == {}  # given up: deleted, not left waiting
 
 
+def test_an_unknown_runtime_is_refused_in_one_line_with_the_apis_reason(k8s, tmp_path):
+    cfg = cluster_config(k8s, tmp_path, runtime="deepspeed-distributed")
+    with pytest.raises(kubeflow.ClusterRefused) as e:
+        kubeflow.run_trainjob(train_job(tmp_path), cfg, num_processes=1)
+    assert str(e.value).startswith(f"Kubernetes API {k8s.url} refused to create TrainJob mydistill-distill-")
+    assert str(e.value).endswith("in namespace default: 422 spec.runtimeRef.name: ClusterTrainingRuntime "
+                                 "'deepspeed-distributed' not found (the fake knows ['torch-distributed'])")
+
+
+def test_the_stage_rides_out_an_api_server_restart_while_it_waits(k8s, tmp_path):
+    cfg = cluster_config(k8s, tmp_path, num_nodes=2)
+    lines: list[str] = []
+
+    def on_line(line: str) -> None:
+        lines.append(line)
+        if line.startswith("[node 0] rank 0 "):
+            k8s.unavailable = 3  # while the pods run, the next three requests fail with 503
+
+    assert kubeflow.run_trainjob(train_job(tmp_path), cfg, num_processes=1, on_line=on_line) == {"final_metrics": {"loss": 1.5}}
+    assert k8s.unavailable == 0 and len(k8s.created) == 1
+
+
 def test_a_retried_stage_reattaches_to_its_running_job_instead_of_submitting_another(k8s, tmp_path):
     cfg = cluster_config(k8s, tmp_path, num_nodes=2)
     job = train_job(tmp_path)
