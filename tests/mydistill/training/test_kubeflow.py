@@ -177,8 +177,8 @@ def test_the_stage_rides_out_an_api_server_restart_while_it_waits(k8s, tmp_path)
 
     def on_line(line: str) -> None:
         lines.append(line)
-        if line.startswith("[node 0] rank 0 "):
-            k8s.unavailable = 3  # while the pods run, the next three requests fail with 503
+        if ": submitted (" in line:
+            k8s.unavailable = 3  # the wait's first three requests fail with 503
 
     assert kubeflow.run_trainjob(train_job(tmp_path), cfg, num_processes=1, on_line=on_line) == {"final_metrics": {"loss": 1.5}}
     assert k8s.unavailable == 0 and len(k8s.created) == 1
