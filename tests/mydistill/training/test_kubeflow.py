@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 import uuid
+from pathlib import Path
 
 import pytest
 import yaml
