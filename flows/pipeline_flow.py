@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
 
+from mydistill import io
 from mydistill.config import PipelineConfig, load_config
-from mydistill.pipeline.plan import make_plan
+from mydistill.pipeline.plan import StagePlan, make_plan
 from tasks import stage_tasks as t
+from tasks.cluster import delete_cluster_jobs
 
 
-@flow(name="distill-pipeline", log_prints=True)
+@flow(name="distill-pipeline", log_prints=True, on_cancellation=[delete_cluster_jobs], on_crashed=[delete_cluster_jobs])
 def distill_pipeline(config: PipelineConfig = load_config("demo")) -> dict[str, Any]:
     """Distil the teacher into the student and evaluate it against the teacher and a baseline.
 
@@ -33,15 +37,11 @@ def distill_pipeline(config: PipelineConfig = load_config("demo")) -> dict[str, 
         signal = None
         if plan.signal_uri:
             signal = t.fresh_unless_done(t.teacher_signal, plan.signal_uri)(config, plan, plan.signal_uri, parent, reads=(mixed,))
-        students = [t.fresh_unless_done(t.train, plan.distill_uri)(
-            config, plan, "distill", plan.distill_uri, parent, reads=(mixed, *([signal] if signal else [])),
-        )]
+        students = [_train(config, plan, "distill", plan.distill_uri, parent, reads=(mixed, *([signal] if signal else [])))]
         if plan.finetune_uri:
-            students.append(t.fresh_unless_done(t.train, plan.finetune_uri)(
-                config, plan, "finetune", plan.finetune_uri, parent, reads=(students[0], mixed),
-            ))
+            students.append(_train(config, plan, "finetune", plan.finetune_uri, parent, reads=(students[0], mixed)))
         if plan.baseline_uri:
-            students.append(t.fresh_unless_done(t.train, plan.baseline_uri)(config, plan, "baseline", plan.baseline_uri, parent))
+            students.append(_train(config, plan, "baseline", plan.baseline_uri, parent))
         report = t.fresh_unless_done(t.evaluate, plan.evaluate_uri)(config, plan, plan.evaluate_uri, parent, reads=tuple(students))
         decision = t.register(config, plan, report, parent)
         t.record_run(config, plan, parent, decision)
@@ -50,6 +50,32 @@ def distill_pipeline(config: PipelineConfig = load_config("demo")) -> dict[str, 
         raise
     cost = t.close_pipeline_run(config, parent, report, decision)
     return {"mlflow_run_id": parent, "report": report, "decision": decision, "plan": plan.as_dict(), "cost": cost}
+
+
+# the stage deployments (deploy/prefect.yaml, on the GPU pool) that training_flow_runs sends training to
+TRAINING_DEPLOYMENTS = {"distill": "distill/distill", "finetune": "finetune/finetune", "baseline": "baseline/baseline"}
+
+
+def _train(config: PipelineConfig, plan: StagePlan, stage: str, output_uri: str, parent: str, reads: tuple[str, ...] = ()) -> str:
+    """One training stage: a task of this flow run, or (``training_flow_runs``) a flow run of the stage's
+    deployment, linked as a subflow, so only that run holds a GPU worker."""
+    if not config.training_flow_runs:
+        return t.fresh_unless_done(t.train, output_uri)(config, plan, stage, output_uri, parent, reads=reads)
+    if io.read_manifest(output_uri) is not None:  # done before, for the same inputs: no GPU run to start
+        get_run_logger().info("%s: done already → %s", stage, output_uri)
+        return output_uri
+    name = TRAINING_DEPLOYMENTS[stage]
+    try:
+        child = run_deployment(name, parameters={"config": config, "parent_run_id": parent}, as_subflow=True, timeout=None)
+    except ObjectNotFound:
+        raise ValueError(
+            f"training_flow_runs: there is no deployment {name!r} to run {stage} on; deploy deploy/prefect.yaml "
+            "(prefect deploy --all) or set training_flow_runs: false"
+        ) from None
+    if not child.state or not child.state.is_completed():
+        state = child.state.name if child.state else "unknown"
+        raise RuntimeError(f"{stage}: flow run {child.name} of {name} ended {state}: {child.state.message if child.state else ''}".rstrip(": "))
+    return output_uri
 
 
 if __name__ == "__main__":

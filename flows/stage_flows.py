@@ -9,11 +9,14 @@ from prefect import flow
 from mydistill.config import PipelineConfig, load_config
 from mydistill.pipeline.plan import make_plan
 from tasks import stage_tasks as t
+from tasks.cluster import delete_cluster_jobs
 
 
-def _tracked(config: PipelineConfig, stage: str, run):
+def _tracked(config: PipelineConfig, stage: str, run, parent_run_id: str | None = None):
     t.load_credentials()
     plan = make_plan(config)
+    if parent_run_id:  # started by the pipeline (training_flow_runs): its MLflow run, which it closes
+        return run(plan, parent_run_id)
     parent = t.open_pipeline_run(config.model_copy(update={"name": f"{config.name}-{stage}"}), plan)
     try:
         result = run(plan, parent)
@@ -56,28 +59,44 @@ def signal_flow(config: PipelineConfig = load_config("demo")) -> str:
     return _tracked(config, "signal", run)
 
 
-@flow(name="distill")
-def distill_flow(config: PipelineConfig = load_config("demo")) -> str:
-    """Stage 1: distil the student from the teacher (needs the mix stage's output)."""
+@flow(name="distill", on_cancellation=[delete_cluster_jobs], on_crashed=[delete_cluster_jobs])
+def distill_flow(config: PipelineConfig = load_config("demo"), parent_run_id: str | None = None) -> str:
+    """Stage 1: distil the student from the teacher (needs the mix stage's output). ``parent_run_id``:
+    the pipeline's MLflow run, when the pipeline started this flow run (training_flow_runs)."""
     return _tracked(
         config, "distill",
         lambda plan, parent: t.fresh_unless_done(t.train, plan.distill_uri)(config, plan, "distill", plan.distill_uri, parent),
+        parent_run_id,
     )
 
 
-@flow(name="finetune")
-def finetune_flow(config: PipelineConfig = load_config("demo")) -> str:
-    """Stage 2: fine-tune the distilled student on the real task data (needs stage 1's output)."""
+@flow(name="finetune", on_cancellation=[delete_cluster_jobs], on_crashed=[delete_cluster_jobs])
+def finetune_flow(config: PipelineConfig = load_config("demo"), parent_run_id: str | None = None) -> str:
+    """Stage 2: fine-tune the distilled student on the real task data (needs stage 1's output).
+    ``parent_run_id``: as for :func:`distill_flow`."""
 
     def run(plan, parent):
         if not plan.finetune_uri:
             raise ValueError("finetune.enabled is false in this config")
         return t.fresh_unless_done(t.train, plan.finetune_uri)(config, plan, "finetune", plan.finetune_uri, parent)
 
-    return _tracked(config, "finetune", run)
+    return _tracked(config, "finetune", run, parent_run_id)
 
 
-@flow(name="evaluate")
+@flow(name="baseline", on_cancellation=[delete_cluster_jobs], on_crashed=[delete_cluster_jobs])
+def baseline_flow(config: PipelineConfig = load_config("demo"), parent_run_id: str | None = None) -> str:
+    """The baseline student, trained on the real data alone for comparison (needs the mix stage's output).
+    ``parent_run_id``: as for :func:`distill_flow`."""
+
+    def run(plan, parent):
+        if not plan.baseline_uri:
+            raise ValueError("evaluate.baseline is false in this config: there is no baseline to train")
+        return t.fresh_unless_done(t.train, plan.baseline_uri)(config, plan, "baseline", plan.baseline_uri, parent)
+
+    return _tracked(config, "baseline", run, parent_run_id)
+
+
+@flow(name="evaluate", on_cancellation=[delete_cluster_jobs], on_crashed=[delete_cluster_jobs])
 def evaluate_flow(config: PipelineConfig = load_config("demo")) -> dict[str, Any]:
     """Score student, teacher and baseline (needs the training stages' outputs)."""
 

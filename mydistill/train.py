@@ -79,11 +79,19 @@ def run_job(
     env: dict[str, str] | None = None,
     progress: bool = False,
     restarts: int = 1,
+    labels: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Train ``job`` where its config says: in this process (``launcher: none``; ``on_metrics``
-    receives the metrics) or on launched workers (:func:`~mydistill.training.launch.launch_training`;
-    rank 0 logs to MLflow itself, ``on_line`` receives their output). Returns the manifest."""
-    if job.train_config().launcher == "none":
+    receives the metrics), on launched workers (:func:`~mydistill.training.launch.launch_training`;
+    rank 0 logs to MLflow itself, ``on_line`` receives their output), or on a cluster (``engine:
+    kubeflow``: :func:`~mydistill.training.kubeflow.run_trainjob`; ``labels`` go on its TrainJob).
+    Returns the manifest."""
+    cfg = job.train_config()
+    if cfg.engine == "kubeflow":
+        from mydistill.training.kubeflow import run_trainjob
+
+        return run_trainjob(job, cfg.kubeflow, num_processes=cfg.num_processes, on_line=on_line, env=env, labels=labels)
+    if cfg.launcher == "none":
         return run_training(job, on_metrics=on_metrics, progress=progress)
     return launch_training(job, on_line=on_line, env=env, restarts=restarts)
 

@@ -180,8 +180,16 @@ def teacher_signal(config: PipelineConfig, plan: StagePlan, output_uri: str, par
 def train(
     config: PipelineConfig, plan: StagePlan, stage: str, output_uri: str, parent_run_id: str | None = None, reads: tuple[str, ...] = (),
 ) -> str:
+    from prefect.runtime import flow_run
+
+    from mydistill.training.kubeflow import FLOW_RUN_LABEL
+
     check_reads(plan, stage, reads)
-    manifest = stage_functions.train(config, plan, stage, parent_run_id, progress=_interactive(), on_line=get_run_logger().info)
+    # on a cluster job: the flow run that owns it, for the flows' cancel/crash hooks (tasks/cluster.py)
+    labels = {FLOW_RUN_LABEL: str(flow_run.id)} if flow_run.id else None
+    manifest = stage_functions.train(
+        config, plan, stage, parent_run_id, progress=_interactive(), on_line=get_run_logger().info, labels=labels,
+    )
     final = manifest.get("final_metrics", {})
     get_run_logger().info("%s done → %s (loss %.4f, %.0f tokens/s)", stage, output_uri, final.get("loss", float("nan")), final.get("tokens_per_s", 0))
     return output_uri

@@ -13,8 +13,10 @@ Every section lives here and nothing here imports torch, so validating a config 
 * :mod:`.teacher_signal` -- ``signal`` (the teacher-signal store).
 * :mod:`.on_policy` -- ``distill.on_policy`` (GKD's student-sampled batches).
 * :mod:`.cross_tokenizer` -- ``distill.cross_tokenizer`` (a teacher with another tokenizer).
+* :mod:`.cluster` -- ``distill.kubeflow`` / ``finetune.kubeflow`` (the TrainJob of ``engine: kubeflow``).
 """
 
+from mydistill.config.cluster import KubeflowConfig
 from mydistill.config.cross_tokenizer import CrossTokenizerConfig, CrossTokenizerMethod
 from mydistill.config.generation import GenerateConfig, mask_url
 from mydistill.config.losses import Divergence, HiddenStateLossConfig, LossConfig, StepByStepConfig
@@ -66,6 +68,7 @@ __all__ = [
     "SignalMode",
     "StepByStepConfig",
     "JudgeConfig",
+    "KubeflowConfig",
     "StudentInit",
     "StudentSpec",
     "TeacherSpec",

@@ -115,6 +115,12 @@ class PipelineConfig(Section):
         "the one distilled online, a stage-1 checkpoint or teacher-signal store made with another tokenizer). "
         "Off: such a join stops with one message naming both sides. Turn on only when that is what you intend.",
     )
+    training_flow_runs: bool = Field(
+        False,
+        description="Run each training stage (distill, finetune, baseline) as a flow run of its own stage deployment "
+        "(deploy/prefect.yaml: on the GPU pool), a subflow of the pipeline's: the pipeline runs on the CPU pool and "
+        "GPUs are held only while training. Off: every stage runs inside the pipeline's own flow run.",
+    )
 
     @model_validator(mode="after")
     def _teacher_dtype_everywhere(self) -> PipelineConfig:

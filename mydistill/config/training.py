@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from mydistill.config.cluster import KubeflowConfig
 from mydistill.config.cross_tokenizer import CrossTokenizerConfig
 from mydistill.config.losses import LossConfig
 from mydistill.config.models import TeacherSpec
@@ -49,13 +50,27 @@ class TrainConfig(Section):
         description="Peak dense TFLOP/s of one device for the `mfu` metric; empty: known GPUs (H100/H200, A100, "
         "L40S, ...) are looked up by name, and no MFU is logged on other devices.",
     )
+    engine: Literal["local", "kubeflow"] = Field(
+        "local",
+        description="'local': train on this machine (as `launcher` says); 'kubeflow': submit a Kubeflow Trainer "
+        "TrainJob to a cluster (the `kubeflow` section), follow its logs and wait for it.",
+    )
+    kubeflow: KubeflowConfig = Field(
+        default_factory=KubeflowConfig, description="The cluster job of `engine: kubeflow` (docs/operations.md)."
+    )
+
+    @model_validator(mode="after")
+    def _kubeflow_needs_an_image(self) -> TrainConfig:
+        if self.engine == "kubeflow" and not self.kubeflow.image:
+            raise ValueError("engine: kubeflow needs kubeflow.image, the container image every node runs (deploy/Dockerfile.gpu)")
+        return self
 
 
 # How a run is carried out, not what it learns: left out of artifact hashes, so that e.g. a run
 # resumed with another logging cadence or launcher still finds its outputs.
 RUN_ONLY_FIELDS = {
     "log_every", "eval_every", "save_every", "device", "threads", "launcher", "hostfile", "resume", "peak_tflops",
-    "teacher_sharding",
+    "teacher_sharding", "engine", "kubeflow",
 }
 
 

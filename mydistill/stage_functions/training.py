@@ -83,12 +83,13 @@ def with_lengths(job: TrainJob) -> tuple[TrainJob, dict[str, Any]]:
 
 def train(
     cfg: PipelineConfig, plan: StagePlan, stage: str, parent_run_id: str | None = None, *,
-    progress: bool = False, on_line: Callable[[str], None] | None = None,
+    progress: bool = False, on_line: Callable[[str], None] | None = None, labels: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run one training stage (``distill``, ``finetune`` or ``baseline``); returns the checkpoint manifest.
 
     With ``launcher`` set in the stage's config the job runs on launched worker processes whose
-    output lines go to ``on_line``; rank 0 logs metrics into this stage's MLflow run.
+    output lines go to ``on_line``; rank 0 logs metrics into this stage's MLflow run. With
+    ``engine: kubeflow`` it runs as a TrainJob on a cluster, ``labels`` on it (who made it).
     """
     require_done(plan.mix_uri, "mix")
     if stage == "distill":
@@ -119,7 +120,7 @@ def train(
         job.mlflow_run_id = run_id
         manifest = run_job(
             job, on_line=on_line, on_metrics=tracking.metrics_logger(run_id) if run_id else None, progress=progress,
-            env={"MLFLOW_TRACKING_URI": tracking.current_uri()},
+            env={"MLFLOW_TRACKING_URI": tracking.current_uri()}, labels=labels,
         )
         if run_id:
             train_cfg = job.train_config()

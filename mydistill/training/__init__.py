@@ -2,6 +2,7 @@
 
 * :mod:`.job` -- :class:`TrainJob`, what one run needs (JSON for the workers).
 * :mod:`.launch` -- start the workers (torchrun / DeepSpeed) and follow them.
+* :mod:`.kubeflow` -- the cluster engine: the job as a Kubeflow Trainer ``TrainJob``, followed to its end.
 * :mod:`.engines` -- the process group; the plain and DeepSpeed (ZeRO-3) engines.
 * :mod:`.batches` -- records read once, tokenized, each rank's share of a batch.
 * :mod:`.teachers` -- which teachers are loaded and how; where each batch's signal comes from.

@@ -12,7 +12,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 STAGE_FLOWS = {
     "generate": "generate_flow", "mix": "mix_flow", "signal": "signal_flow", "distill": "distill_flow",
-    "finetune": "finetune_flow", "evaluate": "evaluate_flow",
+    "finetune": "finetune_flow", "baseline": "baseline_flow", "evaluate": "evaluate_flow",
 }
 
 
@@ -52,7 +52,7 @@ def test_teacher_and_training_stages_go_to_the_gpu_pool_the_rest_to_the_cpu_pool
     pools = {d["name"]: d["work_pool"]["name"] for d in _spec()["deployments"]}
     assert pools == {
         "nightly": "mydistill-cpu", "generate": "mydistill-cpu", "mix": "mydistill-cpu", "signal": "mydistill-gpu",
-        "distill": "mydistill-gpu", "finetune": "mydistill-gpu", "evaluate": "mydistill-cpu",
+        "distill": "mydistill-gpu", "finetune": "mydistill-gpu", "baseline": "mydistill-gpu", "evaluate": "mydistill-cpu",
     }
 
 
