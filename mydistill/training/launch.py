@@ -370,7 +370,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix=io.temp_prefix("job")) as tmp:
         try:
             run_workers(node_command(args.job, nodes=cfg.nodes, nproc_per_node=cfg.num_processes, launcher=cfg.launcher,
-                                     hostfile=cfg.hostfile, log_dir=os.path.join(tmp, "torchrun-logs")))
+                                     hostfile=cfg.hostfile, log_dir=os.path.join(tmp, "torchrun-logs")),
+                        on_line=lambda line: print(line, flush=True))
         except WorkerFailed as e:
             raise SystemExit(str(e).splitlines()[0]) from None
 
