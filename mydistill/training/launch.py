@@ -208,7 +208,8 @@ def launch_training(
     manifest = io.read_manifest(job.output_uri)
     if manifest is None:
         raise WorkerFailed(f"workers exited cleanly but wrote no model at {job.output_uri}")
-    io.remove(job_uri)  # done: a re-run finds the manifest
+    with contextlib.suppress(OSError):  # done (a re-run finds the manifest); a failed clean-up fails nothing
+        io.remove(job_uri)
     return manifest
 
 

@@ -70,10 +70,11 @@ def make_job(data: str, tokenizer: str, output: str, **train) -> TrainJob:
                     arch=TINY_ARCH, train=cfg.model_dump())
 
 
-def test_two_nodes_on_s3_match_one_node_and_resume_after_losing_one(tmp_path, s3_endpoint, tiny_model_dir):
+def test_two_nodes_on_s3_match_one_node_and_resume_after_losing_one(tmp_path, s3_endpoint, tiny_model_dir, monkeypatch):
     """The two-node run's loss curve equals one node with two processes (same global batch, same
     ranks' data) to 1e-5; node 1 killed after the step-10 checkpoint, both restarted with fresh
-    folders, the run resumes from S3 and logs every step exactly once."""
+    folders, the run resumes from S3 and logs every step exactly once. On the restart node 0 is
+    what the training stage runs (``launch_training``, its place from ``MASTER_ADDR``/``NODE_RANK``)."""
     from mydistill.demo.task import make_examples
 
     base = f"s3://mydistill-test/{tmp_path.name}"
@@ -104,9 +105,19 @@ def test_two_nodes_on_s3_match_one_node_and_resume_after_losing_one(tmp_path, s3
     assert codes != [0] and io.read_manifest(job.output_uri) is None, "the run finished before node 1 was lost"
 
     started = time.perf_counter()
-    second = start_nodes(job_uri, tmp_path / "second")  # other folders, as on other machines
-    assert wait_all(second, timeout=300) == [0, 0], second[0][1].read_text()[-3000:]
-    output = "".join(log.read_text() for _, log in second)
+    port = free_port()
+    node1, node1_log = start_node(job_uri, 1, port, tmp_path / "second")  # another folder, as on another machine
+    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    lines: list[str] = []
+    try:
+        manifest = launch_training(job, on_line=lines.append)  # the stage's own launch, as node 0: the same job file
+    finally:
+        if node1.poll() is None:
+            wait_all([(node1, node1_log)], timeout=60)
+    assert node1.returncode == 0, node1_log.read_text()[-3000:]
+    assert any(f"start the others with `python -m mydistill.training.launch --job {job_uri}`" in line for line in lines)
+    output = "\n".join(lines) + node1_log.read_text()
     resumed = [line for line in output.splitlines() if "resumed from step" in line]
     assert len(resumed) == 1 and f"({job.checkpoints()})" in resumed[0], output[-3000:]
     step = int(resumed[0].split("resumed from step ")[1].split()[0])
@@ -114,8 +125,7 @@ def test_two_nodes_on_s3_match_one_node_and_resume_after_losing_one(tmp_path, s3
     print(f"reference {t1 - t0:.1f}s, to checkpoint {t2 - t1:.1f}s, node 0 gone {started - t2:.1f}s; "
           f"resumed from step {step} on S3; restart to finish {time.perf_counter() - started:.1f}s")
 
-    manifest = io.read_manifest(job.output_uri)
-    assert manifest["world_size"] == 2
+    assert manifest["world_size"] == 2 and not io.exists(job_uri)  # the job file goes once the model is saved
     assert [h["step"] for h in manifest["history"]] == list(range(1, STEPS + 1))  # none lost, none repeated
     for one, two in zip(reference["history"], manifest["history"], strict=True):
         for key in ("loss", "kd", "ce"):
