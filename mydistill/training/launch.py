@@ -82,6 +82,8 @@ def write_job(job: TrainJob) -> str:
 
         job = dataclasses.replace(job, deepspeed_config=read_deepspeed_file(deepspeed))
     uri = job.job_uri()
+    if not io.is_remote(uri):  # another node, or a worker in another directory, reads the same file
+        uri = os.path.abspath(uri.removeprefix("file://"))
     io.write_text(uri, job.to_json())
     return uri
 

@@ -107,6 +107,8 @@ def test_the_job_is_written_beside_its_output_with_its_deepspeed_config(tmp_path
     with open(os.path.join(repo, "deploy", "deepspeed", "zero3.json")) as f:
         assert written.deepspeed_config == json.load(f)  # no node resolves the path against its own cwd
     assert job.deepspeed_config is None  # the caller's job is left as it was
+    relative = TrainJob(stage="finetune", data_uri="d.jsonl", output_uri="runs/out", tokenizer_uri="t", train=cfg.model_dump())
+    assert write_job(relative) == str(tmp_path / "runs" / "out.job.json")  # a path any working directory can read
 
 
 class FakeEngine:
