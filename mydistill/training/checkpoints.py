@@ -20,12 +20,6 @@ _STEP_TAG = re.compile(r"^step(\d+)$")
 _RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_|offloaded_tensors/rank0*(\d+)/")
 
 
-def latest_tag(directory: str) -> str | None:
-    """The tag the ``latest`` file of a checkpoint folder names (written once that checkpoint is complete)."""
-    uri = io.join(directory, "latest")
-    return io.read_text(uri).strip() if io.exists(uri) else None
-
-
 class CheckpointStore:
     """The periodic checkpoints of one run, in a folder on shared storage: a local (or shared) path,
     or an object store (``s3://``), beside the run's output, so that any node finds them.

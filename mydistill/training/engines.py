@@ -8,6 +8,7 @@ load checkpoints the same way.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import warnings
@@ -88,7 +89,8 @@ def read_deepspeed_file(path: str) -> dict[str, Any]:
 
 def deepspeed_config(path_or_dict: str | dict[str, Any], cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
     """A DeepSpeed config (a file, see :func:`read_deepspeed_file`, or its content) with its ``"auto"`` values filled in."""
-    config = dict(path_or_dict) if isinstance(path_or_dict, dict) else read_deepspeed_file(path_or_dict)
+    # a copy: the "auto" values below are filled in nested sections, and the job's own content stays as written
+    config = copy.deepcopy(path_or_dict) if isinstance(path_or_dict, dict) else read_deepspeed_file(path_or_dict)
     if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
         config["train_micro_batch_size_per_gpu"] = cfg.batch_size
     config.pop("train_batch_size", None)
