@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from mydistill.losses import DistillObjective
 from mydistill.models import count_parameters, load_tokenizer
 from mydistill.tokenization import PROMPT_PREFIX_KEY, TokenizedExample, collate, prompt_prefix_of
 from mydistill.training.batches import batch_indices, load_examples, read_training_records, tokenize_records
-from mydistill.training.checkpoints import latest_tag, lock_checkpoints, prune_checkpoints, save_checkpoint, unlock_checkpoints
+from mydistill.training.checkpoints import CheckpointStore, lock_checkpoints, save_checkpoint, unlock_checkpoints
 from mydistill.training.cross_tokenizer import ULDObjective
 from mydistill.training.engines import (
     DeepSpeedEngine, PlainEngine, deepspeed_config, init_distributed, is_main_process, resolve_device, world, zero3_loading,
@@ -62,6 +61,7 @@ class Run:
     engine: Any
     examples: list[TokenizedExample]
     val_examples: list[TokenizedExample]
+    checkpoints: CheckpointStore  # the periodic checkpoints, on the storage the output is on
     tasks: Any = None  # distilling step-by-step: the label and rationale examples
     prompt_prefix: str = ""
     on_policy: OnPolicyMixer | None = None
@@ -106,18 +106,21 @@ def run_training(job: TrainJob, on_metrics: MetricsCallback | None = None, progr
     inputs = {**job.inputs, "stage": job.stage, "train": cfg.model_dump(exclude=RUN_ONLY_FIELDS),
               "init_uri": job.init_uri, "arch": job.arch, "teacher_uri": job.teacher_uri,
               **({"teacher_dtype": job.teacher_dtype} if job.teacher_uri and job.teacher_dtype != "auto" else {}),
-              **({"signal_uris": job.signal_uris} if job.signal_uris else {})}
+              **({"signal_uris": job.signal_uris} if job.signal_uris else {}),
+              **({"nodes": cfg.nodes} if cfg.nodes != 1 else {})}  # more nodes, a larger global batch
     done = io.manifest_matches(job.output_uri, inputs)
     if done:
         return done
     run = setup(job, cfg, inputs, on_metrics)
-    # one writer per checkpoint folder (released however the run ends; the kernel releases it if killed)
-    lock = lock_checkpoints(job.checkpoints()) if is_main_process() else None
+    # one writer per local checkpoint folder (released however the run ends; the kernel releases it if
+    # killed); an object store has no such lock
+    lock = lock_checkpoints(job.checkpoints()) if is_main_process() and not run.checkpoints.remote else None
     try:
         resume(run, job, cfg, inputs)
         train(run, job, cfg, inputs, on_metrics, progress)
         return save(run, job, cfg, inputs)
     finally:
+        run.checkpoints.close()
         if lock is not None:
             unlock_checkpoints(job.checkpoints(), lock)
 
@@ -134,7 +137,7 @@ def setup(job: TrainJob, cfg: TrainConfig, inputs: dict[str, Any], on_metrics: M
     init_distributed(device, cfg.deepspeed is not None)
     torch.manual_seed(cfg.seed)
     distill = cfg if isinstance(cfg, DistillConfig) else None
-    ds_config = deepspeed_config(cfg.deepspeed, cfg, device) if cfg.deepspeed else None
+    ds_config = deepspeed_config(job.deepspeed_config or cfg.deepspeed, cfg, device) if cfg.deepspeed else None
     tokenizer = load_tokenizer(job.tokenizer_uri)
     records = read_training_records(job.data_uri)  # read once: stores, ULD and the examples all use them
     # the frozen teachers first, before any ZeRO-3 config exists for the student
@@ -152,7 +155,7 @@ def setup(job: TrainJob, cfg: TrainConfig, inputs: dict[str, Any], on_metrics: M
         teacher_num_layers=teachers.model.config.num_hidden_layers if teachers.model is not None and same_tokenizer else None,
     ).to(device)
     run = Run(device=device, tokenizer=tokenizer, teachers=teachers, student=student, objective=objective, engine=None,
-              examples=[], val_examples=[])
+              examples=[], val_examples=[], checkpoints=CheckpointStore(job.checkpoints()))
     prepare_examples(run, job, cfg, distill, records)
     # TED stage 1 before the engine exists, so that ZeRO-3 partitions the trained teacher filters
     run.manifest_extra.update(
@@ -193,7 +196,7 @@ def resume(run: Run, job: TrainJob, cfg: TrainConfig, inputs: dict[str, Any]) ->
     rank, world_size = world()
     distill = cfg if isinstance(cfg, DistillConfig) else None
     checkpoint_dir = job.checkpoints()
-    client_state = run.engine.load_checkpoint(checkpoint_dir) if cfg.resume else None
+    client_state = run.checkpoints.load(run.engine) if cfg.resume else None
     if client_state and client_state.get("inputs_sha256") != io.sha256_of(inputs):
         raise TrainingError(f"{checkpoint_dir} holds checkpoints of a run with other inputs; delete it or set a new output")
     if client_state:
@@ -247,7 +250,7 @@ def train(
         else:
             out = forward_loss(run.engine, batch, run.teachers.source, indices)
         if not torch.isfinite(out.loss):
-            last = latest_tag(checkpoint_dir)
+            last = next(reversed(run.checkpoints.complete_tags()), None)  # not latest(): a collective
             raise TrainingError(
                 f"{job.stage}: loss is {out.loss.item()} at step {step}; stopping. "
                 + (f"The last good checkpoint ({last}) is kept in {checkpoint_dir}. " if last else "")
@@ -285,9 +288,7 @@ def train(
             window_tokens, window_start = 0.0, time.perf_counter()
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
             state = {"step": step, "history": run.history, "rng": torch.get_rng_state(), "inputs_sha256": io.sha256_of(inputs)}
-            run.engine.save_checkpoint(checkpoint_dir, f"step{step}", state)
-            if is_main_process():
-                prune_checkpoints(checkpoint_dir, keep=2)
+            run.checkpoints.save(run.engine, f"step{step}", state)  # on every rank; the last two are kept
     if bar is not None:
         bar[0].stop()
 
@@ -312,7 +313,7 @@ def save(run: Run, job: TrainJob, cfg: TrainConfig, inputs: dict[str, Any]) -> d
             **({PROMPT_PREFIX_KEY: run.prompt_prefix} if run.prompt_prefix else {}),
             **run.manifest_extra,
         )
-        shutil.rmtree(job.checkpoints(), ignore_errors=True)
+        run.checkpoints.remove()
     if world_size > 1:
         dist.barrier()
     return manifest

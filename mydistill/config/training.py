@@ -39,10 +39,19 @@ class TrainConfig(Section):
         "none", description="'none': train in the task's own process; 'torchrun' / 'deepspeed': launch num_processes workers."
     )
     num_processes: int = Field(1, gt=0, description="Worker processes per node (one per GPU; CPU workers use gloo).")
+    nodes: int = Field(
+        1, ge=1,
+        description="Machines the run spans (num_processes workers on each); above 1 every node runs the same "
+        "command against the job on shared storage (see docs/operations.md, 'Several nodes by hand').",
+    )
     deepspeed: str | None = Field(
         None, description="DeepSpeed config (e.g. deploy/deepspeed/zero3.json or zero3_offload.json); empty: no DeepSpeed."
     )
-    hostfile: str | None = Field(None, description="DeepSpeed hostfile for multi-node runs (launcher 'deepspeed').")
+    hostfile: str | None = Field(
+        None,
+        description="DeepSpeed hostfile for multi-node runs (launcher 'deepspeed'); a relative path is taken from the "
+        "launching process's working directory, else from the repository, and handed on as an absolute path.",
+    )
     resume: bool = Field(True, description="Resume from the latest checkpoint of an unfinished run on the same output.")
     peak_tflops: float | None = Field(
         None,
@@ -65,12 +74,29 @@ class TrainConfig(Section):
             raise ValueError("engine: kubeflow needs kubeflow.image, the container image every node runs (deploy/Dockerfile.gpu)")
         return self
 
+    @model_validator(mode="after")
+    def _nodes_need_a_launcher(self) -> TrainConfig:
+        if self.nodes > 1 and self.launcher == "none":
+            raise ValueError(
+                f"nodes: {self.nodes} starts a worker process on every node, so it needs launcher torchrun or "
+                "deepspeed (got none)"
+            )
+        if self.nodes > 1 and self.launcher == "deepspeed" and not self.hostfile:
+            raise ValueError(
+                f"nodes: {self.nodes} with launcher deepspeed needs a hostfile listing the nodes (`host slots=N` lines, "
+                "see deploy/hostfile.example), or launcher torchrun, which needs none"
+            )
+        return self
+
 
 # How a run is carried out, not what it learns: left out of artifact hashes, so that e.g. a run
 # resumed with another logging cadence or launcher still finds its outputs.
 RUN_ONLY_FIELDS = {
     "log_every", "eval_every", "save_every", "device", "threads", "launcher", "hostfile", "resume", "peak_tflops",
     "teacher_sharding", "engine", "kubeflow",
+    # the node count does change the global batch; run_training adds it to its inputs when it is not 1, so
+    # that every hash made before the field existed stays as it was
+    "nodes",
 }
 
 

@@ -126,7 +126,7 @@ def train(
             train_cfg = job.train_config()
             tracking.log_metrics(run_id, costs.stage_cost(
                 wall_s=time.perf_counter() - started, gpu=on_gpu(train_cfg.device),
-                processes=train_cfg.num_processes if train_cfg.launcher != "none" else 1,
+                processes=train_cfg.num_processes * train_cfg.nodes if train_cfg.launcher != "none" else 1,  # every node's
                 train_tokens=0 if manifest == before else manifest.get("tokens_seen", 0),
             ))
             if manifest == before:

@@ -9,6 +9,7 @@ load checkpoints the same way.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -19,7 +20,6 @@ import torch.distributed as dist
 
 from mydistill import io
 from mydistill.config import REPO_ROOT, TrainConfig
-from mydistill.training.checkpoints import latest_tag
 from mydistill.training.process import import_deepspeed
 
 if TYPE_CHECKING:
@@ -58,11 +58,18 @@ def init_distributed(device: torch.device, use_deepspeed: bool) -> None:
         dist.init_process_group(backend=backend)
 
 
+def read_deepspeed_file(path: str) -> dict[str, Any]:
+    """The DeepSpeed config file at ``path``: a URI, an absolute path, or relative to the working
+    directory, else to the repository (the presets name ``deploy/deepspeed/…``)."""
+    if not io.exists(path) and (REPO_ROOT / path).exists():
+        path = str(REPO_ROOT / path)
+    return io.read_json(path)
+
+
 def deepspeed_config(path_or_dict: str | dict[str, Any], cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
-    """A DeepSpeed config from a file in ``deploy/deepspeed/`` with its ``"auto"`` values filled in."""
-    if isinstance(path_or_dict, str) and not io.exists(path_or_dict) and (REPO_ROOT / path_or_dict).exists():
-        path_or_dict = str(REPO_ROOT / path_or_dict)  # presets name configs relative to the repository
-    config = dict(path_or_dict) if isinstance(path_or_dict, dict) else io.read_json(path_or_dict)
+    """A DeepSpeed config (a file, see :func:`read_deepspeed_file`, or its content) with its ``"auto"`` values filled in."""
+    # a copy: the "auto" values below are filled in nested sections, and the job's own content stays as written
+    config = copy.deepcopy(path_or_dict) if isinstance(path_or_dict, dict) else read_deepspeed_file(path_or_dict)
     if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
         config["train_micro_batch_size_per_gpu"] = cfg.batch_size
     config.pop("train_batch_size", None)
@@ -141,12 +148,8 @@ class PlainEngine:
         os.makedirs(os.path.join(directory, tag), exist_ok=True)
         with io.atomic_open(os.path.join(directory, tag, "state.pt"), "wb") as f:
             torch.save(state, f)
-        io.write_text(os.path.join(directory, "latest"), tag)
 
-    def load_checkpoint(self, directory: str) -> dict[str, Any] | None:
-        tag = latest_tag(directory)
-        if tag is None:
-            return None
+    def load_checkpoint(self, directory: str, tag: str) -> dict[str, Any] | None:
         state = torch.load(os.path.join(directory, tag, "state.pt"), weights_only=False)
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -187,12 +190,11 @@ class DeepSpeedEngine:
         return self.engine.get_lr()[0]
 
     def save_checkpoint(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
-        self.engine.save_checkpoint(directory, tag=tag, client_state=client_state)
+        # `latest` is the CheckpointStore's to write, once every rank's files are in place
+        self.engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
 
-    def load_checkpoint(self, directory: str) -> dict[str, Any] | None:
-        if latest_tag(directory) is None:
-            return None
-        _, client_state = self.engine.load_checkpoint(directory)
+    def load_checkpoint(self, directory: str, tag: str) -> dict[str, Any] | None:
+        _, client_state = self.engine.load_checkpoint(directory, tag=tag)
         return client_state
 
     def student_state_dict(self) -> dict[str, torch.Tensor]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -19,6 +18,7 @@ MetricsCallback = Callable[[dict[str, float], int], None]
 
 
 CHECKPOINTS_SUFFIX = ".checkpoints"
+JOB_SUFFIX = ".job.json"
 
 
 class TrainingError(RuntimeError):
@@ -43,6 +43,9 @@ class TrainJob:
     mlflow_run_id: str | None = None
     checkpoint_dir: str | None = None
     inputs: dict[str, Any] = field(default_factory=dict)
+    # the DeepSpeed config's content, read where the job was written (launch.write_job), so that no
+    # node resolves train['deepspeed'] against a working directory of its own
+    deepspeed_config: dict[str, Any] | None = None
 
     def train_config(self) -> TrainConfig:
         cfg = (DistillConfig if self.stage == "distill" else TrainConfig).model_validate(self.train)
@@ -51,13 +54,16 @@ class TrainJob:
         return cfg
 
     def checkpoints(self) -> str:
-        """Where periodic checkpoints go: beside a local output, or a local cache for a remote one."""
+        """Where periodic checkpoints go: beside the output, local or ``s3://``, so that every node
+        (and a run restarted on other nodes) finds them (see :class:`~mydistill.training.checkpoints.CheckpointStore`)."""
         if self.checkpoint_dir:
             return self.checkpoint_dir
-        if io.is_remote(self.output_uri):
-            key = io.sha256_of(self.output_uri)[:16]
-            return os.path.join(os.path.expanduser("~"), ".cache", "mydistill", "checkpoints", key)
         return self.output_uri.rstrip("/") + CHECKPOINTS_SUFFIX
+
+    def job_uri(self) -> str:
+        """Where :func:`~mydistill.training.launch.write_job` puts this job: beside its output, so that
+        every node reads it there and a retry of the same job writes the same file."""
+        return self.output_uri.rstrip("/") + JOB_SUFFIX
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -1,16 +1,19 @@
 """Launch a training job on worker processes and follow it.
 
-The Prefect task calls :func:`launch_training`: it writes the job as JSON, starts
-``python -m mydistill.train --job …`` under ``torchrun`` or the DeepSpeed launcher (one process
-per GPU, or per CPU worker with gloo), streams every output line to a callback (the Prefect log),
+The Prefect task calls :func:`launch_training`: it writes the job as JSON beside its output
+(:func:`write_job`; shared storage, local or ``s3://``), starts ``python -m mydistill.train --job …``
+under ``torchrun`` or the DeepSpeed launcher (one process per GPU, or per CPU worker with gloo; one
+node or several, :func:`node_command`), streams every output line to a callback (the Prefect log),
 fails with the worker's own error when a worker exits non-zero, and returns the checkpoint's
-manifest. ``launcher="none"`` runs the job in this process instead.
+manifest. ``launcher="none"`` runs the job in this process instead. ``python -m
+mydistill.training.launch --job URI`` starts one node of a multi-node run by hand.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import os
 import re
 import signal
@@ -23,7 +26,7 @@ from typing import Any
 
 from mydistill import io
 from mydistill.training.job import TrainJob
-from mydistill.training.process import die_with_parent  # noqa: F401 (imported from here too)
+from mydistill.training.process import die_with_parent
 
 
 LineCallback = Callable[[str], None]
@@ -46,24 +49,102 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_command(job_path: str, *, launcher: str, num_processes: int, hostfile: str | None = None, master_port: int | None = None) -> list[str]:
-    """The command line that starts ``num_processes`` workers for the job at ``job_path``."""
-    port = str(master_port or free_port())
-    entry = ["-m", "mydistill.train", "--job", job_path]
+def write_job(job: TrainJob) -> str:
+    """Write ``job`` to shared storage, beside its output (:meth:`TrainJob.job_uri`), and return its URI.
+
+    Every node reads the job from there (a shared path or ``s3://``), and a retry of the same job
+    writes the same file. The DeepSpeed config's content goes into the job, read here where a
+    relative path means something, so that no node resolves one against a directory of its own.
+    """
+    deepspeed = job.train.get("deepspeed")
+    if deepspeed and job.deepspeed_config is None:
+        from mydistill.training.engines import read_deepspeed_file
+
+        job = dataclasses.replace(job, deepspeed_config=read_deepspeed_file(deepspeed))
+    uri = job.job_uri()
+    if not io.is_remote(uri):  # another node, or a worker in another directory, reads the same file
+        uri = os.path.abspath(uri.removeprefix("file://"))
+    io.write_text(uri, job.to_json())
+    return uri
+
+
+def _from_env(value: Any, *names: str) -> str | None:
+    """``value`` if given, else the first of the environment variables ``names`` that is set."""
+    if value is not None:
+        return str(value)
+    return next((os.environ[n] for n in names if os.environ.get(n)), None)
+
+
+def resolve_hostfile(path: str) -> str:
+    """The DeepSpeed hostfile ``path`` made absolute: from the working directory, else the repository."""
+    from mydistill.config import REPO_ROOT
+
+    for candidate in (os.path.abspath(path), str(REPO_ROOT / path)):
+        if os.path.isfile(candidate):
+            return candidate
+    raise io.DataError(f"hostfile {path}: not found (looked in {os.getcwd()} and {REPO_ROOT})")
+
+
+def node_command(
+    job_uri: str, *, nodes: int | None = None, nproc_per_node: int | None = None, node_rank: int | None = None,
+    master_addr: str | None = None, master_port: int | None = None, launcher: str = "torchrun",
+    hostfile: str | None = None, log_dir: str | None = None,
+) -> list[str]:
+    """The command line that starts one node's workers (``nproc_per_node`` of them) for the job at ``job_uri``.
+
+    What is not given comes from the environment that cluster launchers set: Kubeflow Trainer's
+    ``PET_NNODES``, ``PET_NPROC_PER_NODE``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR``, ``PET_MASTER_PORT``,
+    else ``NNODES``, ``NODE_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``. One node trains on loopback with a
+    free port. Several, under torchrun, meet by c10d rendezvous at ``master_addr:master_port`` (node 0
+    hosts it); c10d numbers the nodes itself, so the node rank decides only which node hosts the
+    rendezvous. Under the DeepSpeed launcher the hostfile lists the nodes; with a node rank every
+    node runs its own launcher (``--no_ssh``), without one this node reaches the others over ssh.
+    """
+    nodes = int(_from_env(nodes, "PET_NNODES", "NNODES") or 1)
+    nproc = int(_from_env(nproc_per_node, "PET_NPROC_PER_NODE") or 1)
+    entry = ["-m", "mydistill.train", "--job", job_uri]
+    logs = ["--log-dir", log_dir] if log_dir else []
+    if nodes == 1 and not (launcher == "deepspeed" and hostfile):
+        port = str(master_port or free_port())
+        if launcher == "torchrun":
+            return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+                    "--master_addr", "127.0.0.1", "--master_port", port, *logs, *entry]
+        if launcher == "deepspeed":
+            return [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", port, "--num_gpus", str(nproc),
+                    "--module", *entry[1:]]
+        raise ValueError(f"unknown launcher {launcher!r}; expected none, torchrun or deepspeed")
+    rank = _from_env(node_rank, "PET_NODE_RANK", "NODE_RANK")
+    addr = _from_env(master_addr, "PET_MASTER_ADDR", "MASTER_ADDR")
+    port = _from_env(master_port, "PET_MASTER_PORT", "MASTER_PORT") or "29500"
     if launcher == "torchrun":
-        # torchrun's own log folder beside the job file (else a new /tmp/torchelastic_* every launch, never removed)
-        logs = os.path.join(os.path.dirname(os.path.abspath(job_path)), "torchrun-logs")
-        return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(num_processes),
-                "--master_addr", "127.0.0.1", "--master_port", port, "--log-dir", logs, *entry]
+        if addr is None:
+            raise ValueError(
+                f"{nodes} nodes meet at node 0's address: set MASTER_ADDR (or PET_MASTER_ADDR), and MASTER_PORT, NODE_RANK"
+            )
+        host = [] if rank is None else ["--rdzv-conf", f"is_host={'true' if int(rank) == 0 else 'false'}"]
+        return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--nproc-per-node", str(nproc),
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{addr}:{port}", "--rdzv-id", io.sha256_of(job_uri)[:16],
+                *host, *logs, *entry]
     if launcher == "deepspeed":
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", port]
-        if hostfile:
-            # multi-node: the hostfile lists `host slots=N` lines; DeepSpeed reaches the hosts over ssh
-            cmd += ["--hostfile", hostfile]
-        else:
-            cmd += ["--num_gpus", str(num_processes)]
-        return [*cmd, "--module", "mydistill.train", "--job", job_path]
+        if not hostfile:
+            raise ValueError(f"{nodes} nodes under the DeepSpeed launcher need a hostfile (`host slots=N` lines)")
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", resolve_hostfile(hostfile), "--master_port", port]
+        if nodes > 1:  # else every host of the hostfile, as DeepSpeed does
+            cmd += ["--num_nodes", str(nodes), "--num_gpus", str(nproc)]
+        if addr is not None:
+            cmd += ["--master_addr", addr]
+        if rank is not None:
+            cmd += ["--no_ssh", "--node_rank", rank]
+        return [*cmd, "--module", *entry[1:]]
     raise ValueError(f"unknown launcher {launcher!r}; expected none, torchrun or deepspeed")
+
+
+def launch_command(job_path: str, *, launcher: str, num_processes: int, hostfile: str | None = None, master_port: int | None = None) -> list[str]:
+    """The command line that starts ``num_processes`` workers on this machine for the job at ``job_path``
+    (:func:`node_command` for one node, torchrun's log folder beside a local job file)."""
+    logs = os.path.join(os.path.dirname(os.path.abspath(job_path)), "torchrun-logs") if not io.is_remote(job_path) else None
+    return node_command(job_path, nodes=1, nproc_per_node=num_processes, launcher=launcher, hostfile=hostfile,
+                        master_port=master_port, log_dir=logs)
 
 
 def launch_training(
@@ -77,26 +158,38 @@ def launch_training(
     returns its manifest. (:func:`mydistill.train.run_job` chooses between this and training in
     process.)
 
-    Workers log metrics to MLflow themselves (rank 0, into ``job.mlflow_run_id``). When a worker dies by a signal nobody sent on purpose (a C++
-    abort in gloo or NCCL, a segfault, a node's kill) the workers are started again, up to
-    ``restarts`` times, and resume from the job's last checkpoint (``save_every``; without one the
-    stage starts over). A Python error in the job, or a stop (SIGTERM, SIGINT), would only happen
-    again: it fails at once.
+    Launched, the job is written beside its output (:func:`write_job`) and this machine is one node
+    of ``nodes`` (node rank, master address from the environment: see :func:`node_command`); the
+    other nodes run ``python -m mydistill.training.launch --job <URI>`` against the same file.
+    Workers log metrics to MLflow themselves (rank 0, into ``job.mlflow_run_id``). When a worker of
+    a one-node run dies by a signal nobody sent on purpose (a C++ abort in gloo or NCCL, a segfault,
+    a node's kill) the workers are started again, up to ``restarts`` times, and resume from the
+    job's last checkpoint (``save_every``; without one the stage starts over). A Python error in the
+    job, or a stop (SIGTERM, SIGINT), would only happen again: it fails at once. Several nodes are
+    restarted together, by whoever started them.
     """
     cfg = job.train_config()
     if cfg.launcher == "none":
         raise ValueError("launcher: none trains in this process: call mydistill.train.run_job (or run_training)")
+    job_uri = write_job(job)
+    if cfg.nodes > 1:
+        (on_line or (lambda line: None))(
+            f"[mydistill] {cfg.nodes} nodes: this is one; start the others with "
+            f"`python -m mydistill.training.launch --job {job_uri}` (MASTER_ADDR, MASTER_PORT, NODE_RANK set)"
+        )
+    # torchrun's own log folder in a temporary one (else a new /tmp/torchelastic_* every launch, never removed)
     with tempfile.TemporaryDirectory(prefix=io.temp_prefix("job")) as tmp:
-        job_path = os.path.join(tmp, "job.json")
-        io.write_text(job_path, job.to_json())
         run_workers_restarting(
             # a fresh master port each time: the dead run's may linger in TIME_WAIT
-            lambda: launch_command(job_path, launcher=cfg.launcher, num_processes=cfg.num_processes, hostfile=cfg.hostfile),
-            restarts=restarts, on_line=on_line, env=env,
+            lambda: node_command(job_uri, nodes=cfg.nodes, nproc_per_node=cfg.num_processes, launcher=cfg.launcher,
+                                 hostfile=cfg.hostfile, log_dir=os.path.join(tmp, "torchrun-logs")),
+            restarts=restarts if cfg.nodes == 1 else 0, on_line=on_line, env=env,
         )
     manifest = io.read_manifest(job.output_uri)
     if manifest is None:
         raise WorkerFailed(f"workers exited cleanly but wrote no model at {job.output_uri}")
+    with contextlib.suppress(OSError):  # done (a re-run finds the manifest); a failed clean-up fails nothing
+        io.remove(job_uri)
     return manifest
 
 
@@ -240,3 +333,29 @@ def _signal_name(exit_: tuple[int, int] | None) -> str | None:
 def _launchers_traceback(lines: list[str], start: int) -> bool:
     """Whether the traceback starting at ``start`` is the launcher's own (it only says a child failed)."""
     return any("torch/distributed/run.py" in line or "deepspeed/launcher/" in line for line in lines[start + 1 : start + 6])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m mydistill.training.launch --job URI``: start this node's workers for a job on shared storage."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Start one node of a training run: its workers for the job at --job (on shared storage). Node "
+        "rank and master address come from the environment (NODE_RANK, MASTER_ADDR, MASTER_PORT or Kubeflow's PET_*)."
+    )
+    parser.add_argument("--job", required=True, help="URI of the job file (printed by the node that wrote it).")
+    args = parser.parse_args(argv)
+    cfg = TrainJob(**io.read_json(args.job)).train_config()
+    if cfg.launcher == "none":
+        raise SystemExit(f"{args.job}: launcher is none (the job trains in one process, on no node of its own)")
+    with tempfile.TemporaryDirectory(prefix=io.temp_prefix("job")) as tmp:
+        try:
+            run_workers(node_command(args.job, nodes=cfg.nodes, nproc_per_node=cfg.num_processes, launcher=cfg.launcher,
+                                     hostfile=cfg.hostfile, log_dir=os.path.join(tmp, "torchrun-logs")),
+                        on_line=lambda line: print(line, flush=True))
+        except WorkerFailed as e:
+            raise SystemExit(str(e).splitlines()[0]) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -44,10 +43,12 @@ def fit_ted_filters(
         )
     from mydistill.losses.ted import fit_teacher_filters
 
-    saved_path = os.path.join(job.checkpoints(), TED_FILTERS_FILE)
+    saved_path = io.join(job.checkpoints(), TED_FILTERS_FILE)  # local or s3://, as the checkpoints are
     inputs_sha256 = io.sha256_of(inputs)
-    if distill.resume and os.path.exists(saved_path):
-        saved = torch.load(saved_path, map_location=device, weights_only=True)
+    if distill.resume and io.exists(saved_path):
+        fs, path = io.filesystem(saved_path)
+        with fs.open(path, "rb") as f:
+            saved = torch.load(f, map_location=device, weights_only=True)
         if saved["inputs_sha256"] == inputs_sha256:
             objective.hidden.load_teacher_filters(saved["filters"])
             if is_main_process():
@@ -74,7 +75,6 @@ def fit_ted_filters(
         if on_metrics is not None:
             on_metrics(metrics, 0)
         if distill.save_every:  # checkpoints will be written: keep the filters for a resumed run
-            os.makedirs(job.checkpoints(), exist_ok=True)
             state = {"inputs_sha256": inputs_sha256, "metrics": metrics,
                      "filters": {k: v.cpu() for k, v in objective.hidden.teacher_filters.state_dict().items()}}
             with io.atomic_open(saved_path, "wb") as f:
