@@ -39,7 +39,7 @@ from mydistill import io
 from mydistill.config import REPO_ROOT
 from mydistill.config.cluster import KubeflowConfig
 from mydistill.training.job import TrainJob
-from mydistill.training.launch import WorkerFailed, worker_error
+from mydistill.training.launch import WorkerFailed, worker_error, write_job
 
 GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -77,10 +77,9 @@ def trainjob_name(stage: str, output_uri: str) -> str:
 
 
 def write_job_spec(job: TrainJob) -> str:
-    """Write ``job`` as JSON beside its output (on the work dir, which every node reads); returns its URI."""
-    uri = job.output_uri.rstrip("/") + ".job.json"
-    io.write_text(uri, job.to_json())
-    return uri
+    """Write ``job`` beside its output (on the work dir, which every node reads), as multi-node
+    training does (:func:`mydistill.training.launch.write_job`); returns its URI."""
+    return write_job(job)
 
 
 # ----------------------------------------------------------------------------------------------
