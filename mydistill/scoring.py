@@ -33,7 +33,7 @@ def generate_answers(
 
     backend = HFBackend(model=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
     requests = [GenerationRequest(prompt=backend.prepare(str(i), p)) for i, p in enumerate(prompts)]
-    progress = ProgressLog(f"evaluate: {label}", len(requests), logging.getLogger("mydistill.evaluate"))
+    progress = ProgressLog(f"evaluate: {label}", len(requests), logging.getLogger("mydistill.evaluate"), unit="answers")
     completions = backend.generate(requests, Sampling(max_new_tokens=max_new_tokens), progress)
     return [c[0].text for c in completions]
 

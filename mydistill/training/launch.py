@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mydistill import io
+from mydistill.progress import MARKED_ENV, relay_marked
 from mydistill.training.job import MetricsCallback, TrainJob
 
 
@@ -115,7 +116,7 @@ def launch_training(
         run_workers_restarting(
             # a fresh master port each time: the dead run's may linger in TIME_WAIT
             lambda: launch_command(job_path, launcher=cfg.launcher, num_processes=cfg.num_processes, hostfile=cfg.hostfile),
-            restarts=restarts, on_line=on_line, env=env,
+            restarts=restarts, on_line=relay_marked(on_line), env={**(env or {}), MARKED_ENV: "1"},
         )
     manifest = io.read_manifest(job.output_uri)
     if manifest is None:
