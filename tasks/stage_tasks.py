@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 from prefect import Task, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 
 from mydistill import changes, costs, io, raised_by_us, stage_functions, tracking
@@ -220,7 +220,12 @@ def open_pipeline_run(config: PipelineConfig, plan: StagePlan) -> str:
     tracking.log_params(run_id, config.model_dump())
     tracking.log_dict(run_id, config.model_dump(mode="json"), "config.json")
     tracking.log_dict(run_id, plan.as_dict(), "plan.json")
-    get_run_logger().info("MLflow run %s at %s", run_id, tracking.display_uri(tracking.current_uri()))
+    ref = tracking.run_reference(run_id)
+    if ref["url"]:  # opens the run in MLflow's "Model training" view, not its GenAI one
+        get_run_logger().info("MLflow run %s: %s", run_id, ref["url"])
+        create_link_artifact(link=ref["url"], link_text=f"MLflow run {run_id}", key="mlflow-run", description="This run in MLflow (model training view)")
+    else:
+        get_run_logger().info("MLflow run %s in %s", run_id, ref["tracking_uri"])
     return run_id
 
 

@@ -1,8 +1,10 @@
-"""A long stage's progress reaches the Prefect UI: lines in the flow run's log and a progress
-artifact that moves and ends at 100, for training on launched workers and for a stage in process."""
+"""What a person sees in the Prefect UI, under the test harness: a long stage's progress (lines in
+the flow run's log and a progress artifact that moves and ends at 100, for training on launched
+workers and for a stage in process), and the link to the run in MLflow's model training view."""
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import time
@@ -55,10 +57,24 @@ def harness():
         yield
 
 
-def test_progress_lines_and_an_artifact_that_reaches_100_for_each_long_stage(harness, monkeypatch, tmp_path):
-    from prefect import flow
+def logs_and_artifacts(flow_run_id, last_line: str) -> tuple[list[str], list]:
+    """The flow run's log lines and artifacts, once ``last_line`` (a prefix) is among the lines: logs
+    reach the API in batches, a moment after the flow returns."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
+
+    deadline = time.monotonic() + 30
+    while True:
+        with get_client(sync_client=True) as client:
+            logs = [log.message for log in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
+            artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        if any(line.startswith(last_line) for line in logs) or time.monotonic() > deadline:
+            return logs, artifacts
+        time.sleep(0.5)
+
+
+def test_progress_lines_and_an_artifact_that_reaches_100_for_each_long_stage(harness, monkeypatch, tmp_path):
+    from prefect import flow
 
     monkeypatch.setenv("MYDISTILL_PROGRESS_EVERY_S", "0.5")
     monkeypatch.setattr(t.stage_functions, "train", fake_train)
@@ -81,15 +97,7 @@ def test_progress_lines_and_an_artifact_that_reaches_100_for_each_long_stage(har
 
     state = two_stages(return_state=True)
     assert state.is_completed(), state
-    flow_run_id = state.state_details.flow_run_id
-    deadline = time.monotonic() + 30
-    while True:  # logs reach the API in batches, a moment after the flow returns: wait for the last lines
-        with get_client(sync_client=True) as client:
-            logs = [log.message for log in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
-            artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
-        if any(line.startswith("evaluation (") for line in logs) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    logs, artifacts = logs_and_artifacts(state.state_details.flow_run_id, "evaluation (")
     distill = [line for line in logs if re.match(r"distill: \d+/12 steps \(\d+%\), [\d.]+ steps/s, loss [\d.]+, about .+ left", line)]
     evaluate = [line for line in logs if re.match(r"evaluate: student: \d+/8 answers \(\d+%\), .* left", line)]
     assert len(distill) >= 3 and distill[-1].startswith("distill: 12/12 steps (100%)"), logs
@@ -99,3 +107,28 @@ def test_progress_lines_and_an_artifact_that_reaches_100_for_each_long_stage(har
     assert all(progress[k].data == 100 for k in ("distill-progress", "evaluate-progress"))
     for stage in ("distill", "evaluate"):  # the bar moved on the way, in order
         assert len(moved[stage]) >= 3 and moved[stage] == sorted(moved[stage]) and 0 < moved[stage][0] < 100
+
+
+def test_the_pipeline_run_is_linked_in_mlflows_model_training_view(harness, monkeypatch, tmp_path):
+    from prefect import flow
+
+    from mydistill import tracking
+
+    monkeypatch.setenv(tracking.UI_URL_ENV, "https://mlflow.example")
+    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)
+    config = load_config("demo-tiny", [f"work_dir={tmp_path}/runs", f"demo.cache_dir={tmp_path}/cache", "tracking.experiment=prefect-ui-test"])
+
+    @flow
+    def open_run() -> str:
+        return t.open_pipeline_run(config, make_plan(config))
+
+    state = open_run(return_state=True)
+    assert state.is_completed(), state
+    run_id = state.result()
+    url = tracking.run_reference(run_id)["url"]
+    assert url.endswith(f"/runs/{run_id}?workflowType=machine_learning")
+    logs, artifacts = logs_and_artifacts(state.state_details.flow_run_id, "MLflow run ")
+    assert f"MLflow run {run_id}: {url}" in logs
+    assert [a.data for a in artifacts if a.key == "mlflow-run"] == [f"[MLflow run {run_id}]({url})"]
+    # MLflow's own "View run" lines would open the GenAI view: they are switched off
+    assert os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] == "true"
