@@ -94,3 +94,24 @@ def test_stack_renders_time_zone_preset_and_pools(tmp_path):
 def test_stack_down_with_nothing_running_says_so(tmp_path, capsys):
     assert _stack_module().main(["--state-dir", str(tmp_path), "down"]) == 0
     assert "nothing recorded as running" in capsys.readouterr().out
+
+
+def test_stack_up_says_what_it_registered_and_why_gpu_deployments_are_not_ready(tmp_path):
+    stack = _stack_module()
+    args = argparse.Namespace(
+        preset=stack.DEFAULT_PRESET, set=None, work_dir="s3://bucket/runs", timezone="Europe/Berlin", cron=None,
+        no_schedule=False, cpu_pool="mydistill-cpu", gpu_pool="mydistill-gpu", pipeline_pool=None, no_worker=False, gpu_worker=False,
+    )
+    rendered = yaml.safe_load(stack.render_deployments(stack.Stack(tmp_path), args).read_text())
+    lines = stack.registration_summary(rendered, args)
+    assert lines[0].startswith("deployments run preset 'demo-tiny' by default (config 'demo-tiny', work_dir s3://bucket/runs/demo-tiny)")
+    assert "schedule: nightly at cron '0 2 * * *' in time zone Europe/Berlin (active)" in lines
+    assert "pool mydistill-cpu: nightly, generate, mix, evaluate (worker started here)" in lines
+    assert "pool mydistill-gpu: signal, distill, finetune (no worker here)" in lines
+    assert lines[-1].startswith("signal, distill, finetune need a GPU worker: the Prefect UI shows them Not Ready")
+    # the deployment's own page says it too
+    distill = next(d for d in rendered["deployments"] if d["name"] == "distill")
+    assert distill["description"].endswith(stack.gpu_pool_note("mydistill-gpu"))
+    with_gpu = stack.registration_summary(rendered, argparse.Namespace(**{**vars(args), "gpu_worker": True}))
+    assert "pool mydistill-gpu: signal, distill, finetune (worker started here)" in with_gpu
+    assert not any("need a GPU worker" in line for line in with_gpu)
