@@ -220,6 +220,9 @@ def open_pipeline_run(config: PipelineConfig, plan: StagePlan) -> str:
     tracking.log_params(run_id, config.model_dump())
     tracking.log_dict(run_id, config.model_dump(mode="json"), "config.json")
     tracking.log_dict(run_id, plan.as_dict(), "plan.json")
+    for name, fp in plan.fingerprints.items():  # what the run starts from, on its Datasets list
+        if fp["kind"] == "data":
+            tracking.log_dataset_reference(run_id, name=name, source=fp["uri"], digest=fp["sha256"], context="pipeline input")
     ref = tracking.run_reference(run_id)
     if ref["url"]:  # opens the run in MLflow's "Model training" view, not its GenAI one
         get_run_logger().info("MLflow run %s: %s", run_id, ref["url"])
