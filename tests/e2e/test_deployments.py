@@ -74,6 +74,35 @@ def test_the_parameter_form_carries_the_config_descriptions():
     assert schema["properties"]["config"]["default"]["name"] == "demo"
 
 
+def test_the_form_has_no_none_switches_for_optional_fields_and_presets_still_validate():
+    """Optional fields render as plain inputs (no 'Property is type "None"' switch); what the
+    deployments hold (a preset, nulls included) passes Prefect's own validation, a wrong type does not."""
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools.validation import validate
+
+    from flows.pipeline_flow import distill_pipeline
+    from mydistill.config import load_config
+
+    schema = parameter_schema(distill_pipeline).model_dump_for_openapi()
+    switches = sorted(
+        f"{model}.{name}" for model, d in schema["definitions"].items() for name, p in d.get("properties", {}).items()
+        if {"type": "null"} in p.get("anyOf", [])
+    )
+    # only optional sections keep one (there, on or off is the choice), and fields whose default is not
+    # None, where null is a value of its own (no category; a chunk size chosen from the shapes)
+    assert switches == [
+        "DataConfig.category_field", "EvaluateConfig.judge", "LossConfig.chunk_size", "LossConfig.hidden",
+        "LossConfig.step_by_step", "PipelineConfig.demo",
+    ]
+    uri = schema["definitions"]["TeacherSpec"]["properties"]["uri"]
+    assert uri["type"] == "string" and "default" not in uri and uri["description"]
+    for preset in ("demo", "demo-tiny", "qwen-7b-to-0.5b"):
+        values = {"config": load_config(preset).model_dump(mode="json")}
+        assert validate(values, schema, raise_on_error=False) == [], preset
+    values["config"]["distill"]["steps"] = "many"
+    assert validate(values, schema, raise_on_error=False)
+
+
 def test_stack_renders_time_zone_preset_and_pools(tmp_path):
     stack = _stack_module()
     args = argparse.Namespace(
