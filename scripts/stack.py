@@ -279,6 +279,7 @@ def render_deployments(stack: Stack, args: argparse.Namespace) -> Path:
 
     sys.path.insert(0, str(REPO))
     from mydistill.config import load_config
+    from mydistill.config.section import dump_without_unset
 
     spec = yaml.safe_load(DEPLOY_FILE.read_text())
     spec.pop("definitions", None)  # anchors are resolved by now
@@ -286,7 +287,8 @@ def render_deployments(stack: Stack, args: argparse.Namespace) -> Path:
     if not any(o.startswith("work_dir=") for o in overrides) and args.work_dir:
         name = load_config(args.preset, overrides).name
         overrides.append(f"work_dir={args.work_dir.rstrip('/')}/{name}")
-    params = {"config": load_config(args.preset, overrides).model_dump(mode="json")}
+    # unset optional fields left out: Prefect checks a deployment's parameters against the form's schema
+    params = {"config": dump_without_unset(load_config(args.preset, overrides))}
     for dep in spec["deployments"]:
         dep["parameters"] = params
         pool = dep["work_pool"]["name"]

@@ -32,6 +32,24 @@ def optional_fields_as_plain(schema: dict[str, Any]) -> None:
                 field["enum"] = [*field["enum"], None]
 
 
+def dump_without_unset(model: BaseModel) -> dict[str, Any]:
+    """``model.model_dump(mode="json")`` less the optional fields left at their None default (in
+    nested sections too): what a deployment stores as its parameters. Prefect checks a deployment's
+    parameters against the plain JSON schema, where such a field (see
+    :func:`optional_fields_as_plain`) does not take null; left out, it is None again when the flow
+    run validates the config. Nothing is lost: a None that differs from its field's default stays."""
+    dumped = model.model_dump(mode="json")
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if value is None and field.default is None:
+            dumped.pop(name, None)
+        elif isinstance(value, BaseModel):
+            dumped[name] = dump_without_unset(value)
+        elif isinstance(value, list) and value and all(isinstance(v, BaseModel) for v in value):
+            dumped[name] = [dump_without_unset(v) for v in value]
+    return dumped
+
+
 class Section(BaseModel):
     """Base of every section: an unknown key or a bad assignment is a validation error."""
 

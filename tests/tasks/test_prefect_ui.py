@@ -132,3 +132,35 @@ def test_the_pipeline_run_is_linked_in_mlflows_model_training_view(harness, monk
     assert [a.data for a in artifacts if a.key == "mlflow-run"] == [f"[MLflow run {run_id}]({url})"]
     # MLflow's own "View run" lines would open the GenAI view: they are switched off
     assert os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] == "true"
+
+
+def test_a_deployment_of_a_preset_and_a_run_from_its_form_pass_prefects_server_validation(harness):
+    """The form's schema (optional fields as plain inputs) against what the Prefect server checks:
+    a deployment's parameters (plain JSON schema: the stack leaves unset fields out) and a flow run
+    made from the form's values (Prefect's own validation: nulls from the form pass); a wrong type
+    is still refused."""
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import PrefectHTTPStatusError
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.pipeline_flow import distill_pipeline
+    from mydistill.config.section import dump_without_unset
+
+    config = load_config("demo-tiny")
+    schema = parameter_schema(distill_pipeline).model_dump_for_openapi()
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name("distill-pipeline")
+        deployment_id = client.create_deployment(
+            flow_id=flow_id, name="form-test", parameters={"config": dump_without_unset(config)},
+            parameter_openapi_schema=schema, enforce_parameter_schema=True,
+        )
+        form = {"config": {**config.model_dump(mode="json"), "name": "from-the-form"}}  # nulls as the form sends them
+        run = client.create_flow_run_from_deployment(deployment_id, parameters=form)
+        assert run.parameters["config"]["name"] == "from-the-form"
+        form["config"]["distill"]["steps"] = "many"
+        with pytest.raises(PrefectHTTPStatusError) as refused:
+            client.create_flow_run_from_deployment(deployment_id, parameters=form)
+        assert refused.value.response.status_code == httpx.codes.CONFLICT and "distill.steps" in refused.value.response.text
+    # the deployment's parameters come back as the same config
+    assert load_config("demo-tiny").model_dump() == type(config).model_validate(dump_without_unset(config)).model_dump()
