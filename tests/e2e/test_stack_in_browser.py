@@ -151,6 +151,20 @@ def _form_field(page, label: str):
     return prop.locator("xpath=.//div[contains(@class,'p-label__body')]//*[self::textarea or self::input]").first
 
 
+def _log_line(page, pattern: re.Pattern, timeout_s: float = 60):
+    """The flow run page's last log line matching ``pattern``, scrolled into view. The page lists a
+    run's log a part at a time, more as one scrolls down (a run reporting progress has hundreds of
+    lines): scroll to the end until the line is there."""
+    line = page.get_by_text(pattern)
+    deadline = time.monotonic() + timeout_s
+    while line.count() == 0 and time.monotonic() < deadline:
+        page.keyboard.press("End")
+        page.wait_for_timeout(1000)
+    line.last.scroll_into_view_if_needed()
+    line.last.wait_for()
+    return line.last
+
+
 def _dismiss_dialog(page, button: str, wait_ms: int = 8_000) -> None:
     """Click ``button`` on the dialog MLflow shows over a page on a first visit, if it comes."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
@@ -230,7 +244,7 @@ def _trigger_and_inspect(stack, page, shots) -> None:
             time.sleep(1)
     assert training_line, "no training progress line in the flow run's log"
     page.reload()
-    page.get_by_text(re.compile(r": \d+/\d+ (steps|responses|answers) \(\d+%\)")).last.wait_for()  # progress lines on the page
+    _log_line(page, re.compile(r": \d+/\d+ (steps|responses|answers) \(\d+%\)"))  # progress lines on the page
     page.screenshot(path=str(shots / "03-prefect-flow-run-training.png"))
     while True:
         state = _api(f"{api}/flow_runs/{flow_run['id']}")["state"]["type"]
@@ -240,7 +254,7 @@ def _trigger_and_inspect(stack, page, shots) -> None:
     assert state == "COMPLETED", f"flow run ended {state}; worker log:\n{_tail(stack, 'worker-cpu')}"
     page.reload()
     page.get_by_text("Completed", exact=True).first.wait_for()
-    page.get_by_text(re.compile(r"quality gate passed")).first.wait_for()  # the register task's log line
+    _log_line(page, re.compile(r"quality gate passed"))  # the register task's log line
     page.screenshot(path=str(shots / "03-prefect-flow-run.png"))
     # each long stage's progress artifact ended at 100; the run's MLflow link opens the model training view
     artifacts = _api(f"{api}/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}})
