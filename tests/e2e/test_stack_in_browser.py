@@ -77,7 +77,7 @@ def _clean_env(state: Path) -> dict[str, str]:
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
         AWS_SHARED_CREDENTIALS_FILE=str(state / "no-aws-credentials"), AWS_CONFIG_FILE=str(state / "no-aws-config"),
         AWS_EC2_METADATA_DISABLED="true",
-        MYDISTILL_PROGRESS_EVERY_S="2",  # a one-minute run: progress every 2 s, not every 30
+        MYDISTILL_PROGRESS_EVERY_S="5",  # a run of minutes: progress every 5 s, not every 30
     )
     return env
 
@@ -158,8 +158,9 @@ def _log_line(page, pattern: re.Pattern, timeout_s: float = 60):
     line = page.get_by_text(pattern)
     deadline = time.monotonic() + timeout_s
     while line.count() == 0 and time.monotonic() < deadline:
-        page.keyboard.press("End")
-        page.wait_for_timeout(1000)
+        page.mouse.move(700, 800)
+        page.mouse.wheel(0, 20_000)  # (the End key does not load more lines)
+        page.wait_for_timeout(1500)
     line.last.scroll_into_view_if_needed()
     line.last.wait_for()
     return line.last
