@@ -47,8 +47,9 @@ REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 DEPLOY_FILE = REPO / "deploy" / "prefect.yaml"
 PIPELINE_DEPLOYMENT = "nightly"
-# the deployments' default parameters: the demo shrunk to a run of about a minute, so that a first
-# look at the stack shows a finished run; --preset demo for the full demo (minutes to tens of minutes on a CPU)
+# the deployments' default parameters: the demo shrunk to a run of minutes (5.5 on a busy 2-core machine,
+# 3 of them training the demo's teacher, cached afterwards), so that a first look at the stack shows a
+# finished run soon; --preset demo for the full demo (about 20 minutes there)
 DEFAULT_PRESET = "demo-tiny"
 CREDENTIALS_BLOCK = "mydistill-credentials"
 # What moto accepts as credentials: anything. Fixed names keep logs readable; the secret is new
