@@ -42,17 +42,27 @@ class Progress:
     left_s: float  # estimated seconds to go; inf when nothing is done yet
     unit: str = "items"
     loss: float | None = None
+    part: tuple[int, int] | None = None  # (index, count): this is part index+1 of a stage of count parts
 
     @property
     def percent(self) -> float:
         return 100.0 * min(self.done, self.total) / self.total if self.total > 0 else 100.0
 
+    @property
+    def stage_percent(self) -> float:
+        """How far the whole stage is: this part's share on top of the parts before it."""
+        if self.part is None:
+            return self.percent
+        index, count = self.part
+        return (100.0 * index + self.percent) / count
+
     def line(self) -> str:
         """``distill: 40/200 steps (20%), 1.3 steps/s, loss 2.314, about 2 min left``."""
         loss = f", loss {self.loss:.4g}" if self.loss is not None else ""
+        part = f" (part {self.part[0] + 1} of {self.part[1]})" if self.part else ""
         return (
             f"{self.label}: {self.done}/{self.total} {self.unit} ({self.percent:.0f}%), "
-            f"{self.rate:.3g} {self.unit}/s{loss}, about {_duration(self.left_s)} left"
+            f"{self.rate:.3g} {self.unit}/s{loss}, about {_duration(self.left_s)} left{part}"
         )
 
 
@@ -91,8 +101,9 @@ class ProgressLog:
 
     def __init__(
         self, label: str, total: int, logger: logging.Logger, every_s: float | None = None, *, unit: str = "items", start: int = 0,
+        part: tuple[int, int] | None = None,
     ):
-        self.label, self.total, self.logger, self.unit = label, total, logger, unit
+        self.label, self.total, self.logger, self.unit, self.part = label, total, logger, unit, part
         self.every_s = every_s if every_s is not None else default_every_s()
         self.done = self.start = start
         self.sink = _sink.get()  # now: the calls may come from a backend's own thread
@@ -110,7 +121,7 @@ class ProgressLog:
             loss = float(loss())
         rate = (self.done - self.start) / max(now - self.started, 1e-9)
         left = (self.total - self.done) / rate if rate > 0 else float("inf")
-        report(Progress(self.label, self.done, self.total, rate, max(left, 0.0), self.unit, loss), self.logger, self.sink)
+        report(Progress(self.label, self.done, self.total, rate, max(left, 0.0), self.unit, loss, self.part), self.logger, self.sink)
 
 
 def report(progress: Progress, logger: logging.Logger | None = None, sink: ProgressSink | None = None) -> None:
@@ -126,6 +137,7 @@ def print_marked(progress: Progress) -> None:
     """A sink for a launched worker: one marked line on stdout, which the launcher streams."""
     fields = asdict(progress)
     fields["left_s"] = None if progress.left_s == float("inf") else progress.left_s
+    fields["part"] = list(progress.part) if progress.part else None
     print(MARK + json.dumps(fields), flush=True)
 
 
@@ -140,6 +152,7 @@ def relay_marked(on_line: Callable[[str], None] | None) -> Callable[[str], None]
             try:
                 fields = json.loads(line[at + len(MARK):])
                 fields["left_s"] = float("inf") if fields.get("left_s") is None else fields["left_s"]
+                fields["part"] = tuple(fields["part"]) if fields.get("part") else None
                 progress = Progress(**fields)
             except (ValueError, TypeError):
                 pass  # not one of ours after all: an ordinary line

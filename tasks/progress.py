@@ -41,7 +41,7 @@ class PrefectProgress:
 
     def __call__(self, progress: Progress) -> None:
         self.logger.info(progress.line())
-        self._artifact(progress.percent, progress.line())
+        self._artifact(progress.stage_percent, progress.line())  # a stage of parts (evaluate: one per model) fills one bar
 
     def finish(self) -> None:
         if self.percent < 100:

@@ -63,9 +63,16 @@ def test_a_launched_workers_marked_lines_come_back_as_reports_and_other_lines_pa
 
 
 def test_print_marked_round_trips(capsys):
-    p = Progress("signal", 5, 10, 2.0, float("inf"), "examples")
-    print_marked(p)
-    got: list[Progress] = []
-    with reporting_to(got.append):
-        relay_marked(None)(capsys.readouterr().out.strip())
-    assert got == [p]
+    for p in (Progress("signal", 5, 10, 2.0, float("inf"), "examples"), Progress("evaluate: student", 3, 4, 1.0, 1.0, part=(1, 2))):
+        print_marked(p)
+        got: list[Progress] = []
+        with reporting_to(got.append):
+            relay_marked(None)(capsys.readouterr().out.strip())
+        assert got == [p]
+
+
+def test_a_part_of_a_stage_fills_its_share_of_the_stages_bar():
+    second_of_two = Progress("evaluate: student", 3, 4, 1.0, 1.0, "answers", part=(1, 2))
+    assert (second_of_two.percent, second_of_two.stage_percent) == (75.0, 87.5)
+    assert second_of_two.line().endswith("about 1 s left (part 2 of 2)")
+    assert Progress("distill", 1, 4, 1.0, 3.0).stage_percent == 25.0

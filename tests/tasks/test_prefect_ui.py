@@ -39,13 +39,14 @@ def fake_train(config, plan, stage, parent_run_id=None, *, progress=False, on_li
 
 
 def fake_evaluate(config, plan, parent_run_id=None):
-    """An in-process stage: answers reported as the scoring code does."""
+    """An in-process stage of two parts (two models' answers), reported as the scoring code does."""
     import logging
 
-    answers = ProgressLog("evaluate: student", 8, logging.getLogger("e"), unit="answers")
-    for _ in range(8):
-        time.sleep(0.3)
-        answers(1)
+    for i, model in enumerate(("teacher", "student")):
+        answers = ProgressLog(f"evaluate: {model}", 5, logging.getLogger("e"), unit="answers", part=(i, 2))
+        for _ in range(5):
+            time.sleep(0.3)
+            answers(1)
     return {"models": {"student": {"exact_match": 0.5, "perplexity": 2.0, "parameters": 1000}}}
 
 
@@ -99,14 +100,16 @@ def test_progress_lines_and_an_artifact_that_reaches_100_for_each_long_stage(har
     assert state.is_completed(), state
     logs, artifacts = logs_and_artifacts(state.state_details.flow_run_id, "evaluation (")
     distill = [line for line in logs if re.match(r"distill: \d+/12 steps \(\d+%\), [\d.]+ steps/s, loss [\d.]+, about .+ left", line)]
-    evaluate = [line for line in logs if re.match(r"evaluate: student: \d+/8 answers \(\d+%\), .* left", line)]
+    evaluate = [line for line in logs if re.match(r"evaluate: (teacher|student): \d+/5 answers \(\d+%\), .* left \(part [12] of 2\)$", line)]
     assert len(distill) >= 3 and distill[-1].startswith("distill: 12/12 steps (100%)"), logs
-    assert len(evaluate) >= 3 and evaluate[-1].startswith("evaluate: student: 8/8 answers (100%)"), logs
+    assert len(evaluate) >= 4 and evaluate[-1].startswith("evaluate: student: 5/5 answers (100%)"), logs
     progress = {a.key: a for a in artifacts if a.type == "progress"}
     assert {"distill-progress", "evaluate-progress"} <= set(progress)
     assert all(progress[k].data == 100 for k in ("distill-progress", "evaluate-progress"))
-    for stage in ("distill", "evaluate"):  # the bar moved on the way, in order
-        assert len(moved[stage]) >= 3 and moved[stage] == sorted(moved[stage]) and 0 < moved[stage][0] < 100
+    # the bar moved on the way, in order: over both parts of evaluate as one bar (the teacher's half, then the student's)
+    for stage in ("distill", "evaluate"):
+        assert len(moved[stage]) >= 3 and moved[stage] == sorted(moved[stage]) and 0 < moved[stage][0] < 100, moved
+    assert any(40 <= p <= 60 for p in moved["evaluate"]), moved
 
 
 def test_the_pipeline_run_is_linked_in_mlflows_model_training_view(harness, monkeypatch, tmp_path):
