@@ -120,7 +120,15 @@ def run(
                           "running it once more, finished stages answer from their artifacts", soft_wrap=True)
             result = distill_pipeline(config=cfg)
         elapsed = time.perf_counter() - start
-    print_summary(result, elapsed, cfg.costs.currency)
+    print_summary({**result, "mlflow_run_url": _run_url(cfg, result["mlflow_run_id"])}, elapsed, cfg.costs.currency)
+
+
+def _run_url(cfg: Any, run_id: str) -> str | None:
+    """The run's address in MLflow's "Model training" view, when there is a server to open."""
+    from mydistill import tracking
+
+    tracking.configure(cfg.tracking.tracking_uri, cfg.tracking.artifact_location)
+    return tracking.run_reference(run_id)["url"] if tracking.ui_base_url() else None
 
 
 @app.command()
@@ -221,7 +229,7 @@ def print_summary(result: dict[str, Any], elapsed: float, currency: str = "USD")
         for line in cost_lines(result["cost"], currency):
             console.print(line)
     console.print(f"student: {result['plan']['finetune_uri'] or result['plan']['distill_uri']}")
-    console.print(f"MLflow run: {result['mlflow_run_id']}")
+    console.print(f"MLflow run: {result.get('mlflow_run_url') or result['mlflow_run_id']}")
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from mydistill import io
 from mydistill.config import RUN_ONLY_FIELDS, DistillConfig, LossConfig, TrainConfig
 from mydistill.losses import DistillObjective
 from mydistill.models import count_parameters, load_tokenizer
+from mydistill.progress import MARKED_ENV, ProgressLog, print_marked, relay_marked, reporting_to
 from mydistill.tokenization import PROMPT_PREFIX_KEY, TokenizedExample, collate, prompt_prefix_of
 from mydistill.training.batches import batch_indices, load_examples, read_training_records, tokenize_records
 from mydistill.training.checkpoints import CheckpointStore, lock_checkpoints, save_checkpoint, unlock_checkpoints
@@ -47,6 +49,8 @@ from mydistill.training.step_by_step import StepByStepObjective, step_by_step_ex
 from mydistill.training.student import load_student
 from mydistill.training.teachers import Teachers, load_teachers
 from mydistill.training.ted import fit_ted_filters
+
+logger = logging.getLogger("mydistill.train")
 
 
 @dataclass
@@ -90,7 +94,9 @@ def run_job(
     if cfg.engine == "kubeflow":
         from mydistill.training.kubeflow import run_trainjob
 
-        return run_trainjob(job, cfg.kubeflow, num_processes=cfg.num_processes, on_line=on_line, env=env, labels=labels)
+        # rank 0's marked progress lines come back through the pods' logs, as from local workers
+        return run_trainjob(job, cfg.kubeflow, num_processes=cfg.num_processes, on_line=relay_marked(on_line),
+                            env={**(env or {}), MARKED_ENV: "1"}, labels=labels)
     if cfg.launcher == "none":
         return run_training(job, on_metrics=on_metrics, progress=progress)
     return launch_training(job, on_line=on_line, env=env, restarts=restarts)
@@ -236,6 +242,8 @@ def train(
     pad = run.tokenizer.pad_token_id
     window_tokens, window_start = 0.0, time.perf_counter()
     bar = progress_bar(progress and is_main_process(), job.stage, cfg.steps, run.start_step)
+    # periodic reports for logs without a terminal (the Prefect UI): rank 0 only
+    report = ProgressLog(job.stage, cfg.steps, logger, unit="steps", start=run.start_step) if is_main_process() else None
     for step in range(run.start_step + 1, cfg.steps + 1):
         step_start = time.perf_counter()
         indices = next(run.order)
@@ -261,6 +269,8 @@ def train(
         window_tokens += float(batch["attention_mask"].sum())
         if bar is not None:
             bar[0].update(bar[1], advance=1, description=f"{job.stage} loss={out.loss.item():.3f}")
+        if report is not None:
+            report(1, loss=out.loss.item)
         if step % cfg.log_every == 0 or step == cfg.steps:
             elapsed = time.perf_counter() - window_start
             window_all_ranks = global_sum(window_tokens, run.device)
@@ -332,7 +342,10 @@ def main(argv: list[str] | None = None) -> None:
         from mydistill.tracking import metrics_logger
 
         on_metrics = metrics_logger(job.mlflow_run_id)
-    manifest = run_training(job, on_metrics=on_metrics, progress=args.progress)
+    # launched: progress goes out as marked lines, which the launcher turns back into reports
+    marked = os.environ.get(MARKED_ENV) and is_main_process_env()
+    with reporting_to(print_marked) if marked else contextlib.nullcontext():
+        manifest = run_training(job, on_metrics=on_metrics, progress=args.progress)
     if is_main_process():
         print(f"[mydistill] done: {json.dumps({'output_uri': job.output_uri, 'final': manifest.get('final_metrics', {})})}", flush=True)
     with contextlib.suppress(Exception):

@@ -47,6 +47,10 @@ REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 DEPLOY_FILE = REPO / "deploy" / "prefect.yaml"
 PIPELINE_DEPLOYMENT = "nightly"
+# the deployments' default parameters: the demo shrunk to a run of minutes (5.5 on a busy 2-core machine,
+# 3 of them training the demo's teacher, cached afterwards), so that a first look at the stack shows a
+# finished run soon; --preset demo for the full demo (about 20 minutes there)
+DEFAULT_PRESET = "demo-tiny"
 CREDENTIALS_BLOCK = "mydistill-credentials"
 # What moto accepts as credentials: anything. Fixed names keep logs readable; the secret is new
 # for every stack so the end-to-end test can look for it in places it must never appear.
@@ -276,6 +280,7 @@ def render_deployments(stack: Stack, args: argparse.Namespace) -> Path:
 
     sys.path.insert(0, str(REPO))
     from mydistill.config import load_config
+    from mydistill.config.section import dump_without_unset
 
     spec = yaml.safe_load(DEPLOY_FILE.read_text())
     spec.pop("definitions", None)  # anchors are resolved by now
@@ -283,7 +288,8 @@ def render_deployments(stack: Stack, args: argparse.Namespace) -> Path:
     if not any(o.startswith("work_dir=") for o in overrides) and args.work_dir:
         name = load_config(args.preset, overrides).name
         overrides.append(f"work_dir={args.work_dir.rstrip('/')}/{name}")
-    params = {"config": load_config(args.preset, overrides).model_dump(mode="json")}
+    # unset optional fields left out: Prefect checks a deployment's parameters against the form's schema
+    params = {"config": dump_without_unset(load_config(args.preset, overrides))}
     for dep in spec["deployments"]:
         dep["parameters"] = params
         pool = dep["work_pool"]["name"]
@@ -298,12 +304,51 @@ def render_deployments(stack: Stack, args: argparse.Namespace) -> Path:
                     schedule["cron"] = args.cron
                 if args.no_schedule:
                     schedule["active"] = False
+    for dep in spec["deployments"]:
+        if dep["work_pool"]["name"] == args.gpu_pool:
+            dep["description"] = (dep.get("description") or "").rstrip() + " " + gpu_pool_note(args.gpu_pool)
     out = stack.dir / "prefect.yaml"
     out.write_text(
         f"# Rendered by scripts/stack.py from {DEPLOY_FILE.relative_to(REPO)}; edit that file, not this one.\n"
         + yaml.safe_dump(spec, sort_keys=False, allow_unicode=True)
     )
     return out
+
+
+def gpu_pool_note(pool: str) -> str:
+    """What a GPU deployment's page says about its "Not Ready" badge."""
+    return (f"Runs on the GPU pool {pool}: Prefect shows it Not Ready until a worker polls that pool "
+            "(stack.py up --gpu-worker here, or a worker on a GPU machine).")
+
+
+def registration_summary(spec: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """What ``up`` registered, in words: the preset, the schedule with its time zone, the pools and
+    which deployments wait for a GPU worker (and so show "Not Ready" without one)."""
+    config = next(iter(spec["deployments"]))["parameters"]["config"]
+    lines = [
+        f"deployments run preset {args.preset!r} by default (config {config['name']!r}, work_dir {config['work_dir']}); "
+        f"students register as {config['registry']['model_name']!r}",
+    ]
+    workers = {} if args.no_worker else {args.cpu_pool: "worker started here"}
+    if args.gpu_worker and not args.no_worker:
+        workers[args.gpu_pool] = "worker started here"
+    for dep in spec["deployments"]:
+        for schedule in dep.get("schedules") or []:
+            state = "active" if schedule.get("active", True) else "paused"
+            lines.append(f"schedule: {dep['name']} at cron {schedule['cron']!r} in time zone {schedule.get('timezone', 'UTC')} ({state})")
+    by_pool: dict[str, list[str]] = {}
+    for dep in spec["deployments"]:
+        by_pool.setdefault(dep["work_pool"]["name"], []).append(dep["name"])
+    for pool, names in by_pool.items():
+        lines.append(f"pool {pool}: {', '.join(names)} ({workers.get(pool, 'no worker here')})")
+    waiting = [n for pool, names in by_pool.items() if pool == args.gpu_pool and pool not in workers for n in names]
+    if waiting:
+        lines.append(
+            f"{', '.join(waiting)} need a GPU worker: the Prefect UI shows them Not Ready until a worker polls {args.gpu_pool} "
+            f"(make stack-up ARGS=--gpu-worker here, or `prefect worker start --pool {args.gpu_pool}` on a GPU machine); "
+            "the pipeline deployment runs every stage itself and is not affected"
+        )
+    return lines
 
 
 def prefect_setup(args: argparse.Namespace, env: dict[str, str], credentials: dict[str, str] | None) -> None:
@@ -341,6 +386,10 @@ def register_deployments(stack: Stack, args: argparse.Namespace, env: dict[str, 
     if done.returncode:
         raise StackError(f"registering the deployments failed{tail(log_file)}")
     log(f"deployments registered from {DEPLOY_FILE.relative_to(REPO)} (rendered: {rendered})")
+    import yaml
+
+    for line in registration_summary(yaml.safe_load(rendered.read_text()), args):
+        log(line)
 
 
 def start_worker(stack: Stack, args: argparse.Namespace, env: dict[str, str], pool: str, name: str) -> None:
@@ -491,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bucket", default="mydistill", help="bucket for MLflow artifacts and pipeline runs")
     p.add_argument("--artifacts", help="MLflow artifact destination (default s3://BUCKET/mlflow)")
     p.add_argument("--work-dir", default=None, help="work_dir root for the deployments' runs (default s3://BUCKET/runs)")
-    p.add_argument("--preset", default="demo", help="preset whose config becomes the deployments' default parameters")
+    p.add_argument("--preset", default=DEFAULT_PRESET, help="preset whose config becomes the deployments' default parameters (demo: the full demo)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override in that config (repeatable)")
     p.add_argument("--timezone", default=os.environ.get("MYDISTILL_SCHEDULE_TIMEZONE"), help="IANA time zone of the nightly schedule (default: deploy/prefect.yaml's)")
     p.add_argument("--cron", help="cron of the pipeline's schedule (default: deploy/prefect.yaml's)")

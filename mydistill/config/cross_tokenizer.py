@@ -6,13 +6,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mydistill.config.section import optional_fields_as_plain
+
 CrossTokenizerMethod = Literal["none", "sequence", "uld"]
 
 
 class CrossTokenizerConfig(BaseModel):
     """How to distil from a teacher whose tokenizer is not the student's (``distill.cross_tokenizer``)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, json_schema_extra=optional_fields_as_plain)
 
     method: CrossTokenizerMethod = Field(
         "none",

@@ -9,6 +9,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
 
+from mydistill.config.section import optional_fields_as_plain
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_RATIONALE_TEMPLATE = (
@@ -50,7 +52,7 @@ def _range_error(field: str, allowed: str, value: Any) -> ValueError:
 class GenerateConfig(BaseModel):
     """How the teacher generates responses: backend, sampling, batching, resume, API access."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=optional_fields_as_plain)
 
     backend: Literal["hf", "vllm", "openai"] = Field(
         "hf",

@@ -17,6 +17,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from mydistill.config.section import optional_fields_as_plain
+
 Divergence = Literal[
     "forward_kl",
     "reverse_kl",
@@ -34,7 +36,7 @@ LayerIndex = Annotated[int, Field(ge=0)]
 class HiddenStateLossConfig(BaseModel):
     """Layer-wise hidden-state distillation, added to the logit loss (needs the teacher's hidden states)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=optional_fields_as_plain)
 
     weight: float = Field(
         1.0, ge=0, allow_inf_nan=False, description="Weight of the hidden-state term added to the loss (>= 0)."
@@ -88,7 +90,7 @@ class StepByStepConfig(BaseModel):
     ``L = label_weight * L_label + rationale_weight * L_rationale``.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=optional_fields_as_plain)
 
     label_weight: float = Field(
         1.0, ge=0, allow_inf_nan=False, description="Weight of the loss on the label (answer) targets (>= 0)."
@@ -128,7 +130,7 @@ class StepByStepConfig(BaseModel):
 class LossConfig(BaseModel):
     """How the student is trained against the teacher: ``alpha * T² * D_T + (1 - alpha) * CE`` (+ extras)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=optional_fields_as_plain)
 
     divergence: Divergence = Field(
         "forward_kl",

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from mydistill.config.section import optional_fields_as_plain
+
 from mydistill.config.losses import Divergence
 
 # what the sampler itself passes to vllm.LLM; engine_kwargs may not change these
@@ -15,7 +17,7 @@ _VLLM_FIXED_ARGS = ("model", "tokenizer", "skip_tokenizer_init", "load_format", 
 class OnPolicyVLLMConfig(BaseModel):
     """The colocated vLLM engine of ``distill.on_policy.backend: vllm``."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, json_schema_extra=optional_fields_as_plain)
 
     gpu_memory_utilization: float = Field(
         0.3,
@@ -52,7 +54,7 @@ class OnPolicyVLLMConfig(BaseModel):
 class OnPolicyConfig(BaseModel):
     """GKD's on-policy mixture (``distill.on_policy``)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, json_schema_extra=optional_fields_as_plain)
 
     fraction: float = Field(
         0.0,

@@ -22,6 +22,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
 
+from mydistill.config.section import optional_fields_as_plain
+
 from mydistill.config.generation import _ENV_NAME, mask_url, warn_if_credentials
 
 SignalMode = Literal["topk", "sampled"]
@@ -30,7 +32,7 @@ SignalMode = Literal["topk", "sampled"]
 class SignalConfig(BaseModel):
     """Run the teacher once over the training mix and store its sparse distribution per response token."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, json_schema_extra=optional_fields_as_plain)
 
     enabled: bool = Field(
         False,

@@ -171,9 +171,9 @@ def evaluate_models(
     answers = {
         name: scoring.generate_answers(
             model, tokenizers[name], [with_prefix(prefixes[name], p) for p in prompts], max_new_tokens=max_new_tokens,
-            batch_size=batch_size, label=name,
+            batch_size=batch_size, label=name, part=(i, len(models)),
         )
-        for name, model in models.items()
+        for i, (name, model) in enumerate(models.items())
     }
     teacher = teacher_name if teacher_name in models else None
     scores = _answer_scores(metrics, prompts, answers, references, teacher=teacher, judge=judge, extract_pattern=extract_pattern)

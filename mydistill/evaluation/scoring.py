@@ -26,15 +26,17 @@ def normalise_answer(text: str) -> str:
 
 def generate_answers(
     model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int, batch_size: int, label: str = "answers",
+    part: tuple[int, int] | None = None,
 ) -> list[str]:
-    """Greedy answers through the batched Hugging Face generation backend (progress logged as it goes)."""
+    """Greedy answers through the batched Hugging Face generation backend (progress reported as it goes;
+    ``part``: (index, count) when these answers are one part of a stage, e.g. one of the models evaluated)."""
     from mydistill.generation.base import GenerationRequest, Sampling
     from mydistill.generation.hf import HFBackend
     from mydistill.progress import ProgressLog
 
     backend = HFBackend(model=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
     requests = [GenerationRequest(prompt=backend.prepare(str(i), p)) for i, p in enumerate(prompts)]
-    progress = ProgressLog(f"evaluate: {label}", len(requests), logging.getLogger("mydistill.evaluation.evaluate"))
+    progress = ProgressLog(f"evaluate: {label}", len(requests), logging.getLogger("mydistill.evaluation.evaluate"), unit="answers", part=part)
     completions = backend.generate(requests, Sampling(max_new_tokens=max_new_tokens), progress)
     return [c[0].text for c in completions]
 

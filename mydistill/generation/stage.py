@@ -373,10 +373,10 @@ def _progress_bar(enabled: bool, total: int) -> Iterator[Any]:
     if total == 0:
         yield None
         return
-    if not enabled:  # no terminal (a worker's log): periodic lines instead of a bar
-        from mydistill.progress import ProgressLog
+    from mydistill.progress import ProgressLog, current_sink
 
-        yield ProgressLog("generate", total, logger)
+    if not enabled or current_sink() is not None:  # no terminal (a worker's log), or a caller collects reports
+        yield ProgressLog("generate", total, logger, unit="responses")
         return
     from rich.progress import (
         BarColumn,

@@ -143,9 +143,12 @@ def _add_batches(
 ) -> None:
     """Run ``teacher`` over ``items`` (key, tokenized example) in batches and add each example's sparse
     signal (``exact`` top tokens, plus the sampled tail in sampled mode) to ``writer``."""
+    from mydistill.progress import ProgressLog
+
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     base = getattr(teacher, teacher.base_model_prefix)
     head = teacher.get_output_embeddings()
+    report = ProgressLog("signal", len(items), logger, unit="examples")
     for begin in range(0, len(items), cfg.batch_size):
         part = items[begin : begin + cfg.batch_size]
         batch = {k: v.to(device) for k, v in collate([ex for _, ex in part], pad_id).items()}
@@ -173,3 +176,4 @@ def _add_batches(
         for (key, _), n in zip(part, counts, strict=True):
             writer.add(key, ids[offset : offset + n], lps[offset : offset + n], res[offset : offset + n])
             offset += n
+        report(len(part))

@@ -50,6 +50,7 @@ import numpy as np
 from mydistill import io
 from mydistill.config.generation import mask_url
 from mydistill.config.signal import SignalConfig
+from mydistill.progress import ProgressLog
 from mydistill.signal.format import FORMAT_VERSION, example_key
 from mydistill.signal.served_client import CompletionsScorer, Scored, ServedTeacherError
 from mydistill.signal.served_probe import check_probe, probe_teacher
@@ -160,12 +161,15 @@ def _score_shards(
     has_template = bool(getattr(tokenizer, "chat_template", None))
     refused: list[tuple[int, str, str]] = []  # (record number, prompt head, reason)
     order: list[dict[str, Any]] = []
+    report = ProgressLog("signal", len(items), logger, unit="examples",
+                         start=sum(len(shard) for number, shard in enumerate(shards) if number in committed))
     for number, shard in enumerate(shards):
         if number in committed:
             order.append(committed[number])
             continue
         rows, bad = _score_shard(scorer, records, shard, tokenizer, add_special_tokens=not has_template, temperature=temperature)
         refused += bad
+        report(len(shard))
         if bad:  # a shard with a refused record is not committed: nothing shifted is ever stored
             continue
         entry = _commit_shard(output_uri, number, rows, cfg.k)

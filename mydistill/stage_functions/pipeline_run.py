@@ -17,7 +17,8 @@ from mydistill.stage_functions.evaluation import summary_metrics
 
 def open_pipeline_run(cfg: PipelineConfig, plan: StagePlan, *, tags: dict[str, str] | None = None) -> tuple[str, list[str]]:
     """Start the pipeline's MLflow parent run (tagged with ``tags``, e.g. the orchestrator's run id)
-    with the validated config as params and artifact and the plan; returns its id and the ids of
+    with the validated config as params and artifact, the plan, and its input datasets by
+    reference; returns its id and the ids of
     runs left RUNNING by killed processes, which were marked KILLED first."""
     tracking.configure(cfg.tracking.tracking_uri, cfg.tracking.artifact_location)
     killed = tracking.mark_dead_runs_killed(cfg.tracking.experiment)
@@ -25,6 +26,9 @@ def open_pipeline_run(cfg: PipelineConfig, plan: StagePlan, *, tags: dict[str, s
     tracking.log_params(run_id, cfg.model_dump())
     tracking.log_dict(run_id, cfg.model_dump(mode="json"), "config.json")
     tracking.log_dict(run_id, plan.as_dict(), "plan.json")
+    for name, fp in plan.fingerprints.items():  # what the run starts from, on its Datasets list
+        if fp["kind"] == "data":
+            tracking.log_dataset_reference(run_id, name=name, source=fp["uri"], digest=fp["sha256"], context="pipeline input")
     return run_id, list(killed)
 
 

@@ -20,7 +20,7 @@ def log_model(cfg: PipelineConfig, plan: StagePlan, run_id: str, checkpoint_uri:
         logged = tracking.log_checkpoint_model(
             run_id, io.localize(checkpoint_uri), fingerprint=fingerprint, example_prompt=_example_prompt(cfg, plan),
             max_new_tokens=cfg.evaluate.max_new_tokens, prompt_prefix=prompt_prefix_of(checkpoint_uri),
-            name=logged_model_name(checkpoint_uri),
+            name=logged_model_name(checkpoint_uri), source_name=source_name(checkpoint_uri),
         )
     tracking.set_tags(run_id, {"mydistill.model_uri": logged["model_uri"]})
     return logged
@@ -31,6 +31,15 @@ def logged_model_name(checkpoint_uri: str) -> str:
     page's "Logged models" tells a pipeline's students apart (MLflow's default would be "model")."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", io.basename(checkpoint_uri)).strip("-.")
     return name or "model"
+
+
+def source_name(checkpoint_uri: str) -> str:
+    """What a logged model's "Logged from" says: the stage that trained it and that stage's entry
+    point (``mydistill finetune stage (mydistill.stage_functions.train)``)."""
+    stage = logged_model_name(checkpoint_uri).split("-")[0]
+    if stage in ("distill", "finetune", "baseline"):
+        return f"mydistill {stage} stage (mydistill.stage_functions.train)"
+    return "mydistill register stage (mydistill.stage_functions.register)"  # a checkpoint no stage logged
 
 
 def _example_prompt(cfg: PipelineConfig, plan: StagePlan) -> str:

@@ -53,6 +53,9 @@ def _default_artifact_location(experiment: str) -> str | None:
 
 def configure(tracking_uri: str | None = None, artifact_location: str | None = None) -> str:
     global _artifact_root
+    # MLflow's own "🏃 View run … at: <url>" lines open the run in its GenAI view (MLflow 3.17 picks
+    # the view from the address, see MODEL_TRAINING_VIEW); our log lines give the model training link
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     uri = tracking_uri or default_tracking_uri()
     mlflow.set_tracking_uri(uri)
     _artifact_root = artifact_location
@@ -73,7 +76,8 @@ def experiment_id(name: str) -> str:
     if exp is not None:
         return exp.experiment_id
     try:
-        # the MLflow UI opens "Model training" views (not GenAI ones) for experiments of this kind
+        # MLflow 3.x UIs before 3.17's workflow switch chose the "Model training" view from this tag;
+        # 3.17 reads the address (?workflowType=machine_learning) or the browser's last choice instead
         return c.create_experiment(
             name, artifact_location=_default_artifact_location(name),
             tags={"mlflow.experimentKind": "custom_model_development"},

@@ -44,7 +44,9 @@ def mask_secrets(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def log_params(run_id: str, params: Mapping[str, Any]) -> None:
-    flat = mask_secrets(flatten(params))
+    """The leaves of ``params`` as ``a.b.c`` params, secrets masked; unset (None) leaves left out:
+    they say nothing in the params table (the whole config is the run's ``config.json``)."""
+    flat = mask_secrets({k: v for k, v in flatten(params).items() if v is not None})
     items = [Param(k, str(v)[:6000]) for k, v in sorted(flat.items())]
     for start in range(0, len(items), 100):
         client().log_batch(run_id, params=items[start : start + 100])
@@ -77,6 +79,18 @@ def log_dataset(run_id: str, records: Sequence[Mapping[str, Any]], *, name: str,
     # column cannot hold a missing value, and recommends exactly this for a logged schema
     frame = frame.astype({c: "float64" for c in frame.columns if pd.api.types.is_integer_dtype(frame[c])})
     dataset = mlflow.data.from_pandas(frame, source=_dataset_source(source), name=name)
+    client().log_inputs(
+        run_id,
+        datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])],
+    )
+
+
+def log_dataset_reference(run_id: str, *, name: str, source: str, digest: str, context: str) -> None:
+    """Record a dataset as an input of the run by its source URI and fingerprint alone (nothing read:
+    for a run that lists what it started from, e.g. the pipeline's prompts, real and eval data)."""
+    from mlflow.data.meta_dataset import MetaDataset
+
+    dataset = MetaDataset(_dataset_source(source), name=name, digest=digest[:36])
     client().log_inputs(
         run_id,
         datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])],

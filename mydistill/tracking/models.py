@@ -50,7 +50,7 @@ def find_logged_model(experiment: str, fingerprint: str) -> dict[str, str] | Non
 
 def log_checkpoint_model(
     run_id: str, checkpoint_dir: str, *, fingerprint: str, example_prompt: str, max_new_tokens: int, prompt_prefix: str = "",
-    name: str = "model",
+    name: str = "model", source_name: str | None = None,
 ) -> dict[str, str]:
     """Log a trained checkpoint folder as an MLflow model of the ``transformers`` flavor (task
     text-generation) under ``run_id``; returns its ``model_id`` and ``model_uri``.
@@ -60,7 +60,8 @@ def log_checkpoint_model(
     comes out: the saved prompt template applies the tokenizer's chat template and a step-by-step
     student's task prefix, greedy decoding, up to ``max_new_tokens`` new tokens, as evaluation does.
     The signature is given, not inferred, so logging runs no generation. ``name`` is what the run
-    pages' "Logged models" list shows.
+    pages' "Logged models" list shows; ``source_name`` what its "Logged from" says (MLflow's default
+    is the process's script: Prefect's engine.py under a worker).
     """
     import logging
 
@@ -85,7 +86,7 @@ def log_checkpoint_model(
                 input_example=example_prompt, prompt_template=template, pip_requirements=requirements,
                 model_config={"max_new_tokens": max_new_tokens, "do_sample": False},
                 metadata={"mydistill.prompt_prefix": prompt_prefix, "mydistill.prompt_template": template},
-                tags={CHECKPOINT_TAG: fingerprint},
+                tags={CHECKPOINT_TAG: fingerprint, **({"mlflow.source.name": source_name} if source_name else {})},
             )
     finally:
         flavor_log.setLevel(level)
@@ -118,9 +119,11 @@ def register_model_version(
         c.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
         c.create_registered_model(name, description="Students distilled by mydistill.")
-    # the version's run is the one that decided on it (the gate's tags); the logged model keeps its training run
+    # the version's source run is the run that logged the model (its training stage), as the model's
+    # own page says; the run that decided on it is named in the tags (the gate's decision is there too)
     version = c.create_model_version(
-        name, source=model["model_uri"], run_id=register_run_id or model.get("run_id"), tags=dict(tags or {}),
+        name, source=model["model_uri"], run_id=model.get("run_id") or register_run_id,
+        tags={**dict(tags or {}), **({"mydistill.register_run_id": register_run_id} if register_run_id else {})},
         model_id=model["model_id"],
     )
     return str(version.version)

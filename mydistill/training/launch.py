@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mydistill import io
+from mydistill.progress import MARKED_ENV, relay_marked
 from mydistill.training.job import TrainJob
 from mydistill.training.process import die_with_parent
 
@@ -183,7 +184,7 @@ def launch_training(
             # a fresh master port each time: the dead run's may linger in TIME_WAIT
             lambda: node_command(job_uri, nodes=cfg.nodes, nproc_per_node=cfg.num_processes, launcher=cfg.launcher,
                                  hostfile=cfg.hostfile, log_dir=os.path.join(tmp, "torchrun-logs")),
-            restarts=restarts if cfg.nodes == 1 else 0, on_line=on_line, env=env,
+            restarts=restarts if cfg.nodes == 1 else 0, on_line=relay_marked(on_line), env={**(env or {}), MARKED_ENV: "1"},
         )
     manifest = io.read_manifest(job.output_uri)
     if manifest is None:

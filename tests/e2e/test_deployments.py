@@ -74,6 +74,35 @@ def test_the_parameter_form_carries_the_config_descriptions():
     assert schema["properties"]["config"]["default"]["name"] == "demo"
 
 
+def test_the_form_has_no_none_switches_for_optional_fields_and_presets_still_validate():
+    """Optional fields render as plain inputs (no 'Property is type "None"' switch); what the
+    deployments hold (a preset, nulls included) passes Prefect's own validation, a wrong type does not."""
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools.validation import validate
+
+    from flows.pipeline_flow import distill_pipeline
+    from mydistill.config import load_config
+
+    schema = parameter_schema(distill_pipeline).model_dump_for_openapi()
+    switches = sorted(
+        f"{model}.{name}" for model, d in schema["definitions"].items() for name, p in d.get("properties", {}).items()
+        if {"type": "null"} in p.get("anyOf", [])
+    )
+    # only optional sections keep one (there, on or off is the choice), and fields whose default is not
+    # None, where null is a value of its own (no category; a chunk size chosen from the shapes)
+    assert switches == [
+        "DataConfig.category_field", "EvaluateConfig.judge", "LossConfig.chunk_size", "LossConfig.hidden",
+        "LossConfig.step_by_step", "PipelineConfig.demo",
+    ]
+    uri = schema["definitions"]["TeacherSpec"]["properties"]["uri"]
+    assert uri["type"] == "string" and "default" not in uri and uri["description"]
+    for preset in ("demo", "demo-tiny", "qwen-7b-to-0.5b"):
+        values = {"config": load_config(preset).model_dump(mode="json")}
+        assert validate(values, schema, raise_on_error=False) == [], preset
+    values["config"]["distill"]["steps"] = "many"
+    assert validate(values, schema, raise_on_error=False)
+
+
 def test_stack_renders_time_zone_preset_and_pools(tmp_path):
     stack = _stack_module()
     args = argparse.Namespace(
@@ -94,3 +123,24 @@ def test_stack_renders_time_zone_preset_and_pools(tmp_path):
 def test_stack_down_with_nothing_running_says_so(tmp_path, capsys):
     assert _stack_module().main(["--state-dir", str(tmp_path), "down"]) == 0
     assert "nothing recorded as running" in capsys.readouterr().out
+
+
+def test_stack_up_says_what_it_registered_and_why_gpu_deployments_are_not_ready(tmp_path):
+    stack = _stack_module()
+    args = argparse.Namespace(
+        preset=stack.DEFAULT_PRESET, set=None, work_dir="s3://bucket/runs", timezone="Europe/Berlin", cron=None,
+        no_schedule=False, cpu_pool="mydistill-cpu", gpu_pool="mydistill-gpu", pipeline_pool=None, no_worker=False, gpu_worker=False,
+    )
+    rendered = yaml.safe_load(stack.render_deployments(stack.Stack(tmp_path), args).read_text())
+    lines = stack.registration_summary(rendered, args)
+    assert lines[0].startswith("deployments run preset 'demo-tiny' by default (config 'demo-tiny', work_dir s3://bucket/runs/demo-tiny)")
+    assert "schedule: nightly at cron '0 2 * * *' in time zone Europe/Berlin (active)" in lines
+    assert "pool mydistill-cpu: nightly, generate, mix, evaluate (worker started here)" in lines
+    assert "pool mydistill-gpu: signal, distill, finetune, baseline (no worker here)" in lines
+    assert lines[-1].startswith("signal, distill, finetune, baseline need a GPU worker: the Prefect UI shows them Not Ready")
+    # the deployment's own page says it too
+    distill = next(d for d in rendered["deployments"] if d["name"] == "distill")
+    assert distill["description"].endswith(stack.gpu_pool_note("mydistill-gpu"))
+    with_gpu = stack.registration_summary(rendered, argparse.Namespace(**{**vars(args), "gpu_worker": True}))
+    assert "pool mydistill-gpu: signal, distill, finetune, baseline (worker started here)" in with_gpu
+    assert not any("need a GPU worker" in line for line in with_gpu)

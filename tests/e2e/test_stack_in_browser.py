@@ -77,6 +77,7 @@ def _clean_env(state: Path) -> dict[str, str]:
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
         AWS_SHARED_CREDENTIALS_FILE=str(state / "no-aws-credentials"), AWS_CONFIG_FILE=str(state / "no-aws-config"),
         AWS_EC2_METADATA_DISABLED="true",
+        MYDISTILL_PROGRESS_EVERY_S="5",  # a run of minutes: progress every 5 s, not every 30
     )
     return env
 
@@ -96,6 +97,9 @@ def stack(tmp_path_factory):
             env=env, cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
         )
         assert up.returncode == 0, f"stack up failed:\n{up.stdout}\n{up.stderr}"
+        # what it registered, in words: the preset, the schedule's time zone, why GPU deployments are Not Ready
+        assert "deployments run preset 'demo-tiny' by default" in up.stdout, up.stdout
+        assert "in time zone Europe/Berlin (active)" in up.stdout and "need a GPU worker" in up.stdout, up.stdout
         info = {**json.loads((state / "stack.json").read_text()), "state": state}
         yield info
     finally:
@@ -145,6 +149,21 @@ def _form_field(page, label: str):
         f"'{label} (Optional)']/ancestor::div[contains(concat(' ',@class,' '),' schema-form-property ')][1]"
     )
     return prop.locator("xpath=.//div[contains(@class,'p-label__body')]//*[self::textarea or self::input]").first
+
+
+def _log_line(page, pattern: re.Pattern, timeout_s: float = 60):
+    """The flow run page's last log line matching ``pattern``, scrolled into view. The page lists a
+    run's log a part at a time, more as one scrolls down (a run reporting progress has hundreds of
+    lines): scroll to the end until the line is there."""
+    line = page.get_by_text(pattern)
+    deadline = time.monotonic() + timeout_s
+    while line.count() == 0 and time.monotonic() < deadline:
+        page.mouse.move(700, 800)
+        page.mouse.wheel(0, 20_000)  # (the End key does not load more lines)
+        page.wait_for_timeout(1500)
+    line.last.scroll_into_view_if_needed()
+    line.last.wait_for()
+    return line.last
 
 
 def _dismiss_dialog(page, button: str, wait_ms: int = 8_000) -> None:
@@ -213,6 +232,21 @@ def _trigger_and_inspect(stack, page, shots) -> None:
     assert flow_run["parameters"]["config"]["mix"]["teacher_fraction"] == 0.5
     page.goto(f"{ui}/runs/flow-run/{flow_run['id']}")
     deadline = time.monotonic() + RUN_TIMEOUT_S
+
+    # --- while it trains, its log says how far (a training stage's progress line, before 100%)
+    progress = re.compile(r"^([\w -]+): (\d+)/(\d+) steps \(\d+%\), .* left$")
+    training_line = None
+    while training_line is None and time.monotonic() < deadline:
+        logs = _api(f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run["id"]]}}, "sort": "TIMESTAMP_DESC"})
+        training_line = next((log["message"] for log in logs if (m := progress.match(log["message"])) and m[2] != m[3]), None)
+        if training_line is None:
+            assert _api(f"{api}/flow_runs/{flow_run['id']}")["state"]["type"] in ("SCHEDULED", "PENDING", "RUNNING"), (
+                f"the run ended before any training progress line; worker log:\n{_tail(stack, 'worker-cpu')}")
+            time.sleep(1)
+    assert training_line, "no training progress line in the flow run's log"
+    page.reload()
+    _log_line(page, re.compile(r": \d+/\d+ (steps|responses|answers) \(\d+%\)"))  # progress lines on the page
+    page.screenshot(path=str(shots / "03-prefect-flow-run-training.png"))
     while True:
         state = _api(f"{api}/flow_runs/{flow_run['id']}")["state"]["type"]
         if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") or time.monotonic() > deadline:
@@ -221,11 +255,20 @@ def _trigger_and_inspect(stack, page, shots) -> None:
     assert state == "COMPLETED", f"flow run ended {state}; worker log:\n{_tail(stack, 'worker-cpu')}"
     page.reload()
     page.get_by_text("Completed", exact=True).first.wait_for()
-    page.get_by_text(re.compile(r"quality gate passed")).first.wait_for()  # the register task's log line
+    _log_line(page, re.compile(r"quality gate passed"))  # the register task's log line
     page.screenshot(path=str(shots / "03-prefect-flow-run.png"))
+    # each long stage's progress artifact ended at 100; the run's MLflow link opens the model training view
+    artifacts = _api(f"{api}/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}})
+    bars = {a["key"]: a["data"] for a in artifacts if a["type"] == "progress"}
+    assert {"generate-progress", "distill-progress", "finetune-progress", "evaluate-progress"} <= set(bars), bars
+    assert all(value == 100 for value in bars.values()), bars
+    (link_artifact,) = [a for a in artifacts if a["key"] == "mlflow-run"]
+    assert link_artifact["data"].endswith("?workflowType=machine_learning)"), link_artifact
 
     # --- its evaluation artifact links to the MLflow run
     page.get_by_text("Artifacts", exact=True).first.click()
+    page.get_by_text("distill-progress", exact=True).first.wait_for()
+    page.screenshot(path=str(shots / "03-prefect-artifacts.png"))
     page.get_by_text("evaluation", exact=True).last.click()
     page.wait_for_url("**/artifacts/artifact/**")
     link = page.get_by_role("link", name=re.compile(r"^run [0-9a-f]{32}$"))

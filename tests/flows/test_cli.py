@@ -110,3 +110,17 @@ def test_a_pipeline_run_prints_no_library_warnings_or_progress_bars(tmp_path):
     assert "pipeline finished" in text and "registered mydistill-demo-tiny-student" in text
     noise = [line for line in text.splitlines() if re.search(r"Warning\b|WARNING|Loading weights|Writing model shards", line)]
     assert noise == [], "\n".join(noise[:20])
+
+
+def test_the_summary_links_the_run_in_mlflows_model_training_view(monkeypatch):
+    from rich.console import Console
+
+    from flows import cli
+
+    console = Console(record=True, width=250)
+    monkeypatch.setattr(cli, "console", console)
+    report = {"models": {"teacher": {"exact_match": 0.5, "perplexity": 2.0, "parameters": 100}}}
+    url = "http://127.0.0.1:5000/#/experiments/1/runs/r?workflowType=machine_learning"
+    cli.print_summary({"report": report, "decision": {"passed": True, "reason": "ok"}, "plan": {"finetune_uri": "f"},
+                       "mlflow_run_id": "r", "mlflow_run_url": url}, 1.0)
+    assert f"MLflow run: {url}" in console.export_text()

@@ -90,9 +90,10 @@ def run_pipeline(config):
     return state.result(), state.state_details.flow_run_id
 
 
-def test_pipeline_runs_end_to_end_and_tracks_everything(harness, config):
+def test_pipeline_runs_end_to_end_and_tracks_everything(harness, config, monkeypatch):
     from mlflow import MlflowClient
 
+    monkeypatch.setenv("MYDISTILL_PROGRESS_EVERY_S", "0")  # a report per step: the stages here take seconds
     result, flow_run_id = run_pipeline(config)
     report = result["report"]
     assert set(report["models"]) == {"teacher", "student", "baseline"}
@@ -122,7 +123,22 @@ def test_pipeline_runs_end_to_end_and_tracks_everything(harness, config):
     assert [m.step for m in curve] == [4, 8]
     assert {"kd", "ce", "tokens_per_s", "peak_memory_mb"} <= set(distill.data.metrics)
     assert "val_loss" in by_stage["finetune"].data.metrics
-    assert any("[mydistill] done" in line for line in flow_run_logs(flow_run_id))  # worker output streamed
+    logs = flow_run_logs(flow_run_id)
+    assert any("[mydistill] done" in line for line in logs)  # worker output streamed
+    # progress: rank 0 of the launched distill workers and the in-process finetune report into the log
+    for stage, steps in (("distill", 8), ("finetune", 4)):
+        lines = [line for line in logs if line.startswith(f"{stage}: ") and f"/{steps} steps (" in line]
+        assert len(lines) >= 2 and lines[-1].startswith(f"{stage}: {steps}/{steps} steps (100%)"), lines
+        assert ", loss " in lines[-1]
+    assert not any("[mydistill progress]" in line for line in logs)  # the marked lines were turned into reports
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as prefect:
+        artifacts = prefect.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    bars = {a.key: a.data for a in artifacts if a.type == "progress"}
+    assert {f"{s}-progress" for s in ("generate", "distill", "finetune", "baseline", "evaluate")} <= set(bars), bars
+    assert set(bars.values()) == {100}, bars
     # each task's returned URI went into the next: the Prefect UI draws the DAG's edges
     assert {("generate", "mix"), ("mix", "distill"), ("distill", "finetune"), ("mix", "finetune"), ("finetune", "evaluate"),
             ("baseline", "evaluate"), ("evaluate", "register"), ("register", "record-run")} <= task_edges(flow_run_id)

@@ -172,11 +172,40 @@ def test_the_decision_is_recorded_on_the_version_and_the_register_run(registry):
     assert version.tags["gate_reason"] == decision["reason"]
     assert version.tags[tracking.SCORE_TAG] == "0.400000"
     assert version.tags["champion_before"] == f"v{decision['champion_version']}"
-    run = c.get_run(version.run_id)
+    run = c.get_run(version.tags["mydistill.register_run_id"])
     assert run.data.tags["mydistill.gate"] == "failed" and run.data.tags["mydistill.gate_reason"] == decision["reason"]
     assert run.data.metrics[tracking.SCORE_METRIC] == pytest.approx(0.4)
     recorded = json.loads(Path(c.download_artifacts(run.info.run_id, "decision.json")).read_text())
     assert recorded["passed"] is False and recorded["reason"] == decision["reason"]
+
+
+def test_the_versions_source_run_is_the_run_that_logged_the_model_and_it_names_its_stage(tmp_path, demo_tokenizer):
+    cfg = load_config("demo", [f"work_dir={tmp_path}", "tracking.experiment=registry-test"])
+    plan = make_plan(cfg)
+    save_tiny_model(plan.student_uri, demo_tokenizer, seed=1)
+    parent = tracking.start_run(cfg.tracking.experiment, "pipeline")
+    with tracking.stage_run(parent, "finetune", cfg.tracking.experiment) as finetune_run:
+        logged = stage_functions.log_model(cfg, plan, finetune_run, plan.student_uri)
+    name = f"source-test-{uuid.uuid4().hex[:6]}"
+    cfg = cfg.model_copy(update={"registry": cfg.registry.model_copy(update={"model_name": name})})
+    decision = stage_functions.register(cfg, plan, {"models": {"student": {"exact_match": 0.5, "teacher_retained": 1.0}}}, parent)
+    c = tracking.client()
+    version = c.get_model_version(name, decision["version"])
+    assert version.run_id == finetune_run == c.get_logged_model(logged["model_id"]).source_run_id  # not the register run
+    assert c.get_run(version.tags["mydistill.register_run_id"]).data.tags["mydistill.stage"] == "register"
+    source = c.get_logged_model(logged["model_id"]).tags["mlflow.source.name"]
+    assert source == "mydistill finetune stage (mydistill.stage_functions.train)"  # not Prefect's engine.py
+
+
+def test_unset_config_leaves_are_not_params_and_inputs_are_listed_by_reference():
+    run_id = tracking.start_run("tracking-test", "params")
+    tracking.log_params(run_id, {"name": "x", "teacher": {"uri": None, "dtype": "auto"}, "api_base": None})
+    tracking.log_dataset_reference(run_id, name="prompts", source="s3://bucket/prompts.jsonl", digest="ab" * 32, context="pipeline input")
+    run = tracking.client().get_run(run_id)
+    assert run.data.params == {"name": "x", "teacher.dtype": "auto"}
+    (dataset,) = run.inputs.dataset_inputs
+    assert (dataset.dataset.name, dataset.dataset.digest, dataset.tags[0].value) == ("prompts", ("ab" * 32)[:36], "pipeline input")
+    assert "s3://bucket/prompts.jsonl" in dataset.dataset.source
 
 
 def test_a_student_that_answers_behind_a_prefix_carries_it_on_its_version(registry):
