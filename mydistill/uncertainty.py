@@ -74,8 +74,10 @@ def wilson_interval(successes: float, n: int, confidence: float = 0.95) -> Inter
     denominator = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denominator
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    # clamp only float rounding: at 0/n the exact lower end is 0, at n/n the upper end is 1
-    return Interval(p, max(0.0, centre - half), min(1.0, centre + half), confidence, "wilson")
+    # at 0/n the exact lower end is 0 and at n/n the upper end is 1: say so, not a rounding error away
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return Interval(p, low, high, confidence, "wilson")
 
 
 def is_rate(scores: Sequence[float]) -> bool:
