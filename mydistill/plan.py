@@ -107,7 +107,8 @@ def make_plan(cfg: PipelineConfig) -> StagePlan:
     )
     # the student as its stages read it: a pretrained folder (by content), a cut of the teacher, or an architecture
     # (student.dtype is the precision students are evaluated in: the evaluate stage's key holds it, training's does not)
-    student = {**cfg.student.model_dump(exclude={"dtype"}), "arch": cfg.student.arch.as_dict(), "init": sha.get("student_init"),
+    unsized = {"dtype": True} if init.layers == "auto" else {"dtype": True, "init": dict.fromkeys(_AUTO_CUT_FIELDS, True)}
+    student = {**cfg.student.model_dump(exclude=unsized), "arch": cfg.student.arch.as_dict(), "init": sha.get("student_init"),
                "cut_from_teacher": student_init}
 
     generate = _key("generate", teacher_uri, sha["teacher"], teacher_id, prompts_uri, sha["prompts"], cfg.generate.content_params())
