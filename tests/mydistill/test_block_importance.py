@@ -74,3 +74,17 @@ def test_layers_auto_needs_one_size_and_is_refused_without_it():
         load_config("demo", ["student.init.from_teacher=true", "student.init.layers=auto"])
     with pytest.raises(ConfigError, match="num_layers size a student whose blocks are chosen by measurement"):
         load_config("demo", ["student.init.from_teacher=true", "student.init.keep_every=2", "student.init.num_layers=1"])
+
+
+def test_a_measured_cut_is_logged_on_the_training_run():
+    from mydistill import tracking
+    from mydistill.stage_functions.training import log_measured_cut
+
+    tracking.configure()  # the test session's sqlite store (tests/conftest.py)
+    run_id = tracking.start_run("block-influence-test", "distill")
+    log_measured_cut(run_id, {"block_influence": [0.3, 0.0, 0.1, 0.5], "teacher_layers": [0, 3]})
+    log_measured_cut(run_id, {"teacher_layers": [0, 1]})  # a fixed cut: nothing to log
+    c = tracking.client()
+    assert [(m.step, m.value) for m in c.get_metric_history(run_id, "block_influence")] == [(0, 0.3), (1, 0.0), (2, 0.1), (3, 0.5)]
+    assert c.get_run(run_id).data.params["student_init.chosen_layers"] == "[0, 3]"
+    assert "plots/block_influence.png" in {a.path for a in c.list_artifacts(run_id, "plots")}
