@@ -209,7 +209,7 @@ def demo_teacher(
 
 def print_summary(result: dict[str, Any], elapsed: float, currency: str = "USD") -> None:
     report, decision = result["report"], result["decision"]
-    from mydistill.evaluation.evaluate import summary_table
+    from mydistill.evaluation.evaluate import category_lines, comparison_lines, summary_table
 
     table = Table(title=f"mydistill — pipeline finished in {elapsed:.0f} s")
     columns, rows = summary_table(report)
@@ -218,6 +218,8 @@ def print_summary(result: dict[str, Any], elapsed: float, currency: str = "USD")
     for row in rows:
         table.add_row(*row)
     console.print(table)
+    for line in [*comparison_lines(report), *category_lines(report)]:
+        console.print(line)
     gate = "[green]passed[/green]" if decision["passed"] else "[yellow]not passed[/yellow]"
     console.print(f"quality gate {gate}: {decision['reason']}")
     if decision.get("registered"):

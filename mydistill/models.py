@@ -165,7 +165,48 @@ def ensure_cut_student(teacher_uri: str, layers: list[int] | None, keep_every: i
     inputs = {"teacher": teacher_fingerprint(teacher_uri), "layers": layers}
     if io.manifest_matches(output_uri, inputs):
         return io.read_manifest(output_uri) or {}
+    return _write_cut(load_model(teacher_uri), teacher_uri, layers, output_uri, inputs)
+
+
+def ensure_measured_cut(
+    teacher_uri: str, prompts: list[str], output_uri: str, *, num_layers: int | None = None,
+    parameter_fraction: float | None = None, prompts_sha256: str | None = None,
+) -> dict[str, Any]:
+    """``student.init.layers: auto``: measure every teacher block's influence over ``prompts``
+    (:func:`mydistill.block_importance.block_influence`, ShortGPT), keep the ``num_layers`` most
+    influential (or as many as ``parameter_fraction`` of the teacher's parameters allows) and write
+    the cut once, like :func:`ensure_cut_student`; the manifest adds each block's score
+    (``block_influence``) and how the blocks were chosen."""
+    from mydistill import io
+    from mydistill.block_importance import block_influence, blocks_for_budget, choose_layers
+
+    inputs = {
+        "teacher": teacher_fingerprint(teacher_uri), "layers": "auto", "num_layers": num_layers,
+        "parameter_fraction": parameter_fraction, "prompts": prompts_sha256 or io.sha256_of(prompts),
+    }
+    if io.manifest_matches(output_uri, inputs):
+        return io.read_manifest(output_uri) or {}
     teacher = load_model(teacher_uri)
+    tokenizer = load_tokenizer(teacher_uri)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    from mydistill.tokenization import format_prompt
+
+    # measured on what the teacher sees: each prompt through its chat template
+    scores = block_influence(teacher, tokenizer, [format_prompt(tokenizer, p) for p in prompts])
+    keep = num_layers if num_layers is not None else blocks_for_budget(teacher, float(parameter_fraction or 1.0))
+    if keep > len(scores):
+        raise ValueError(f"student.init.num_layers {keep} is more than the teacher's {len(scores)} blocks ({teacher_uri})")
+    layers = choose_layers(scores, keep)
+    return _write_cut(
+        teacher, teacher_uri, layers, output_uri, inputs, block_influence=scores, chosen_by="ShortGPT block influence "
+        "(Men et al. 2024, arXiv:2403.03853): the blocks that turn the hidden state most", measured_on_prompts=len(prompts),
+    )
+
+
+def _write_cut(teacher: Any, teacher_uri: str, layers: list[int], output_uri: str, inputs: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    from mydistill import io
+
     student = cut_student(teacher, layers)
     tokenizer = load_tokenizer(teacher_uri)
     import tempfile
@@ -177,7 +218,8 @@ def ensure_cut_student(teacher_uri: str, layers: list[int] | None, keep_every: i
     # the manifest last: a folder without one is unfinished and made again
     return io.write_manifest(
         output_uri, stage="student-init", inputs=inputs, files=[], from_teacher=teacher_uri, teacher_layers=layers,
-        teacher_num_layers=total, parameters=count_parameters(student), teacher_parameters=count_parameters(teacher),
+        teacher_num_layers=int(teacher.config.num_hidden_layers), parameters=count_parameters(student),
+        teacher_parameters=count_parameters(teacher), **extra,
     )
 
 

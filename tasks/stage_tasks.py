@@ -287,18 +287,20 @@ def close_pipeline_run(
 
 def report_markdown(report: dict[str, Any], mlflow_run: dict[str, Any] | None = None, cost: list[str] | None = None) -> str:
     """The evaluation table, and where the MLflow run is (a link with a server, the run id with a local store)."""
-    from mydistill.evaluation.evaluate import summary_table
+    from mydistill.evaluation.evaluate import category_lines, comparison_lines, summary_table
 
     columns, rows = summary_table(report)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(row) + " |" for row in rows if not row[0].startswith("note: ")]
+    if report.get("confidence"):
+        lines += ["", f"In brackets: {report['confidence']:.0%} intervals over the {report['num_examples']} questions "
+                  "(Wilson for rates, bootstrap otherwise; % of teacher: paired bootstrap)."]
     if report.get("retained_undefined"):
         lines += ["", f"**% of teacher retained is undefined:** {report['retained_undefined']}."]
-    for category, row in report.get("by_category", {}).items():
-        scores = "; ".join(
-            f"{model} " + ", ".join(f"{k} {v:.1%}" for k, v in m.items()) for model, m in row.items() if isinstance(m, dict)
-        )
-        lines.append(f"- *{category}* ({row['count']}): {scores}")
+    lines += [f"- {line}" for line in comparison_lines(report)]
+    for line in category_lines(report):
+        category, _, rest = line.partition(" (")
+        lines.append(f"- *{category}* ({rest}")
     if mlflow_run:
         if mlflow_run.get("url"):
             where = f"[run {mlflow_run['run_id']}]({mlflow_run['url']}) (experiment {mlflow_run['experiment_id']})"

@@ -18,7 +18,7 @@ import pytest
 
 from mydistill import stage_functions, tracking
 from mydistill.config import load_config
-from mydistill.plan import make_plan
+from mydistill.pipeline.plan import make_plan
 from tests.conftest import save_tiny_model
 
 pytestmark = pytest.mark.slow  # logs and loads MLflow models of the transformers flavor (about 20 s)

@@ -51,7 +51,7 @@ def test_config_imports_no_torch():
 # never one above. (The Prefect floors, tasks/ and flows/, sit above all of these.)
 FLOORS = [
     {"config"},
-    {"io", "environment", "progress", "debris", "fingerprint", "lineage", "tokenization", "models", "openai_client"},
+    {"io", "environment", "progress", "debris", "fingerprint", "lineage", "tokenization", "models", "openai_client", "block_importance"},
     {"losses", "generation", "signal", "mix", "tracking"},
     {"training", "train"},
     {"evaluation"},

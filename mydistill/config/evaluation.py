@@ -90,10 +90,24 @@ class RegisterConfig(Section):
         "free-text answers).",
     )
     min_teacher_retained: float = Field(
-        0.8, ge=0, le=1, description="Quality gate: the student must keep at least this fraction of the teacher's score."
+        0.8, ge=0, le=1, description="Quality gate: the student must keep at least this fraction of the teacher's score: the lower end of "
+        "its paired interval at `confidence`, not only the point estimate."
     )
     beat_champion: bool = Field(
         True,
-        description="Quality gate: the student must also score higher than the version the alias points to now "
-        "(no such version yet: passes). Scores are gate_metric on the eval set, so keep one model name per eval set and metric.",
+        description="Quality gate: the student must also beat the version the alias points to now by more than noise: "
+        "the paired interval of the difference on the same questions lies above 0 (a champion registered without "
+        "per-question scores, or on another eval set: its score must be exceeded). No such version yet: passes. "
+        "Scores are gate_metric on the eval set, so keep one model name per eval set and metric.",
+    )
+    confidence: float = Field(
+        0.95, gt=0, lt=1,
+        description="Level of every interval in the evaluation report and of the gate: the lower end of the retention's "
+        "interval must reach min_teacher_retained, and a gain over the champion must exclude 0 at this level.",
+    )
+    min_category_retained: float = Field(
+        0.0, ge=0, le=1,
+        description="Quality gate: every category of the eval set (data.category_field) must keep at least this share "
+        "of the teacher's gate_metric score, so one collapsed skill fails the gate even when the average passes. "
+        "0: not checked.",
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from mydistill.config.section import ModelDtype, Section
@@ -62,11 +64,25 @@ class StudentInit(Section):
     from_teacher: bool = Field(
         False, description="Start the student from the teacher's own weights (Llama/Qwen/Mistral-style decoders)."
     )
-    layers: list[int] | None = Field(
-        None, description="Teacher blocks to keep, in order (0-based), e.g. [0, 2, 4, 29]."
+    layers: list[int] | Literal["auto"] | None = Field(
+        None,
+        description="Teacher blocks to keep, in order (0-based), e.g. [0, 2, 4, 29]; or 'auto': measure each block's "
+        "influence on the teacher over the run's own prompts (ShortGPT's Block Influence) and keep the most "
+        "influential, as many as num_layers or parameter_fraction allows.",
     )
     keep_every: int | None = Field(
         None, gt=0, description="Keep every k-th teacher block (0, k, 2k, …) plus the last one; instead of `layers`."
+    )
+    num_layers: int | None = Field(
+        None, gt=0, description="With layers: auto, how many teacher blocks the student keeps (or give parameter_fraction)."
+    )
+    parameter_fraction: float | None = Field(
+        None, gt=0, le=1,
+        description="With layers: auto, the student's size as a share of the teacher's parameters: as many blocks as "
+        "fit, the embeddings and head kept whole (or give num_layers).",
+    )
+    importance_prompts: int = Field(
+        64, gt=0, description="With layers: auto, how many prompts of the run's prompt pool the blocks are measured on."
     )
 
     @model_validator(mode="after")
@@ -76,7 +92,15 @@ class StudentInit(Section):
                 raise ValueError("layers / keep_every choose teacher blocks, so they need from_teacher: true")
             return self
         if (self.layers is None) == (self.keep_every is None):
-            raise ValueError("from_teacher: give exactly one of layers (a list of block indices) or keep_every")
+            raise ValueError("from_teacher: give exactly one of layers (a list of block indices, or auto) or keep_every")
+        sized = [name for name in ("num_layers", "parameter_fraction") if getattr(self, name) is not None]
+        if self.layers == "auto":
+            if len(sized) != 1:
+                raise ValueError("layers: auto needs exactly one of num_layers (blocks kept) or parameter_fraction "
+                                 f"(share of the teacher's parameters); got {sized or 'neither'}")
+            return self
+        if sized:
+            raise ValueError(f"{' and '.join(sized)} size a student whose blocks are chosen by measurement: set layers: auto")
         if self.layers is not None:
             if not self.layers:
                 raise ValueError("layers: keep at least one block")
@@ -88,7 +112,10 @@ class StudentInit(Section):
         return self
 
     def chosen_layers(self, num_teacher_layers: int) -> list[int]:
-        """The teacher blocks kept; raises ValueError for an index past the teacher's last block."""
+        """The teacher blocks kept; raises ValueError for an index past the teacher's last block
+        (with layers: auto they are known only once measured: :mod:`mydistill.block_importance`)."""
+        if self.layers == "auto":
+            raise ValueError("layers: auto chooses the blocks by measuring the teacher; they are in the student-init manifest")
         if self.layers is not None:
             too_big = [i for i in self.layers if i >= num_teacher_layers]
             if too_big:
@@ -117,8 +144,8 @@ class StudentSpec(Section):
     )
     init: StudentInit = Field(
         default_factory=StudentInit,
-        description="Cut the student from the teacher (from_teacher: true with layers or keep_every) instead of "
-        "building it from `arch`.",
+        description="Cut the student from the teacher (from_teacher: true with layers, layers: auto, or keep_every) "
+        "instead of building it from `arch`.",
     )
 
     @model_validator(mode="after")

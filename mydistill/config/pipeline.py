@@ -159,7 +159,10 @@ class PipelineConfig(Section):
                 import json
 
                 layers = json.loads(config.read_text()).get("num_hidden_layers")
-                if isinstance(layers, int):
+                if isinstance(layers, int) and init.layers == "auto":
+                    if init.num_layers is not None and init.num_layers > layers:
+                        raise ValueError(f"student.init.num_layers {init.num_layers} is more than the teacher's {layers} blocks ({config})")
+                elif isinstance(layers, int):
                     try:
                         init.chosen_layers(layers)
                     except ValueError as e:

@@ -8,7 +8,7 @@ from typing import Any
 
 from mydistill import io
 from mydistill.config import DemoConfig, TrainConfig
-from mydistill.demo.task import make_examples
+from mydistill.demo.task import category_of, make_examples
 from mydistill.demo.tokenizer import build_tokenizer
 
 EVAL_SEED, REAL_SEED, PROMPTS_SEED, TEACHER_SEED = 1001, 1002, 1003, 1004
@@ -17,9 +17,11 @@ EVAL_SEED, REAL_SEED, PROMPTS_SEED, TEACHER_SEED = 1001, 1002, 1003, 1004
 def write_demo_data(cfg: DemoConfig, data_dir: str) -> dict[str, str]:
     """Write the demo's prompts pool, small real labelled set and eval set; returns their URIs.
 
-    The three sets share no prompt. Deterministic, so re-running rewrites identical files.
+    The three sets share no prompt. Deterministic, so re-running rewrites identical files. Eval
+    rows carry their transform as ``category`` (reverse / sort), so the report and the gate see
+    each skill on its own.
     """
-    eval_set = make_examples(cfg.num_eval, seed=EVAL_SEED)
+    eval_set = [{**e, "category": category_of(e["prompt"])} for e in make_examples(cfg.num_eval, seed=EVAL_SEED)]
     held = {e["prompt"] for e in eval_set}
     real = make_examples(cfg.num_real, seed=REAL_SEED, exclude=held)
     held |= {e["prompt"] for e in real}

@@ -1,15 +1,18 @@
 """An offline short-answer QA task with free-text answers, for a real pretrained instruct teacher.
 
-Three categories, each row ``{"prompt", "answer", "category"}``:
+Four categories, each row ``{"prompt", "answer", "category"}``:
 
 - ``capital``: "What is the capital of France?" → "Paris";
 - ``opposite``: "What is the opposite of hot?" → "cold";
-- ``arithmetic``: "What is 3 times 4?" → "12" (small sums and products).
+- ``addition``: "What is 3 plus 4?" → "7";
+- ``multiplication``: "What is 3 times 4?" → "12" (small factors).
 
 A teacher answers in sentences ("The capital of France is Paris."), so exact match scores it
 near 0 while ``contains`` scores it as a person would. The eval set is drawn from held-out facts
 (no capital or opposite in it appears in the training data), so the student has to keep what
-the teacher knows, not memorise the real examples.
+the teacher knows, not memorise the real examples. The eval set's 200 distinct questions by default
+(57 capitals, 36 opposites, 59 sums, 48 products) are enough for a 95% interval about ±7 points
+wide around a 50% score, where the first 24 gave ±20.
 
     python -m mydistill.demo.qa_task OUT_DIR      # writes prompts.jsonl, real.jsonl, eval.jsonl
 """
@@ -38,6 +41,32 @@ CAPITALS = [
     ("the United Kingdom", "London"), ("the United States", "Washington"), ("Brazil", "Brasilia"),
     ("Venezuela", "Caracas"), ("Estonia", "Tallinn"), ("Latvia", "Riga"), ("Lithuania", "Vilnius"),
 ]
+# more facts, drawn after the lists above (with their own random order), so that a small eval set
+# is the one the lists above always gave and a large one has facts left over for training
+MORE_CAPITALS = [
+    ("Ecuador", "Quito"), ("Uruguay", "Montevideo"), ("Slovakia", "Bratislava"), ("Slovenia", "Ljubljana"),
+    ("Albania", "Tirana"), ("Belarus", "Minsk"), ("Georgia", "Tbilisi"), ("Armenia", "Yerevan"),
+    ("Azerbaijan", "Baku"), ("Uzbekistan", "Tashkent"), ("Mongolia", "Ulaanbaatar"), ("Bangladesh", "Dhaka"),
+    ("Cambodia", "Phnom Penh"), ("Laos", "Vientiane"), ("New Zealand", "Wellington"), ("Qatar", "Doha"),
+    ("Kuwait", "Kuwait City"), ("Oman", "Muscat"), ("Libya", "Tripoli"), ("Sudan", "Khartoum"),
+    ("Uganda", "Kampala"), ("Zimbabwe", "Harare"), ("Zambia", "Lusaka"), ("Angola", "Luanda"),
+    ("Senegal", "Dakar"), ("Mali", "Bamako"), ("Somalia", "Mogadishu"), ("Rwanda", "Kigali"),
+    ("Jamaica", "Kingston"), ("Panama", "Panama City"), ("Honduras", "Tegucigalpa"), ("Nicaragua", "Managua"),
+    ("Guatemala", "Guatemala City"), ("Haiti", "Port-au-Prince"), ("Malta", "Valletta"), ("Cyprus", "Nicosia"),
+    ("North Korea", "Pyongyang"), ("Bosnia and Herzegovina", "Sarajevo"), ("Montenegro", "Podgorica"),
+    ("North Macedonia", "Skopje"), ("Madagascar", "Antananarivo"), ("Namibia", "Windhoek"),
+    ("Botswana", "Gaborone"), ("Mozambique", "Maputo"), ("Bahrain", "Manama"), ("Kyrgyzstan", "Bishkek"),
+    ("Tajikistan", "Dushanbe"), ("Turkmenistan", "Ashgabat"),
+]
+MORE_OPPOSITES = [
+    ("wide", "narrow"), ("deep", "shallow"), ("sharp", "dull"), ("cheap", "expensive"), ("easy", "difficult"),
+    ("always", "never"), ("before", "after"), ("above", "below"), ("sweet", "sour"), ("smooth", "rough"),
+    ("male", "female"), ("success", "failure"), ("accept", "reject"), ("increase", "decrease"),
+    ("maximum", "minimum"), ("positive", "negative"), ("asleep", "awake"), ("ancient", "modern"),
+    ("polite", "rude"), ("import", "export"), ("major", "minor"), ("visible", "invisible"),
+    ("possible", "impossible"), ("present", "absent"), ("guilty", "innocent"), ("victory", "defeat"),
+    ("tight", "loose"), ("borrow", "lend"), ("floor", "ceiling"), ("war", "peace"),
+]
 OPPOSITES = [
     ("hot", "cold"), ("big", "small"), ("up", "down"), ("day", "night"), ("fast", "slow"), ("happy", "sad"),
     ("light", "dark"), ("old", "young"), ("open", "closed"), ("full", "empty"), ("hard", "soft"), ("wet", "dry"),
@@ -53,8 +82,8 @@ OPPOSITES = [
 def _arithmetic(rng: random.Random) -> dict[str, Any]:
     a, b = rng.randint(2, 12), rng.randint(2, 12)
     if rng.random() < 0.5:
-        return {"prompt": f"What is {a} times {b}?", "answer": str(a * b), "category": "arithmetic"}
-    return {"prompt": f"What is {a} plus {b}?", "answer": str(a + b), "category": "arithmetic"}
+        return {"prompt": f"What is {a} times {b}?", "answer": str(a * b), "category": "multiplication"}
+    return {"prompt": f"What is {a} plus {b}?", "answer": str(a + b), "category": "addition"}
 
 
 def _capital(country: str, city: str) -> dict[str, Any]:
@@ -65,17 +94,34 @@ def _opposite(word: str, other: str) -> dict[str, Any]:
     return {"prompt": f"What is the opposite of {word}?", "answer": other, "category": "opposite"}
 
 
-def make_qa_splits(num_eval: int = 24, num_real: int = 24, num_prompts: int = 40, seed: int = 0) -> dict[str, list[dict[str, Any]]]:
-    """``eval`` (held-out facts), ``real`` (labelled) and ``prompts`` (unlabelled, for the teacher):
-    facts split so that eval's capitals and opposites appear in neither of the others."""
+def make_qa_splits(num_eval: int = 200, num_real: int = 24, num_prompts: int = 40, seed: int = 0) -> dict[str, list[dict[str, Any]]]:
+    """``eval`` (held-out facts, distinct questions), ``real`` (labelled) and ``prompts`` (unlabelled,
+    for the teacher): facts split so that eval's capitals and opposites appear in neither of the
+    others. A third of the eval set is capitals, a third opposites (at most half of the facts of
+    each, so that training keeps the other half), the rest sums and products."""
     rng = random.Random(seed)
     capitals, opposites = CAPITALS[:], list(dict.fromkeys(OPPOSITES))
     rng.shuffle(capitals)
     rng.shuffle(opposites)
+    more = random.Random(seed + 1)  # its own order: the draws of `rng` below stay those of a small eval set
+    more_capitals, more_opposites = MORE_CAPITALS[:], MORE_OPPOSITES[:]
+    more.shuffle(more_capitals)
+    more.shuffle(more_opposites)
+    capitals += more_capitals
+    opposites += [o for o in more_opposites if o not in opposites]
     per = max(num_eval // 3, 1)
-    eval_rows = [_capital(*c) for c in capitals[:per]] + [_opposite(*o) for o in opposites[:per]]
-    eval_rows += [_arithmetic(rng) for _ in range(num_eval - len(eval_rows))]
-    train_facts = [_capital(*c) for c in capitals[per:]] + [_opposite(*o) for o in opposites[per:]]
+    eval_rows = [_capital(*c) for c in capitals[:min(per, len(capitals) // 2)]]
+    eval_rows += [_opposite(*o) for o in opposites[:min(per, len(opposites) // 2)]]
+    seen = {r["prompt"] for r in eval_rows}
+    while len(eval_rows) < num_eval:
+        row = _arithmetic(rng)
+        if row["prompt"] not in seen:
+            seen.add(row["prompt"])
+            eval_rows.append(row)
+    capitals_held = {r["prompt"] for r in eval_rows if r["category"] == "capital"}
+    opposites_held = {r["prompt"] for r in eval_rows if r["category"] == "opposite"}
+    train_facts = [r for r in (_capital(*c) for c in capitals) if r["prompt"] not in capitals_held]
+    train_facts += [r for r in (_opposite(*o) for o in opposites) if r["prompt"] not in opposites_held]
     eval_prompts = {r["prompt"] for r in eval_rows}
 
     def draw(n: int) -> list[dict[str, Any]]:

@@ -31,6 +31,11 @@ def solve(prompt: str) -> str:
     return OPERATIONS[op](word)
 
 
+def category_of(prompt: str) -> str:
+    """The transform a demo prompt asks for (``"reverse: abc"`` → ``"reverse"``): its category in the eval set."""
+    return prompt.partition(": ")[0]
+
+
 def make_examples(
     n: int, *, seed: int, min_len: int = 3, max_len: int = 6, exclude: set[str] | None = None
 ) -> list[dict[str, str]]:

@@ -22,6 +22,14 @@ own tokenizer, and is scored on:
 ``teacher_retained`` is a model's ``gate_metric`` score as a fraction of the teacher's; a teacher
 scoring 0 leaves it undefined (None, with ``retained_undefined`` saying why), never 0.
 
+Every score comes with its interval at ``confidence`` (:mod:`mydistill.evaluation.uncertainty`):
+``<metric>_low`` / ``<metric>_high`` beside each answer metric (Wilson for rates, the bootstrap
+over questions for graded scores), ``teacher_retained_low`` / ``_high`` (the paired bootstrap over
+the same questions), the same per category, and ``comparisons["student_vs_baseline"]``: the
+paired difference on the gate metric. ``question_scores`` keeps each model's gate-metric score
+per question (with the questions' ids), so the registry can compare a student with the champion
+on the same questions.
+
 A student distilled step-by-step answers behind its label prefix (``prompt_prefix`` in its
 checkpoint's manifest); each model is prompted with its own prefix ('' for the others), and the
 teacher-forced metrics score the same response tokens for every model sharing a tokenizer.
@@ -38,7 +46,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from mydistill import io
-from mydistill.evaluation import scoring
+from mydistill.evaluation import scoring, uncertainty
 from mydistill.evaluation.metrics import TEXT_METRICS, answer_agreement, mean, report_key, score_answers
 from mydistill.models import count_parameters, load_model, load_tokenizer
 from mydistill.tokenization import prompt_prefix_of, tokenizer_sha256, with_prefix
@@ -46,6 +54,7 @@ from mydistill.tokenization import prompt_prefix_of, tokenizer_sha256, with_pref
 METRICS_FILE = "metrics.json"
 SAMPLES_FILE = "samples.jsonl"
 PLOT_FILE = "comparison.png"
+CATEGORY_PLOT_FILE = "category_retention.png"
 
 
 def retention(score: float, teacher_score: float, metric: str) -> tuple[float | None, str | None]:
@@ -63,13 +72,51 @@ def comparison_figure(report: dict[str, Any]) -> Any:
     names = list(report["models"])
     key = report_key(report.get("gate_metric", "exact"))
     scores = [report["models"][n].get(key, 0.0) for n in names]
+    errors = None
+    if all(f"{key}_low" in report["models"][n] for n in names):
+        # max(0, …): a bootstrap end may sit a rounding error past the estimate
+        errors = [[max(0.0, s - report["models"][n][f"{key}_low"]) for n, s in zip(names, scores, strict=True)],
+                  [max(0.0, report["models"][n][f"{key}_high"] - s) for n, s in zip(names, scores, strict=True)]]
     fig = Figure(figsize=(5, 3), dpi=100)
     ax = fig.subplots()
-    bars = ax.bar(names, scores, color=["#4c72b0", "#55a868", "#c44e52", "#8172b2"][: len(names)])
+    bars = ax.bar(names, scores, yerr=errors, capsize=4, color=["#4c72b0", "#55a868", "#c44e52", "#8172b2"][: len(names)])
     ax.bar_label(bars, labels=[f"{s:.1%}" for s in scores])
     ax.set_ylim(0, 1.1)
     ax.set_ylabel(key)
-    ax.set_title("held-out task score")
+    ax.set_title("held-out task score" + (f" ({report.get('confidence', 0.95):.0%} intervals)" if errors else ""))
+    fig.tight_layout()
+    return fig
+
+
+def category_figure(report: dict[str, Any]) -> Any:
+    """Share of the teacher's gate-metric score each model keeps, per category, with its paired
+    interval; a dotted line at 100%. None when the report has no categories or no teacher."""
+    from matplotlib.figure import Figure
+
+    rows = report.get("by_category") or {}
+    models = [n for n in report["models"] if any("teacher_retained" in rows[c].get(n, {}) for c in rows)]
+    if not models:
+        return None
+    categories = list(rows)
+    fig = Figure(figsize=(6, 1.6 + 0.4 * len(categories) * len(models)), dpi=100)
+    ax = fig.subplots()
+    height = 0.8 / len(models)
+    for k, (name, color) in enumerate(zip(models, ["#55a868", "#c44e52", "#8172b2", "#4c72b0"], strict=False)):
+        cells = [rows[c].get(name, {}) for c in categories]
+        kept = [cell.get("teacher_retained") or 0.0 for cell in cells]
+        low = [max(0.0, v - cell.get("teacher_retained_low", v)) if cell.get("teacher_retained") is not None else 0.0
+               for v, cell in zip(kept, cells, strict=True)]
+        high = [max(0.0, cell.get("teacher_retained_high", v) - v) if cell.get("teacher_retained") is not None else 0.0
+                for v, cell in zip(kept, cells, strict=True)]
+        positions = [i + k * height for i in range(len(categories))]
+        ax.barh(positions, kept, height=height, xerr=[low, high], capsize=3, color=color, label=name)
+    ax.set_yticks([i + height * (len(models) - 1) / 2 for i in range(len(categories))],
+                  [f"{c} ({rows[c]['count']})" for c in categories])
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel(f"share of the teacher's {report_key(report.get('gate_metric', 'exact'))} kept")
+    ax.set_title(f"per category ({report.get('confidence', 0.95):.0%} paired intervals)")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -132,6 +179,7 @@ def evaluate_models(
     metrics: Sequence[str] = ("exact", "contains"),
     extract_pattern: str = "last_number",
     gate_metric: str = "exact",
+    confidence: float = 0.95,
     judge: JudgeFn | None = None,
     judge_id: str | None = None,
     max_new_tokens: int = 16,
@@ -146,7 +194,8 @@ def evaluate_models(
     metric (:func:`mydistill.evaluation.judge.make_judge`); ``judge_id`` names it in the cache key. Returns
     the report (also ``metrics.json`` under ``output_uri``). Skipped when ``output_uri`` already
     holds a report for the same models, data and metrics. ``dtypes``: each model's load precision
-    by name (``teacher.dtype`` / ``student.dtype``; missing: fp32).
+    by name (``teacher.dtype`` / ``student.dtype``; missing: fp32). ``confidence``: the level of
+    every interval in the report (``registry.confidence``).
     """
     _check_metrics(metrics, gate_metric, judge)
     records = _read_eval_set(eval_uri, prompt_field, answer_field)
@@ -155,7 +204,7 @@ def evaluate_models(
         "models": {name: (io.read_manifest(uri) or {}).get("inputs_sha256", uri) for name, uri in model_uris.items()},
         "eval_sha256": io.records_sha256(records),
         "max_new_tokens": max_new_tokens,
-        "metrics": list(metrics), "gate_metric": gate_metric,
+        "metrics": list(metrics), "gate_metric": gate_metric, "confidence": confidence,
         **({"extract": extract_pattern} if "extract" in metrics else {}),
         **({"judge": judge_id} if "judge" in metrics else {}),
         **({"prompt_prefixes": prefixes} if any(prefixes.values()) else {}),
@@ -181,17 +230,23 @@ def evaluate_models(
 
     report: dict[str, Any] = {
         "num_examples": len(records), "metrics": [report_key(m) for m in metrics], "gate_metric": gate_metric,
-        "models": _model_metrics(models, scores, forced, answers),
+        "confidence": confidence, "models": _model_metrics(models, scores, forced, answers, confidence),
     }
     if any(prefixes.values()):
         report["prompt_prefixes"] = {name: prefix for name, prefix in prefixes.items() if prefix}
     if teacher:
-        _compare_with_teacher(report, teacher, answers, gate_metric)
+        _compare_with_teacher(report, teacher, answers, gate_metric, scores, confidence)
+    if "student" in scores and "baseline" in scores:
+        report["comparisons"] = {"student_vs_baseline": _difference(scores["student"], scores["baseline"], gate_metric, confidence)}
+    report["question_scores"] = {
+        "metric": report_key(gate_metric), "ids": [question_id(p) for p in prompts],
+        "models": {name: per_metric[gate_metric] for name, per_metric in scores.items()},
+    }
     if judge is not None and hasattr(judge, "summary"):
         report["judge"] = judge.summary()  # requests, cache hits and counted failures
     categories = [r.get(category_field) if category_field else None for r in records]
     if any(c is not None for c in categories):
-        report["by_category"] = _by_category(categories, scores)
+        report["by_category"] = _by_category(categories, scores, teacher, gate_metric, confidence)
     samples = [
         {"prompt": p, "reference": ref, **({"category": categories[i]} if categories[i] is not None else {}),
          **{name: answers[name][i] for name in models}}
@@ -255,28 +310,64 @@ def _teacher_forced_by_tokenizer(
     return forced
 
 
+def question_id(prompt: str) -> str:
+    """A question's identity across evaluations: the first 16 hex digits of its prompt's sha256
+    (what pairs a student's answers with the champion's, whatever order the eval set is in)."""
+    import hashlib
+
+    return hashlib.sha256(prompt.encode()).hexdigest()[:16]
+
+
+def _with_intervals(per_metric: dict[str, list[float]], confidence: float) -> dict[str, float]:
+    """``{key: mean, key_low: …, key_high: …}`` for each answer metric's per-question scores."""
+    out: dict[str, float] = {}
+    for k, v in per_metric.items():
+        interval = uncertainty.mean_interval(v, confidence)
+        out.update({report_key(k): mean(v), f"{report_key(k)}_low": interval.low, f"{report_key(k)}_high": interval.high})
+    return out
+
+
+def _retained(scores: list[float], teacher_scores: list[float], confidence: float) -> dict[str, float | None]:
+    """The share of the teacher's score kept, with its paired interval; None when the teacher scores 0."""
+    interval = uncertainty.ratio_interval(scores, teacher_scores, confidence)
+    if interval is None:
+        return {"teacher_retained": None}
+    return {"teacher_retained": interval.value, "teacher_retained_low": interval.low, "teacher_retained_high": interval.high}
+
+
+def _difference(scores: dict[str, list[float]], other: dict[str, list[float]], metric: str, confidence: float) -> dict[str, Any]:
+    interval = uncertainty.difference_interval(scores[metric], other[metric], confidence)
+    return {"metric": report_key(metric), "difference": interval.value, "low": interval.low, "high": interval.high,
+            "confidence": confidence}
+
+
 def _model_metrics(
     models: dict[str, Any], scores: dict[str, dict[str, list[float]]], forced: dict[str, dict[str, float]],
-    answers: dict[str, list[str]],
+    answers: dict[str, list[str]], confidence: float,
 ) -> dict[str, dict[str, Any]]:
-    """Each model's row of the report: mean answer scores, parameters, answer length, teacher-forced metrics."""
+    """Each model's row of the report: mean answer scores with intervals, parameters, answer length, teacher-forced metrics."""
     rows = {}
     words = {name: [len(a.split()) for a in answers[name]] for name in models}
     for name, model in models.items():
-        m: dict[str, Any] = {report_key(k): mean(v) for k, v in scores[name].items()}
+        m: dict[str, Any] = _with_intervals(scores[name], confidence)
         m.update(parameters=count_parameters(model), answer_words=mean(words[name]), **forced[name])
         rows[name] = m
     return rows
 
 
-def _compare_with_teacher(report: dict[str, Any], teacher: str, answers: dict[str, list[str]], gate_metric: str) -> None:
-    """Add to every other model's row how it compares with the teacher's (share of its score, size, agreement)."""
+def _compare_with_teacher(
+    report: dict[str, Any], teacher: str, answers: dict[str, list[str]], gate_metric: str,
+    scores: dict[str, dict[str, list[float]]], confidence: float,
+) -> None:
+    """Add to every other model's row how it compares with the teacher's (share of its score with
+    its paired interval, size, agreement)."""
     gate_key = report_key(gate_metric)
     t = report["models"][teacher]
     for name, m in report["models"].items():
         if name == teacher:
             continue
-        m["teacher_retained"], why = retention(m[gate_key], t[gate_key], gate_metric)
+        _, why = retention(m[gate_key], t[gate_key], gate_metric)
+        m.update(_retained(scores[name][gate_metric], scores[teacher][gate_metric], confidence))
         if why:
             report["retained_undefined"] = why
         m["parameters_vs_teacher"] = m["parameters"] / t["parameters"]
@@ -287,34 +378,90 @@ def _compare_with_teacher(report: dict[str, Any], teacher: str, answers: dict[st
 
 
 def _write_report(output_uri: str, report: dict[str, Any], samples: list[dict[str, Any]], inputs: dict[str, Any]) -> None:
-    """The plot, the samples, the report, then the manifest that makes them a finished output."""
+    """The plots, the samples, the report, then the manifest that makes them a finished output."""
+    plots = {PLOT_FILE: comparison_figure(report), CATEGORY_PLOT_FILE: category_figure(report)}
+    pngs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        fig = comparison_figure(report)
-        fig.savefig(os.path.join(tmp, PLOT_FILE))
-        with open(os.path.join(tmp, PLOT_FILE), "rb") as f:
-            png = f.read()
-    with io.atomic_open(io.join(output_uri, PLOT_FILE), "wb") as f:
-        f.write(png)
+        for name, fig in plots.items():
+            if fig is None:
+                continue
+            fig.savefig(os.path.join(tmp, name))
+            with open(os.path.join(tmp, name), "rb") as f:
+                pngs[name] = f.read()
+    for name, png in pngs.items():
+        with io.atomic_open(io.join(output_uri, name), "wb") as f:
+            f.write(png)
     io.write_records(io.join(output_uri, SAMPLES_FILE), samples)
     io.write_json(io.join(output_uri, METRICS_FILE), report)
-    io.write_manifest(output_uri, stage="evaluate", inputs=inputs, files=[METRICS_FILE, SAMPLES_FILE, PLOT_FILE])
+    io.write_manifest(output_uri, stage="evaluate", inputs=inputs, files=[METRICS_FILE, SAMPLES_FILE, *pngs])
 
 
-def _by_category(categories: Sequence[Any], scores: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
-    """``{category: {"count": n, model: {metric: mean}}}`` for rows that carry a category."""
+def _by_category(
+    categories: Sequence[Any], scores: dict[str, dict[str, list[float]]], teacher: str | None = None,
+    gate_metric: str = "exact", confidence: float = 0.95,
+) -> dict[str, Any]:
+    """``{category: {"count": n, model: {metric: mean, metric_low, metric_high, teacher_retained…}}}``
+    for rows that carry a category; the share of the teacher's gate-metric score each model keeps
+    in the category, with its paired interval over the category's questions."""
     out: dict[str, Any] = {}
     for category in sorted({str(c) for c in categories if c is not None}):
         rows = [i for i, c in enumerate(categories) if c is not None and str(c) == category]
-        out[category] = {"count": len(rows)} | {
-            name: {report_key(k): mean([v[i] for i in rows]) for k, v in per_metric.items()}
-            for name, per_metric in scores.items()
-        }
+        out[category] = {"count": len(rows)}
+        for name, per_metric in scores.items():
+            picked = {k: [v[i] for i in rows] for k, v in per_metric.items()}
+            cell: dict[str, Any] = _with_intervals(picked, confidence)
+            if teacher and name != teacher:
+                cell.update(_retained(picked[gate_metric], [scores[teacher][gate_metric][i] for i in rows], confidence))
+            out[category][name] = cell
     return out
+
+
+def with_interval(row: dict[str, Any], key: str) -> str:
+    """``row[key]`` as a percentage, followed by its interval when the row has one: ``37.5% (21.2–57.3)``."""
+    value = row.get(key)
+    if not isinstance(value, (int, float)):
+        return "—"
+    low, high = row.get(f"{key}_low"), row.get(f"{key}_high")
+    if isinstance(low, (int, float)) and isinstance(high, (int, float)):
+        return f"{value:.1%} ({low * 100:.1f}–{high * 100:.1f})"
+    return f"{value:.1%}"
+
+
+def comparison_lines(report: dict[str, Any]) -> list[str]:
+    """One sentence per paired comparison in the report (student vs baseline), saying whether the
+    difference is more than noise."""
+    lines = []
+    for name, c in report.get("comparisons", {}).items():
+        first, _, second = name.partition("_vs_")
+        verdict = ("more than noise" if c["low"] > 0 or c["high"] < 0 else "within the noise")
+        lines.append(
+            f"{first} vs {second} on the same {report.get('num_examples', '?')} questions ({c['metric']}): "
+            f"{c['difference'] * 100:+.1f} points, {c['confidence']:.0%} interval {c['low'] * 100:+.1f} to {c['high'] * 100:+.1f} ({verdict})"
+        )
+    return lines
+
+
+def category_lines(report: dict[str, Any]) -> list[str]:
+    """Per category: each model's gate-metric score and the share of the teacher's it keeps, with intervals."""
+    key = report_key(report.get("gate_metric", "exact"))
+    lines = []
+    for category, row in report.get("by_category", {}).items():
+        cells = []
+        for model, m in row.items():
+            if not isinstance(m, dict):
+                continue
+            cell = f"{model} {with_interval(m, key)}"
+            if "teacher_retained" in m:
+                cell += f", keeps {with_interval(m, 'teacher_retained')}" if m["teacher_retained"] is not None else ", keeps: undefined"
+            cells.append(cell)
+        lines.append(f"{category} ({row['count']} questions, {key}): " + "; ".join(cells))
+    return lines
 
 
 def summary_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Column names and formatted rows (one per model) of the report, for the CLI and Prefect
-    summaries: the chosen answer metrics, % of teacher on the gate metric, then the rest."""
+    summaries: the chosen answer metrics, % of teacher on the gate metric, then the rest. A score
+    with an interval in the report reads ``37.5% (21.2–57.3)``."""
     keys = report.get("metrics") or ["exact_match"]
     gate = report.get("gate_metric", "exact")
     undefined = report.get("retained_undefined")
@@ -330,11 +477,11 @@ def summary_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for name, m in report["models"].items():
         if "teacher_retained" in m:
-            retained = pct(m["teacher_retained"]) if m["teacher_retained"] is not None else "undefined"
+            retained = with_interval(m, "teacher_retained") if m["teacher_retained"] is not None else "undefined"
         else:
             retained = "—"
         rows.append([
-            name, *(pct(m.get(k)) for k in keys), retained, num(m.get("perplexity")), num(m.get("kl_to_teacher")),
+            name, *(with_interval(m, k) for k in keys), retained, num(m.get("perplexity")), num(m.get("kl_to_teacher")),
             pct(m.get("top1_agreement")), pct(m.get("text_agreement")), num(m.get("calibration_ece")),
             num(m.get("length_vs_teacher"), ".2f"), f"{m['parameters']:,}",
         ])

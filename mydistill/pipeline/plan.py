@@ -66,6 +66,10 @@ class StagePlan:
         return {s: uri for s in STAGES if (uri := getattr(self, f"{s}_uri"))}
 
 
+# student.init fields that only size a measured cut (layers: auto); left out of a fixed cut's key so it keeps its old one
+_AUTO_CUT_FIELDS = {"num_layers", "parameter_fraction", "importance_prompts"}
+
+
 def _key(*parts: Any) -> str:
     return io.sha256_of(parts)[:12]
 
@@ -94,12 +98,17 @@ def make_plan(cfg: PipelineConfig) -> StagePlan:
     fps = input_fingerprints(cfg, teacher_uri=teacher_uri, prompts_uri=prompts_uri, real_uri=real_uri, eval_uri=eval_uri)
     sha = {name: fp["sha256"] for name, fp in fps.items()}
     extra = {"extra_teachers": [sha[f"extra_teacher_{i}"] for i in range(len(cfg.distill.extra_teachers))]}
+    init = cfg.student.init
     student_init = (
-        _key("student-init", sha.get("teacher", teacher_uri), cfg.student.init.model_dump()) if cfg.student.init.from_teacher else None
+        # blocks chosen by measurement depend on the prompts measured on; a fixed cut keeps its old key
+        _key("student-init", sha.get("teacher", teacher_uri), init.model_dump(), sha["prompts"]) if init.layers == "auto"
+        else _key("student-init", sha.get("teacher", teacher_uri), init.model_dump(exclude=_AUTO_CUT_FIELDS))
+        if init.from_teacher else None
     )
     # the student as its stages read it: a pretrained folder (by content), a cut of the teacher, or an architecture
     # (student.dtype is the precision students are evaluated in: the evaluate stage's key holds it, training's does not)
-    student = {**cfg.student.model_dump(exclude={"dtype"}), "arch": cfg.student.arch.as_dict(), "init": sha.get("student_init"),
+    unsized = {"dtype": True} if init.layers == "auto" else {"dtype": True, "init": dict.fromkeys(_AUTO_CUT_FIELDS, True)}
+    student = {**cfg.student.model_dump(exclude=unsized), "arch": cfg.student.arch.as_dict(), "init": sha.get("student_init"),
                "cut_from_teacher": student_init}
 
     generate = _key("generate", teacher_uri, sha["teacher"], teacher_id, prompts_uri, sha["prompts"], cfg.generate.content_params())

@@ -16,10 +16,11 @@ from mydistill.stage_functions.common import on_gpu, require_done, sweep_debris
 def evaluate(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None = None) -> dict[str, Any]:
     """Score student, teacher and baseline; log the report, samples and plots to MLflow.
 
-    The plots (student vs teacher vs baseline, and the loss curves of both training stages from
-    their checkpoint manifests) go to the evaluate run and to the pipeline run, as images.
+    The plots (student vs teacher vs baseline with intervals, the share of the teacher's score kept
+    per category when eval rows carry one, and the loss curves of both training stages from their
+    checkpoint manifests) go to the evaluate run and to the pipeline run, as images.
     """
-    from mydistill.evaluation.evaluate import PLOT_FILE, SAMPLES_FILE, evaluate_models, loss_curves_figure
+    from mydistill.evaluation.evaluate import CATEGORY_PLOT_FILE, PLOT_FILE, SAMPLES_FILE, evaluate_models, loss_curves_figure
 
     models = {"teacher": plan.teacher_uri, "student": plan.student_uri}
     if plan.baseline_uri:
@@ -40,7 +41,8 @@ def evaluate(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None = N
         report = evaluate_models(
             models, plan.eval_uri, plan.evaluate_uri, answer_field=cfg.data.answer_field,
             prompt_field=cfg.data.prompt_field, category_field=cfg.data.category_field, metrics=ev.metrics,
-            extract_pattern=ev.extract, gate_metric=cfg.registry.gate_metric, judge=judge, judge_id=judge_id,
+            extract_pattern=ev.extract, gate_metric=cfg.registry.gate_metric, confidence=cfg.registry.confidence,
+            judge=judge, judge_id=judge_id,
             max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, num_samples=ev.num_samples,
             dtypes={name: cfg.teacher.dtype if name == "teacher" else cfg.student.dtype for name in models},
         )
@@ -63,12 +65,15 @@ def evaluate(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None = N
             for target in (run_id, parent_run_id):
                 tracking.log_figure(target, curves, "plots/loss_curves.png")
                 tracking.log_artifact(target, os.path.join(evaluation, PLOT_FILE), "plots")
+                if os.path.exists(os.path.join(evaluation, CATEGORY_PLOT_FILE)):  # eval rows with categories
+                    tracking.log_artifact(target, os.path.join(evaluation, CATEGORY_PLOT_FILE), "plots")
     return report
 
 
 def summary_metrics(report: dict[str, Any]) -> dict[str, float]:
-    """Flat ``<model>_<metric>`` numbers from an evaluation report (and ``<model>_<category>_<metric>``
-    per category); undefined values (None) are left out."""
+    """Flat ``<model>_<metric>`` numbers from an evaluation report (with ``_low`` / ``_high``, the
+    interval's ends), ``<model>_<category>_<metric>`` per category and ``<a>_vs_<b>_difference`` (with
+    its ends) per paired comparison; undefined values (None) are left out."""
     out = {
         f"{model}_{k}": float(v) for model, m in report["models"].items() for k, v in m.items()
         if isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -78,4 +83,6 @@ def summary_metrics(report: dict[str, Any]) -> dict[str, float]:
         for model, m in row.items():
             if isinstance(m, dict):
                 out.update({f"{model}_{safe}_{k}": float(v) for k, v in m.items() if isinstance(v, (int, float))})
+    for name, c in report.get("comparisons", {}).items():
+        out.update({f"{name}_difference": c["difference"], f"{name}_difference_low": c["low"], f"{name}_difference_high": c["high"]})
     return out

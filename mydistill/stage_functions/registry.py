@@ -53,16 +53,32 @@ def _example_prompt(cfg: PipelineConfig, plan: StagePlan) -> str:
 def quality_gate(
     score: float, teacher_retained: float | None, *, min_teacher_retained: float, champion: dict[str, Any] | None,
     beat_champion: bool = True, metric: str = "exact", retained_undefined: str | None = None,
+    retained_low: float | None = None, retained_high: float | None = None, confidence: float = 0.95,
+    category_retained: dict[str, float | None] | None = None, min_category_retained: float = 0.0,
+    versus_champion: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Decide whether a student may take the alias, and say why in one sentence.
 
-    It passes when it keeps at least ``min_teacher_retained`` of the teacher's ``metric`` score
-    and, with ``beat_champion``, scores strictly higher than ``champion`` (``{"version", "score",
-    "metric"}`` of the version the alias points to now; None: no champion yet, which passes; a
-    champion with no recorded score, or one scored on another metric, cannot be compared and does
-    not block). ``retained_undefined`` says why there is no share to compare (a teacher scoring 0):
-    the gate then passes only when ``min_teacher_retained`` is 0.
+    Three checks, each with its own clause in the reason (a failing one names the bound or the
+    category that failed):
+
+    1. *Retention.* The share of the teacher's ``metric`` score kept must reach
+       ``min_teacher_retained``; with ``retained_low`` (the lower end of its paired interval at
+       ``confidence``) the lower end must, so a student that passes only by luck on a small eval set
+       does not. ``retained_undefined`` says why there is no share (a teacher scoring 0): the gate
+       then passes only when ``min_teacher_retained`` is 0.
+    2. *Every category.* With ``min_category_retained`` > 0, each category's share
+       (``category_retained``; None: the teacher scores 0 there, not checked) must reach it: an
+       average that passes cannot hide a collapsed skill.
+    3. *The champion.* With ``beat_champion``, the student must beat ``champion`` (``{"version",
+       "score", "metric"}`` of the version the alias holds; None: no champion yet, which passes) by
+       more than noise: ``versus_champion`` (``{"difference", "low", "high", "questions"}``, the
+       paired difference on the same questions) must lie above 0. Without it (a champion registered
+       without per-question scores, or on other questions) its score must be exceeded. A champion
+       with no recorded score, or one scored on another metric, cannot be compared and does not block.
     """
+    said = "exact match" if metric == "exact" else metric
+    failed_categories: list[str] = []
     if teacher_retained is None:
         # undefined is not 0%: it blocks only a gate that asks for some share of the teacher's score
         passed = min_teacher_retained == 0
@@ -70,32 +86,105 @@ def quality_gate(
                    else "no teacher score to compare with"]
         if passed:
             reasons.append("the gate asks for no share of it (min_teacher_retained 0)")
+    elif retained_low is not None:
+        passed = retained_low >= min_teacher_retained
+        interval = f"{confidence:.0%} interval {retained_low:.1%}–{retained_high if retained_high is not None else teacher_retained:.1%}"
+        verdict = (f"its lower end is at least the gate's {min_teacher_retained:.0%}" if passed
+                   else f"its lower end {retained_low:.1%} is below the gate's {min_teacher_retained:.0%}")
+        reasons = [f"student keeps {teacher_retained:.1%} of the teacher's {said} ({interval}); {verdict}"]
     else:
         passed = teacher_retained >= min_teacher_retained
         relation = "at least" if passed else "below"
-        said = "exact match" if metric == "exact" else metric
         reasons = [f"student keeps {teacher_retained:.1%} of the teacher's {said} ({relation} the gate's {min_teacher_retained:.0%})"]
-    if beat_champion:
-        if champion is None:
-            reasons.append("no champion yet")
-        elif champion.get("score") is None:
-            reasons.append(f"champion v{champion['version']} has no recorded score to beat")
-        elif champion.get("metric", "exact") != metric:
-            reasons.append(f"champion v{champion['version']} was scored on {champion.get('metric', 'exact')}, not {metric}: not compared")
-        elif score > champion["score"]:
-            reasons.append(f"beats champion v{champion['version']} ({score:.3f} > {champion['score']:.3f})")
-        else:
+    if min_category_retained > 0 and category_retained:
+        failed_categories = [c for c, kept in category_retained.items() if kept is not None and kept < min_category_retained]
+        checked = {c: kept for c, kept in category_retained.items() if kept is not None}
+        if failed_categories:
             passed = False
-            reasons.append(f"does not beat champion v{champion['version']} ({score:.3f} ≤ {champion['score']:.3f})")
+            shares = ", ".join(f"{c} keeps {category_retained[c]:.1%}" for c in failed_categories)
+            reasons.append(f"category {shares} of the teacher's {said}, below the gate's {min_category_retained:.0%} per category")
+        elif checked:
+            lowest = min(checked, key=lambda c: checked[c])
+            reasons.append(f"every category keeps at least {min_category_retained:.0%} (lowest: {lowest} {checked[lowest]:.1%})")
+        unchecked = sorted(c for c, kept in category_retained.items() if kept is None)
+        if unchecked:
+            reasons.append(f"not checked, the teacher scores 0 there: {', '.join(unchecked)}")
+    if beat_champion:
+        reasons.append(_versus_champion(champion, score, metric, versus_champion, confidence))
+        if reasons[-1].startswith("does not beat"):
+            passed = False
     return {
         "passed": passed,
         "reason": "; ".join(reasons),
         "metric": metric,
         "score": score,
         "teacher_retained": teacher_retained,
+        "teacher_retained_low": retained_low,
+        "confidence": confidence,
         "threshold": min_teacher_retained,
+        "failed_categories": failed_categories,
         "champion_version": champion["version"] if champion else None,
         "champion_score": champion.get("score") if champion else None,
+        "versus_champion": versus_champion,
+    }
+
+
+def _versus_champion(
+    champion: dict[str, Any] | None, score: float, metric: str, paired: dict[str, Any] | None, confidence: float,
+) -> str:
+    """The champion clause of the gate's reason; it starts with "does not beat" when the student loses."""
+    if champion is None:
+        return "no champion yet"
+    v = champion["version"]
+    if champion.get("score") is None:
+        return f"champion v{v} has no recorded score to beat"
+    if champion.get("metric", "exact") != metric:
+        return f"champion v{v} was scored on {champion.get('metric', 'exact')}, not {metric}: not compared"
+    if paired is not None:
+        gain = (f"{paired['difference'] * 100:+.1f} points on the same {paired['questions']} questions, {confidence:.0%} "
+                f"interval {paired['low'] * 100:+.1f} to {paired['high'] * 100:+.1f}")
+        if paired["low"] > 0:
+            return f"beats champion v{v} by more than noise ({gain})"
+        return f"does not beat champion v{v} by more than noise ({gain})"
+    if score > champion["score"]:
+        return f"beats champion v{v} ({score:.3f} > {champion['score']:.3f}) on means (no per-question scores to pair)"
+    return f"does not beat champion v{v} ({score:.3f} ≤ {champion['score']:.3f})"
+
+
+QUESTION_SCORES_FILE = "question_scores.json"  # on the register run: the student's gate-metric score per question
+
+
+def paired_with_champion(report: dict[str, Any], champion: dict[str, Any] | None, confidence: float) -> dict[str, Any] | None:
+    """The student's gain over the champion on the questions both answered (matched by question id),
+    with its paired bootstrap interval; None when the champion's run kept no per-question scores on
+    this metric or they share no question."""
+    from mydistill.evaluation import uncertainty
+
+    mine = report.get("question_scores") or {}
+    if champion is None or not champion.get("run_id") or "student" not in mine.get("models", {}):
+        return None
+    theirs = tracking.read_dict(champion["run_id"], QUESTION_SCORES_FILE)
+    if not theirs or theirs.get("metric") != mine.get("metric"):
+        return None
+    by_id = dict(zip(theirs["ids"], theirs["scores"], strict=True))
+    pairs = [(s, by_id[q]) for q, s in zip(mine["ids"], mine["models"]["student"], strict=True) if q in by_id]
+    if not pairs:
+        return None
+    interval = uncertainty.difference_interval([a for a, _ in pairs], [b for _, b in pairs], confidence)
+    return {"difference": interval.value, "low": interval.low, "high": interval.high, "questions": len(pairs)}
+
+
+def gate_inputs(report: dict[str, Any]) -> dict[str, Any]:
+    """What the gate reads from an evaluation report besides the score: the retention's interval
+    and each category's share of the teacher's score (the student's)."""
+    student = report["models"]["student"]
+    return {
+        "retained_low": student.get("teacher_retained_low"), "retained_high": student.get("teacher_retained_high"),
+        "category_retained": {
+            category: row["student"].get("teacher_retained")
+            for category, row in (report.get("by_category") or {}).items() if "teacher_retained" in row.get("student", {})
+        } or None,
+        "confidence": report.get("confidence", 0.95),
     }
 
 
@@ -128,10 +217,14 @@ def _registered_before(cfg: PipelineConfig, existing: dict[str, Any]) -> dict[st
 def register(cfg: PipelineConfig, plan: StagePlan, report: dict[str, Any], parent_run_id: str | None = None) -> dict[str, Any]:
     """Register the student in the MLflow model registry; move the alias only if the gate passes.
 
-    The gate (:func:`quality_gate`): the student keeps at least ``registry.min_teacher_retained``
-    of the teacher's ``registry.gate_metric`` score and beats the version the alias points to now (its
-    ``mydistill.score`` tag). Every student is registered, passing or not; the decision and its
-    reason are tags on the new version and on the register run, and ``decision.json`` there.
+    The gate (:func:`quality_gate`): the lower end of the share of the teacher's
+    ``registry.gate_metric`` score the student keeps reaches ``registry.min_teacher_retained``, every
+    category keeps ``registry.min_category_retained``, and the student beats the version the alias
+    points to now by more than noise (paired on the same questions, from the champion's
+    ``question_scores.json``; else its ``mydistill.score`` tag). Every student is registered,
+    passing or not; the decision and its reason are tags on the new version and on the register run,
+    and ``decision.json`` there, with the student's per-question scores (``question_scores.json``)
+    for the next student to be paired with.
     Without tracking (no parent run) or with the registry off, only the decision is returned. A
     checkpoint registered before (a re-run, a nightly run on which nothing changed) is not
     registered again: its earlier decision is returned (``reused``).
@@ -142,7 +235,8 @@ def register(cfg: PipelineConfig, plan: StagePlan, report: dict[str, Any], paren
     student = report["models"]["student"]
     metric = report.get("gate_metric", reg.gate_metric)
     score, retained = float(student[report_key(metric)]), student.get("teacher_retained")
-    gate = {"metric": metric, "retained_undefined": report.get("retained_undefined")}
+    gate = {"metric": metric, "retained_undefined": report.get("retained_undefined"),
+            "min_category_retained": reg.min_category_retained, **gate_inputs(report)}
     if not reg.enabled or parent_run_id is None:
         decision = quality_gate(
             score, retained, min_teacher_retained=reg.min_teacher_retained, champion=None, beat_champion=False, **gate,
@@ -159,12 +253,18 @@ def register(cfg: PipelineConfig, plan: StagePlan, report: dict[str, Any], paren
         champion = tracking.alias_holder(reg.model_name, reg.alias) if reg.beat_champion else None
         decision = quality_gate(
             score, retained, min_teacher_retained=reg.min_teacher_retained, champion=champion, beat_champion=reg.beat_champion,
-            **gate,
+            versus_champion=paired_with_champion(report, champion, gate["confidence"]), **gate,
         )
         tracking.log_params(run_id, {"register": reg.model_dump(), "student_uri": plan.student_uri})
+        # before the version exists: once it holds the alias, the next student is paired with these
+        if "student" in (report.get("question_scores") or {}).get("models", {}):
+            questions = report["question_scores"]
+            tracking.log_dict(run_id, {"metric": questions["metric"], "ids": questions["ids"],
+                                       "scores": questions["models"]["student"]}, QUESTION_SCORES_FILE)
         tracking.log_metrics(run_id, {
             "gate_score": score, **({tracking.SCORE_METRIC: score} if metric == "exact" else {}),
             **({"teacher_retained": retained} if retained is not None else {}),
+            **({"teacher_retained_low": gate["retained_low"]} if gate["retained_low"] is not None else {}),
         })
         model = log_model(cfg, plan, run_id, plan.student_uri)  # found: the training stage logged it
         # the pipeline run lists its student under "Logged models"; the register run took it as input

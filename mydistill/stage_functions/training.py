@@ -58,13 +58,38 @@ def train_job(cfg: PipelineConfig, plan: StagePlan, stage: str) -> TrainJob:
 
 def prepare_student_init(cfg: PipelineConfig, plan: StagePlan) -> dict[str, Any] | None:
     """With ``student.init.from_teacher``: cut the student from the teacher once (its blocks
-    ``student.init.layers`` / ``keep_every``) into ``plan.student_init_uri``; returns its manifest."""
+    ``student.init.layers`` / ``keep_every``, or with ``layers: auto`` the most influential blocks
+    measured over the first ``importance_prompts`` of the run's prompt pool) into
+    ``plan.student_init_uri``; returns its manifest."""
     if not plan.student_init_uri:
         return None
-    from mydistill.models import ensure_cut_student
+    from mydistill.models import ensure_cut_student, ensure_measured_cut
 
     init = cfg.student.init
+    if init.layers == "auto":
+        prompts = []
+        for record in io.iter_records(plan.prompts_uri):
+            prompts.append(io.text_field(record, cfg.data.prompt_field, f"{plan.prompts_uri}: record {len(prompts) + 1}"))
+            if len(prompts) == init.importance_prompts:
+                break
+        return ensure_measured_cut(
+            plan.teacher_uri, prompts, plan.student_init_uri, num_layers=init.num_layers,
+            parameter_fraction=init.parameter_fraction, prompts_sha256=io.sha256_of(prompts),
+        )
     return ensure_cut_student(plan.teacher_uri, init.layers, init.keep_every, plan.student_init_uri)
+
+
+def log_measured_cut(run_id: str, manifest: dict[str, Any] | None) -> None:
+    """A cut chosen by measurement, on the training run that starts from it: each block's influence
+    as metrics (step = block) and a plot, the kept blocks as a parameter."""
+    if not manifest or "block_influence" not in manifest:
+        return
+    from mydistill.block_importance import influence_figure
+
+    scores, kept = manifest["block_influence"], manifest["teacher_layers"]
+    tracking.log_history(run_id, [{"step": block, "block_influence": float(score)} for block, score in enumerate(scores)])
+    tracking.log_params(run_id, {"student_init.chosen_layers": kept})
+    tracking.log_figure(run_id, influence_figure(scores, kept), "plots/block_influence.png")
 
 
 def with_lengths(job: TrainJob) -> tuple[TrainJob, dict[str, Any]]:
@@ -97,8 +122,7 @@ def train(
     if stage == "finetune":
         require_done(plan.distill_uri, "distill")
     check_lineage(cfg, plan, stage)  # before anything is written or logged
-    if stage in ("distill", "baseline"):
-        prepare_student_init(cfg, plan)
+    init_manifest = prepare_student_init(cfg, plan) if stage in ("distill", "baseline") else None
     job, lengths = with_lengths(train_job(cfg, plan, stage))
     sweep_debris(job.output_uri)
     (on_line or (lambda line: None))(
@@ -110,6 +134,7 @@ def train(
     with tracking.stage_run(parent_run_id, stage, cfg.tracking.experiment) as run_id:
         if run_id:
             tracking.log_metrics(run_id, {f"length_{k}": float(v) for k, v in lengths.items() if not isinstance(v, bool)})
+            log_measured_cut(run_id, init_manifest)
         if run_id:
             tracking.log_params(run_id, {
                 stage: job.train, "init_uri": job.init_uri, "teacher_uri": job.teacher_uri, "output_uri": job.output_uri,

@@ -27,6 +27,7 @@ from mydistill.tracking.log import (
     log_table,
     mask_secrets,
     metrics_logger,
+    read_dict,
     set_tags,
 )
 from mydistill.tracking.models import (
@@ -104,6 +105,7 @@ __all__ = [
     "model_version_url",
     "owner_tags",
     "pipeline_runs",
+    "read_dict",
     "register_model_version",
     "run_reference",
     "set_model_alias",

@@ -118,6 +118,22 @@ def log_dict(run_id: str, data: Any, artifact_file: str) -> None:
     client().log_dict(run_id, data, artifact_file)
 
 
+def read_dict(run_id: str, artifact_file: str) -> Any | None:
+    """A JSON artifact :func:`log_dict` wrote into a run; None when the run has no such file (a run
+    from before it was logged). Any other error is raised."""
+    import json
+    import os
+    import tempfile
+
+    directory = os.path.dirname(artifact_file)
+    listed = {a.path for a in client().list_artifacts(run_id, directory or None)}
+    if artifact_file not in listed:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(client().download_artifacts(run_id, artifact_file, tmp)) as f:
+            return json.load(f)
+
+
 def log_figure(run_id: str, figure: Any, artifact_file: str) -> None:
     client().log_figure(run_id, figure, artifact_file)
 

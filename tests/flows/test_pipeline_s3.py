@@ -74,7 +74,7 @@ def test_pipeline_on_s3_with_credentials_from_a_block(credentials_only_in_a_bloc
     parent = client.get_run(result["mlflow_run_id"])
     assert parent.data.params["work_dir"] == "s3://mydistill-test/pipeline-s3"
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
-    assert plots == {"plots/loss_curves.png", "plots/comparison.png", "plots/champion_history.png"}
+    assert plots == {"plots/loss_curves.png", "plots/comparison.png", "plots/champion_history.png", "plots/category_retention.png"}
     assert result["decision"]["alias"] == "champion"
     assert client.get_model_version_by_alias("test-student-s3", "champion").tags["gate_passed"] == "True"
 

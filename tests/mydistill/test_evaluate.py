@@ -44,3 +44,44 @@ def test_eval_data_without_answers_is_refused(tmp_path, tiny_model_dir):
 
 def test_answers_are_compared_after_whitespace_normalisation():
     assert normalise_answer("  ab  c\n") == "ab c"
+
+
+def test_every_score_has_its_interval_and_a_collapsed_category_shows(tmp_path, tiny_model_dir, monkeypatch):
+    """Answers are fixed (generation replaced) so the numbers are known: the teacher gets all 40 right;
+    the student every `reverse` and no `sort` (50% overall, 0% of the teacher's sort); the baseline none."""
+    from mydistill.evaluation import evaluate
+    from mydistill.demo.task import make_examples
+
+    rows = [{**e, "category": e["prompt"].split(":")[0]} for e in make_examples(40, seed=9)]
+    uri = str(tmp_path / "eval.jsonl")
+    io.write_records(uri, rows)
+
+    def answers(model, tokenizer, prompts, *, label, **_):
+        right = {"teacher": lambda r: True, "student": lambda r: r["category"] == "reverse", "baseline": lambda r: False}[label]
+        return [r["answer"] if right(r) else "?" for r in rows]
+
+    monkeypatch.setattr(evaluate.scoring, "generate_answers", answers)
+    out = str(tmp_path / "out")
+    models = {"teacher": tiny_model_dir, "student": tiny_model_dir, "baseline": tiny_model_dir}
+    report = evaluate_models(models, uri, out, max_new_tokens=4, metrics=["exact"], gate_metric="exact")
+
+    student = report["models"]["student"]
+    reverse = sum(r["category"] == "reverse" for r in rows)
+    assert student["exact_match"] == reverse / 40
+    # Wilson around the student's rate; the teacher's 40/40 still has room below 1
+    assert student["exact_match_low"] < student["exact_match"] < student["exact_match_high"]
+    assert report["models"]["teacher"]["exact_match_high"] == 1.0 and report["models"]["teacher"]["exact_match_low"] < 0.92
+    assert student["teacher_retained_low"] < student["teacher_retained"] == reverse / 40 < student["teacher_retained_high"]
+    by = report["by_category"]
+    assert by["sort"]["student"]["teacher_retained"] == 0.0 and by["reverse"]["student"]["teacher_retained"] == 1.0
+    assert by["reverse"]["student"]["teacher_retained_low"] == 1.0  # all the teacher's, on every resample
+    gain = report["comparisons"]["student_vs_baseline"]
+    assert gain["difference"] == reverse / 40 and 0 < gain["low"] < gain["difference"] < gain["high"]
+    assert report["question_scores"]["models"]["student"] == [float(r["category"] == "reverse") for r in rows]
+    assert len(set(report["question_scores"]["ids"])) == 40
+    assert open(f"{out}/category_retention.png", "rb").read(4) == b"\x89PNG"
+    lines = evaluate.category_lines(report)
+    assert any(line.startswith("sort (") and "keeps 0.0% (0.0–0.0)" in line for line in lines)
+    assert "more than noise" in evaluate.comparison_lines(report)[0]
+    columns, table = evaluate.summary_table(report)
+    assert f"{reverse / 40:.1%} (" in table[1][1]

@@ -132,9 +132,12 @@ def registry(tmp_path, demo_tokenizer):
     student = tmp_path / plan.student_uri.rsplit("/", 1)[-1]
     save_tiny_model(student, demo_tokenizer, seed=0)
 
-    def register(score: float, retained: float | None = 1.0) -> tuple[dict, str]:
+    def register(score: float, retained: float | None = 1.0, questions: list[float] | None = None) -> tuple[dict, str]:
         parent = tracking.start_run(cfg.tracking.experiment, "pipeline")
         report = {"models": {"student": {"exact_match": score, **({"teacher_retained": retained} if retained is not None else {})}}}
+        if questions is not None:  # per-question scores, as evaluate_models reports them
+            report["question_scores"] = {"metric": "exact_match", "ids": [f"q{i}" for i in range(len(questions))],
+                                         "models": {"student": questions}}
         return stage_functions.register(cfg, plan, report, parent), name
 
     register.student_dir = student
@@ -161,6 +164,29 @@ def test_alias_moves_only_to_a_student_that_passes_and_beats_the_champion(regist
     better, _ = registry(0.60)
     assert better["passed"] and _champion(name) == better["version"]
     assert f"beats champion v{first['version']} (0.600 > 0.500)" in better["reason"]
+
+
+def test_a_gain_within_the_noise_does_not_replace_the_champion_and_a_clear_gain_does(registry):
+    """Paired on the same 200 questions: the champion's per-question scores are read back from its register run."""
+    champion_scores = [float(i % 2) for i in range(200)]  # 50%
+    first, name = registry(0.5, questions=champion_scores)
+    # +1 point: 6 questions gained, 4 lost; a strict "higher mean" gate would have promoted it
+    noisy = champion_scores[:]
+    for i in (0, 2, 4, 6, 8, 10):
+        noisy[i] = 1.0
+    for i in (1, 3, 5, 7):
+        noisy[i] = 0.0
+    within, _ = registry(sum(noisy) / 200, questions=noisy)
+    assert not within["passed"] and _champion(name) == first["version"]
+    assert f"does not beat champion v{first['version']} by more than noise (+1.0 points on the same 200 questions" in within["reason"]
+    assert within["versus_champion"]["low"] < 0 < within["versus_champion"]["high"]
+    # +10 points, nothing lost: more than noise
+    clear = champion_scores[:]
+    for i in range(0, 40, 2):
+        clear[i] = 1.0
+    better, _ = registry(sum(clear) / 200, questions=clear)
+    assert better["passed"] and _champion(name) == better["version"]
+    assert f"beats champion v{first['version']} by more than noise (+10.0 points on the same 200 questions" in better["reason"]
 
 
 def test_the_decision_is_recorded_on_the_version_and_the_register_run(registry):

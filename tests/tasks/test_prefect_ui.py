@@ -14,7 +14,7 @@ import pytest
 pytestmark = pytest.mark.slow  # the test harness starts a Prefect server (about 20 s)
 
 from mydistill.config import load_config
-from mydistill.plan import make_plan
+from mydistill.pipeline.plan import make_plan
 from mydistill.progress import MARKED_ENV, ProgressLog, relay_marked
 from mydistill.training.launch import run_workers
 from tasks import progress as prefect_progress

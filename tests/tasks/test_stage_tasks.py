@@ -48,7 +48,7 @@ def test_report_markdown_shows_the_chosen_metrics_categories_and_undefined_reten
     assert md.splitlines()[0].startswith("| model | contains | rouge_l | % of teacher (contains) |")
     assert "| student | 50.0% | 25.0% | undefined | 4.000 | — | — | 40.0% | 0.100 | 1.50 | 5 |" in md
     assert "**% of teacher retained is undefined:** the teacher scores 0 on contains" in md
-    assert "- *capital* (2): teacher contains 0.0%; student contains 50.0%" in md
+    assert "- *capital* (2 questions, contains): teacher 0.0%; student 50.0%" in md
 
 
 def test_decision_markdown():

@@ -1,0 +1,90 @@
+"""Blocks chosen by measurement (mydistill.block_importance, student.init.layers: auto): on a tiny
+model whose blocks 1 and 2 are made to do nothing, those are the ones measured least influential
+and the ones the cut leaves out."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mydistill.block_importance import block_influence, blocks_for_budget, choose_layers
+
+ARCH = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=64, tie_word_embeddings=True)
+PROMPTS = ["reverse: abcd", "sort: hgfe", "reverse: ab", "sort: dcbaef"]
+
+
+@pytest.fixture
+def teacher_with_idle_blocks(demo_tokenizer):
+    """A 4-block Llama whose blocks 1 and 2 add nothing to the residual stream (their output
+    projections are zero), so each returns its input: Block Influence exactly 0."""
+    from mydistill.models import build_model
+
+    model = build_model(ARCH, demo_tokenizer, seed=0).eval()
+    with torch.no_grad():
+        for i in (1, 2):
+            model.model.layers[i].self_attn.o_proj.weight.zero_()
+            model.model.layers[i].mlp.down_proj.weight.zero_()
+    return model
+
+
+def test_idle_blocks_measure_zero_and_are_the_ones_dropped(teacher_with_idle_blocks, demo_tokenizer):
+    scores = block_influence(teacher_with_idle_blocks, demo_tokenizer, PROMPTS, batch_size=3)
+    assert len(scores) == 4
+    assert scores[1] == pytest.approx(0.0, abs=1e-6) and scores[2] == pytest.approx(0.0, abs=1e-6)
+    assert min(scores[0], scores[3]) > 1e-3  # the working blocks turn the hidden state
+    assert choose_layers(scores, 2) == [0, 3]
+    assert choose_layers(scores, 3) in ([0, 1, 3], [0, 2, 3])
+    # padding does not count: one prompt alone measures the same as inside a padded batch
+    alone = block_influence(teacher_with_idle_blocks, demo_tokenizer, PROMPTS[2:3])
+    padded = block_influence(teacher_with_idle_blocks, demo_tokenizer, PROMPTS[1:3], batch_size=2)
+    mixed = block_influence(teacher_with_idle_blocks, demo_tokenizer, PROMPTS[1:2])
+    n_alone, n_mixed = (len(demo_tokenizer(p)["input_ids"]) for p in (PROMPTS[2], PROMPTS[1]))
+    expected = [(a * n_alone + m * n_mixed) / (n_alone + n_mixed) for a, m in zip(alone, mixed, strict=True)]
+    assert padded == pytest.approx(expected, abs=1e-5)
+
+
+def test_the_cut_keeps_the_measured_blocks_and_records_their_scores(tmp_path, teacher_with_idle_blocks, demo_tokenizer):
+    from mydistill.models import ensure_measured_cut, load_model
+
+    teacher_dir = tmp_path / "teacher"
+    teacher_with_idle_blocks.save_pretrained(teacher_dir)
+    demo_tokenizer.save_pretrained(teacher_dir)
+    out = str(tmp_path / "student-init")
+    manifest = ensure_measured_cut(str(teacher_dir), PROMPTS, out, num_layers=2)
+    assert manifest["teacher_layers"] == [0, 3] and len(manifest["block_influence"]) == 4
+    assert "arXiv:2403.03853" in manifest["chosen_by"] and manifest["measured_on_prompts"] == 4
+    assert load_model(out).config.num_hidden_layers == 2
+    assert ensure_measured_cut(str(teacher_dir), PROMPTS, out, num_layers=2) == manifest  # found, not measured again
+    # a parameter budget: as many blocks as fit beside the embeddings and head
+    per_block = sum(p.numel() for p in teacher_with_idle_blocks.model.layers[0].parameters())
+    total = sum(p.numel() for p in teacher_with_idle_blocks.parameters())
+    assert blocks_for_budget(teacher_with_idle_blocks, (total - 2 * per_block) / total) == 2
+    assert blocks_for_budget(teacher_with_idle_blocks, 1.0) == 4
+    with pytest.raises(ValueError, match="leaves no room for a block"):
+        blocks_for_budget(teacher_with_idle_blocks, 0.01)
+
+
+def test_layers_auto_needs_one_size_and_is_refused_without_it():
+    from mydistill.config import ConfigError, load_config
+
+    cfg = load_config("demo", ["student.init.from_teacher=true", "student.init.layers=auto", "student.init.num_layers=1"])
+    assert cfg.student.init.layers == "auto" and cfg.student.init.num_layers == 1
+    with pytest.raises(ConfigError, match="layers: auto needs exactly one of num_layers"):
+        load_config("demo", ["student.init.from_teacher=true", "student.init.layers=auto"])
+    with pytest.raises(ConfigError, match="num_layers size a student whose blocks are chosen by measurement"):
+        load_config("demo", ["student.init.from_teacher=true", "student.init.keep_every=2", "student.init.num_layers=1"])
+
+
+def test_a_measured_cut_is_logged_on_the_training_run():
+    from mydistill import tracking
+    from mydistill.stage_functions.training import log_measured_cut
+
+    tracking.configure()  # the test session's sqlite store (tests/conftest.py)
+    run_id = tracking.start_run("block-influence-test", "distill")
+    log_measured_cut(run_id, {"block_influence": [0.3, 0.0, 0.1, 0.5], "teacher_layers": [0, 3]})
+    log_measured_cut(run_id, {"teacher_layers": [0, 1]})  # a fixed cut: nothing to log
+    c = tracking.client()
+    assert [(m.step, m.value) for m in c.get_metric_history(run_id, "block_influence")] == [(0, 0.3), (1, 0.0), (2, 0.1), (3, 0.5)]
+    assert c.get_run(run_id).data.params["student_init.chosen_layers"] == "[0, 3]"
+    assert "plots/block_influence.png" in {a.path for a in c.list_artifacts(run_id, "plots")}
