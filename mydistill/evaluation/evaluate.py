@@ -46,6 +46,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from mydistill import io
+from mydistill.config import DataConfig, EvaluateConfig
 from mydistill.evaluation import scoring, uncertainty
 from mydistill.evaluation.metrics import TEXT_METRICS, answer_agreement, mean, report_key, score_answers
 from mydistill.models import count_parameters, load_model, load_tokenizer
@@ -171,24 +172,21 @@ def evaluate_models(
     model_uris: dict[str, str],
     eval_uri: str,
     output_uri: str,
+    cfg: EvaluateConfig | None = None,
     *,
+    fields: DataConfig | None = None,
     teacher_name: str | None = "teacher",
-    answer_field: str = "answer",
-    prompt_field: str = "prompt",
-    category_field: str | None = "category",
-    metrics: Sequence[str] = ("exact", "contains"),
-    extract_pattern: str = "last_number",
     gate_metric: str = "exact",
     confidence: float = 0.95,
     judge: JudgeFn | None = None,
     judge_id: str | None = None,
-    max_new_tokens: int = 16,
-    batch_size: int = 100,
-    num_samples: int = 10,
     device: str = "cpu",
     dtypes: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Score every model in ``model_uris`` on ``eval_uri``; write metrics, samples and a plot.
+    """Score every model in ``model_uris`` on ``eval_uri`` as the config's ``evaluate`` section says
+    (``cfg``: metrics, extract pattern, answer length, batch size, samples logged; default its
+    defaults), reading the eval records' fields named by ``fields`` (the ``data`` section); write
+    metrics, samples and a plot.
 
     ``judge(prompts, answers, references, teacher_answers)`` grades answers for the ``judge``
     metric (:func:`mydistill.evaluation.judge.make_judge`); ``judge_id`` names it in the cache key. Returns
@@ -197,6 +195,10 @@ def evaluate_models(
     by name (``teacher.dtype`` / ``student.dtype``; missing: fp32). ``confidence``: the level of
     every interval in the report (``registry.confidence``).
     """
+    cfg, fields = cfg or EvaluateConfig(), fields or DataConfig()
+    metrics, extract_pattern = cfg.metrics, cfg.extract
+    max_new_tokens, batch_size, num_samples = cfg.max_new_tokens, cfg.batch_size, cfg.num_samples
+    prompt_field, answer_field, category_field = fields.prompt_field, fields.answer_field, fields.category_field
     _check_metrics(metrics, gate_metric, judge)
     records = _read_eval_set(eval_uri, prompt_field, answer_field)
     prefixes = {name: prompt_prefix_of(uri) for name, uri in model_uris.items()}

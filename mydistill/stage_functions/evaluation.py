@@ -39,11 +39,8 @@ def evaluate(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None = N
             judge = make_judge(ev.judge, cache_uri=ev.judge.cache_uri or judge_cache_uri(cfg.work_dir))
             judge_id = f"{ev.judge.base_url}|{ev.judge.model}|{ev.judge.mode}"
         report = evaluate_models(
-            models, plan.eval_uri, plan.evaluate_uri, answer_field=cfg.data.answer_field,
-            prompt_field=cfg.data.prompt_field, category_field=cfg.data.category_field, metrics=ev.metrics,
-            extract_pattern=ev.extract, gate_metric=cfg.registry.gate_metric, confidence=cfg.registry.confidence,
-            judge=judge, judge_id=judge_id,
-            max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, num_samples=ev.num_samples,
+            models, plan.eval_uri, plan.evaluate_uri, ev, fields=cfg.data, gate_metric=cfg.registry.gate_metric,
+            confidence=cfg.registry.confidence, judge=judge, judge_id=judge_id,
             dtypes={name: cfg.teacher.dtype if name == "teacher" else cfg.student.dtype for name in models},
         )
         if run_id:

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from mydistill import io
+from mydistill.config import EvaluateConfig
 from mydistill.evaluation.evaluate import evaluate_models
 from mydistill.evaluation.scoring import normalise_answer
 
@@ -19,7 +20,7 @@ def eval_data(tmp_path):
 def test_report_scores_every_model_and_compares_with_the_teacher(tmp_path, eval_data, tiny_model_dir):
     out = str(tmp_path / "eval-out")
     report = evaluate_models(
-        {"teacher": tiny_model_dir, "student": tiny_model_dir}, eval_data, out, max_new_tokens=4, num_samples=3
+        {"teacher": tiny_model_dir, "student": tiny_model_dir}, eval_data, out, EvaluateConfig(max_new_tokens=4, num_samples=3)
     )
     teacher, student = report["models"]["teacher"], report["models"]["student"]
     # the same weights: no divergence, full agreement, identical scores
@@ -63,7 +64,7 @@ def test_every_score_has_its_interval_and_a_collapsed_category_shows(tmp_path, t
     monkeypatch.setattr(evaluate.scoring, "generate_answers", answers)
     out = str(tmp_path / "out")
     models = {"teacher": tiny_model_dir, "student": tiny_model_dir, "baseline": tiny_model_dir}
-    report = evaluate_models(models, uri, out, max_new_tokens=4, metrics=["exact"], gate_metric="exact")
+    report = evaluate_models(models, uri, out, EvaluateConfig(max_new_tokens=4, metrics=["exact"]), gate_metric="exact")
 
     student = report["models"]["student"]
     reverse = sum(r["category"] == "reverse" for r in rows)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from mydistill import stage_functions
-from mydistill.config import load_config
+from mydistill.config import EvaluateConfig, load_config
 from mydistill.evaluation.evaluate import evaluate_models
 from mydistill.pipeline.plan import make_plan
 from tests.conftest import save_tiny_model
@@ -40,7 +40,7 @@ def test_evaluate_compares_models_with_other_tokenizers_by_text(tmp_path, tiny_m
     io.write_records(eval_uri, [{**e, "category": e["prompt"].split(":")[0]} for e in make_examples(10, seed=3)])
     report = evaluate_models(
         {"teacher": tiny_model_dir, "student": other_student, "baseline": tiny_model_dir}, eval_uri, str(tmp_path / "out"),
-        metrics=["exact", "contains", "rouge_l"], gate_metric="rouge_l", max_new_tokens=4,
+        EvaluateConfig(metrics=["exact", "contains", "rouge_l"], max_new_tokens=4), gate_metric="rouge_l",
     )
     student, baseline = report["models"]["student"], report["models"]["baseline"]
     assert "kl_to_teacher" not in student and "top1_agreement" not in student

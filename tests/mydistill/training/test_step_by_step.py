@@ -9,7 +9,7 @@ import math
 import pytest
 
 from mydistill import io
-from mydistill.config import ConfigError, DistillConfig, TrainConfig, validate_config
+from mydistill.config import ConfigError, DistillConfig, EvaluateConfig, TrainConfig, validate_config
 from mydistill.losses import StepByStepConfig
 from mydistill.tokenization import PROMPT_PREFIX_KEY
 from mydistill.train import TrainJob, run_training
@@ -215,7 +215,7 @@ def test_finetune_and_evaluation_prompt_the_student_with_its_label_prefix(tmp_pa
     io.write_records(eval_uri, real_records(3, seed=9))
     report = evaluate.evaluate_models(
         {"teacher": tiny_model_dir, "student": str(tmp_path / "finetuned")}, eval_uri, str(tmp_path / "evaluation"),
-        max_new_tokens=4,
+        EvaluateConfig(max_new_tokens=4),
     )
     prompts = {"teacher" if path == tiny_model_dir else "student": p for path, p in seen.items()}
     assert all(p.startswith("<L> ") for p in prompts["student"])
