@@ -8,6 +8,7 @@ from typing import Any
 from mydistill import io, tracking
 from mydistill.config import PipelineConfig
 from mydistill.plan import StagePlan
+from mydistill.stage_functions.common import one_writer
 from mydistill.tokenization import PROMPT_PREFIX_KEY, prompt_prefix_of
 
 
@@ -116,6 +117,8 @@ def _registered_before(cfg: PipelineConfig, existing: dict[str, Any]) -> dict[st
     }
 
 
+# one registration per checkpoint even when two runs reach this at once: the second finds the first's version
+@one_writer(lambda cfg, plan, *_, **__: f"{plan.student_uri}.register", "register")
 def register(cfg: PipelineConfig, plan: StagePlan, report: dict[str, Any], parent_run_id: str | None = None) -> dict[str, Any]:
     """Register the student in the MLflow model registry; move the alias only if the gate passes.
 

@@ -56,7 +56,21 @@ def configure(tracking_uri: str | None = None, artifact_location: str | None = N
     uri = tracking_uri or default_tracking_uri()
     mlflow.set_tracking_uri(uri)
     _artifact_root = artifact_location
+    if uri.startswith("sqlite:///"):
+        _create_sqlite_store_once(uri)
     return uri
+
+
+def _create_sqlite_store_once(uri: str) -> None:
+    """Open a sqlite tracking store under a file lock: two runs started together on a fresh store
+    would both run MLflow's schema migrations, and the second fail ('duplicate column name')."""
+    from mydistill.locks import artifact_lock
+
+    path = uri.removeprefix("sqlite:///")
+    if not os.path.dirname(path) or not os.path.isdir(os.path.dirname(path)):
+        return  # MLflow reports a missing folder in its own words
+    with artifact_lock(path, what="MLflow store"):
+        MlflowClient().search_experiments(max_results=1)
 
 
 def current_uri() -> str:
