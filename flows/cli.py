@@ -71,6 +71,22 @@ def _lost_by_prefect(error: BaseException) -> bool:
     return isinstance(error, (ObjectNotFound, PrefectHTTPStatusError))
 
 
+def _store_unavailable(error: BaseException) -> bool:
+    """An object store that kept failing (after the retries of s3fs, botocore and the tasks)."""
+    from mydistill import io
+
+    return not raised_by_us(error) and io.store_unavailable(error)
+
+
+def _uris(value: Any) -> list[str]:
+    """Every string in a config dump (where its buckets are named)."""
+    if isinstance(value, dict):
+        return [u for v in value.values() for u in _uris(v)]
+    if isinstance(value, list):
+        return [u for v in value for u in _uris(v)]
+    return [value] if isinstance(value, str) else []
+
+
 class _NoTraceback(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.exc_info = record.exc_text = None
@@ -112,6 +128,10 @@ def run(
         try:
             result = distill_pipeline(config=cfg)
         except Exception as e:
+            if _store_unavailable(e):
+                from mydistill import io
+
+                raise io.store_unavailable_error(e, _uris(cfg.model_dump(mode="json"))) from None
             if not _lost_by_prefect(e):
                 raise
             # the work is in the artifacts (every stage idempotent, registration exactly once):
