@@ -164,6 +164,45 @@ def pid_alive(pid: int) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
+# a full disk
+
+
+class DiskFull(OSError):
+    """A write ran out of space (ENOSPC, or the quota EDQUOT); the message names the path."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)  # the message alone, without OSError's "[Errno 28]"
+
+
+@contextlib.contextmanager
+def full_disk_named(uri: str) -> Iterator[None]:
+    """Inside the block, a write that finds the disk full raises :class:`DiskFull` naming ``uri``
+    and how much room is left there, in one line (an ``OSError`` from a ``write()`` names no file)."""
+    import errno
+
+    try:
+        yield
+    except OSError as e:
+        import shutil
+
+        # shutil.copytree gathers its files' errors into one shutil.Error, without an errno
+        copied = isinstance(e, shutil.Error) and any(
+            f"[Errno {errno.ENOSPC}]" in str(why) or f"[Errno {errno.EDQUOT}]" in str(why) for *_, why in e.args[0]
+        )
+        if isinstance(e, DiskFull) or not (copied or e.errno in (errno.ENOSPC, errno.EDQUOT)):
+            raise
+        path = uri.removeprefix("file://")
+        where = next((p for p in (path, os.path.dirname(path)) if p and os.path.exists(p)), ".")
+
+        free = shutil.disk_usage(where).free
+        at = f" at {e.filename}" if e.filename and str(e.filename) != path else ""
+        raise DiskFull(
+            errno.ENOSPC, f"{uri}: the disk is full (no space left on the device{at}; {free:,} bytes free at {where}); "
+            "free some space and run again: what was finished, and the last checkpoint, are kept"
+        ) from None
+
+
+# ----------------------------------------------------------------------------------------------
 # atomic writes
 
 
@@ -190,7 +229,7 @@ def atomic_open(uri: str, mode: str = "wb") -> Iterator[Any]:
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(path)}{tmp_suffix()}")
     try:
-        with open(tmp, mode, **({"encoding": "utf-8", "newline": ""} if mode == "w" else {})) as f:
+        with full_disk_named(uri), open(tmp, mode, **({"encoding": "utf-8", "newline": ""} if mode == "w" else {})) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -254,7 +254,8 @@ def train(
             window_tokens, window_start = 0.0, time.perf_counter()
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
             state = {"step": step, "history": run.history, "rng": torch.get_rng_state(), "inputs_sha256": io.sha256_of(inputs)}
-            run.engine.save_checkpoint(checkpoint_dir, f"step{step}", state)
+            with io.full_disk_named(checkpoint_dir):  # 'latest' still names the step before: resume from it
+                run.engine.save_checkpoint(checkpoint_dir, f"step{step}", state)
             if is_main_process():
                 prune_checkpoints(checkpoint_dir, keep=2)
     if bar is not None:
