@@ -98,7 +98,8 @@ def _drop_tracebacks_from_logs() -> None:
     # message line stays, and the error is printed once more, alone, when the run ends
     for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):
         for handler in logging.getLogger(name).handlers:
-            handler.addFilter(_NoTraceback())
+            if not any(isinstance(f, _NoTraceback) for f in handler.filters):
+                handler.addFilter(_NoTraceback())
 
 
 def _load(config: str, overrides: list[str] | None):
@@ -124,6 +125,8 @@ def run(
         require_preflight(cfg)  # every input checked before Prefect or any model starts
         from flows.pipeline_flow import distill_pipeline
 
+        if not _debug():
+            _drop_tracebacks_from_logs()  # again: importing the flow set up Prefect's log handlers
         start = time.perf_counter()
         try:
             result = distill_pipeline(config=cfg)

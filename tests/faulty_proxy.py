@@ -2,7 +2,8 @@
 
 Faults, per request: ``"500"`` / ``"503"`` (an S3 error document with that status), ``"reset"``
 (the connection closed with RST before any answer), ``"timeout"`` (no answer for ``stall_s``, then
-closed). The schedule is a function of the request's number and line, set with :meth:`every`,
+closed), ``"lost"`` (the request reaches the server, its answer is dropped and the connection
+reset: the client cannot tell whether it was done). The schedule is a function of the request's number and line, set with :meth:`every`,
 :meth:`outage` / :meth:`heal`, or :meth:`after` (healthy for N requests, then an outage).
 """
 
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-FAULTS = ("500", "503", "reset", "timeout")
+FAULTS = ("500", "503", "reset", "timeout")  # "lost" only when asked for
 _ERROR = (
     '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>injected by the test proxy</Message>'
     "<RequestId>fault</RequestId></Error>"
@@ -111,6 +112,11 @@ class FaultyProxy:
             data = answer.read()
         finally:
             upstream.close()
+        if fault == "lost":
+            h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            h.close_connection = True
+            h.connection.close()
+            return
         h.send_response(answer.status, answer.reason)
         for k, v in answer.getheaders():
             if k.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):

@@ -32,7 +32,7 @@ def test_an_outage_mid_run_fails_in_one_line_and_the_rerun_on_a_flaky_store_resu
         outage = {"on": False}
 
         def down_from_distill(i: int, line: str) -> str | None:
-            outage["on"] = outage["on"] or "/distill-" in line
+            outage["on"] = outage["on"] or (line.startswith("PUT") and "/distill-" in line)  # its first write
             return "503" if outage["on"] else None
 
         proxy.schedule = down_from_distill
