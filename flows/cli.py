@@ -71,6 +71,13 @@ def _lost_by_prefect(error: BaseException) -> bool:
     return isinstance(error, (ObjectNotFound, PrefectHTTPStatusError))
 
 
+def _tracking_unavailable(error: BaseException) -> bool:
+    """The MLflow server that kept failing (after its client's retries and the tasks')."""
+    from mydistill import tracking
+
+    return not raised_by_us(error) and tracking.tracking_unavailable(error)
+
+
 def _store_unavailable(error: BaseException) -> bool:
     """An object store that kept failing (after the retries of s3fs, botocore and the tasks)."""
     from mydistill import io
@@ -131,6 +138,10 @@ def run(
         try:
             result = distill_pipeline(config=cfg)
         except Exception as e:
+            if _tracking_unavailable(e):
+                from mydistill import tracking
+
+                raise tracking.unavailable_error(e) from None
             if _store_unavailable(e):
                 from mydistill import io
 

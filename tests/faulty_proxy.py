@@ -44,7 +44,7 @@ class FaultyProxy:
             def _any(self) -> None:
                 proxy._handle(self)
 
-            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _any
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = do_PATCH = do_OPTIONS = _any
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True

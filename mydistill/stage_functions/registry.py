@@ -176,6 +176,8 @@ def register(cfg: PipelineConfig, plan: StagePlan, report: dict[str, Any], paren
                 **({PROMPT_PREFIX_KEY: prefix} if (prefix := prompt_prefix_of(plan.student_uri)) else {}),
             },
         )
+        if fingerprint:  # a create whose answer was lost and that MLflow's client sent again made two
+            version = tracking.keep_first_version(reg.model_name, STUDENT_TAG, fingerprint)
         if decision["passed"]:
             tracking.set_model_alias(reg.model_name, reg.alias, version)
         decision.update(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import warnings
 from pathlib import Path
 from urllib.parse import quote
@@ -95,3 +96,39 @@ def experiment_id(name: str) -> str:
     except mlflow.exceptions.MlflowException:
         # created concurrently by another process
         return c.get_experiment_by_name(name).experiment_id
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking server kept failing (5xx, refused or reset connections, timeouts) after
+    the retries of MLflow's client."""
+
+
+_API_FAILED = re.compile(r"API request to (?:endpoint )?(\S+) failed with (?:error code (\d+)|exception (\w+))")
+
+
+def tracking_unavailable(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is MLflow's client giving up on an unanswering server."""
+    seen: BaseException | None = error
+    while seen is not None:
+        match = _API_FAILED.search(str(seen))
+        if match and (match.group(3) or (match.group(2) or "").startswith("5")):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def unavailable_error(error: BaseException) -> TrackingUnavailable:
+    """``error`` (see :func:`tracking_unavailable`) told in one line naming the tracking server."""
+    from mydistill.tracking.runs import display_uri
+
+    seen: BaseException | None = error
+    what = ""
+    while seen is not None and not what:
+        match = _API_FAILED.search(str(seen))
+        if match:
+            what = f"HTTP {match.group(2)} from {match.group(1)}" if match.group(2) else f"{match.group(3)} on {match.group(1)}"
+        seen = seen.__cause__ or seen.__context__
+    return TrackingUnavailable(
+        f"MLflow at {display_uri(current_uri())} kept failing after its client's retries ({what}); the stages finished "
+        "so far are kept: run again once it answers (training resumes from its last checkpoint; a student is registered once)"
+    )
