@@ -126,7 +126,9 @@ def unavailable_error(error: BaseException) -> TrackingUnavailable:
     while seen is not None and not what:
         match = _API_FAILED.search(str(seen))
         if match:
-            what = f"HTTP {match.group(2)} from {match.group(1)}" if match.group(2) else f"{match.group(3)} on {match.group(1)}"
+            # urllib3 gives up on a status it retried as "too many 503 error responses"
+            status = match.group(2) or (m.group(1) if (m := re.search(r"too many (\d{3}) error responses", str(seen))) else None)
+            what = f"HTTP {status} from {match.group(1)}" if status else f"{match.group(3)} on {match.group(1)}"
         seen = seen.__cause__ or seen.__context__
     return TrackingUnavailable(
         f"MLflow at {display_uri(current_uri())} kept failing after its client's retries ({what}); the stages finished "

@@ -26,7 +26,11 @@ def test_a_server_that_kept_failing_is_told_in_one_line_naming_it():
                            "Response body: '<Error>\n</Error>'")
     refused = MlflowException("API request to http://127.0.0.1:9/api/2.0/mlflow/runs/log-batch failed with exception "
                               "ConnectionError(MaxRetryError('...'))")
-    for error, what in ((lost, "HTTP 503 from /api/2.0/mlflow/model-versions/create"),
+    retried = MlflowException("API request to http://127.0.0.1:9/api/2.0/mlflow/model-versions/create failed with exception "
+                              "HTTPConnectionPool(host='127.0.0.1', port=9): Max retries exceeded with url: /api/2.0/mlflow/"
+                              "model-versions/create (Caused by ResponseError('too many 503 error responses'))")
+    for error, what in ((retried, "HTTP 503 from http://127.0.0.1:9/api/2.0/mlflow/model-versions/create"),
+                        (lost, "HTTP 503 from /api/2.0/mlflow/model-versions/create"),
                         (refused, "ConnectionError on http://127.0.0.1:9/api/2.0/mlflow/runs/log-batch")):
         assert tracking.tracking_unavailable(error)
         message = str(tracking.unavailable_error(error))
