@@ -8,7 +8,7 @@ What must hold, per fault:
 * **overlap**: two runs of one config and work dir, the second started 0 / 8 / 20 s after the first:
   both exit 0, one model version, each training stage trained by one run (the other reused it).
 * **s3**: an S3 outage (503 to everything, behind tests/faulty_proxy.py) from the first write of the
-  generate / mix / distill / evaluate stage on: the run exits 2 with one ``error:`` line naming the
+  generate / mix / distill stage on: the run exits 2 with one ``error:`` line naming the
   bucket; the re-run, on a store failing one request in five (500, 503, reset, timeout), exits 0
   and its records match their manifests.
 * **disk**: a 16 MiB tmpfs filled while a shard, a periodic checkpoint, the final model is written:
@@ -253,7 +253,7 @@ def main() -> None:
             import boto3
 
             boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}").create_bucket(Bucket="campaign")
-            for stage in ("generate", "mix", "distill", "evaluate"):
+            for stage in ("generate", "mix", "distill"):
                 c.trial("s3", f"outage-from-{stage}", c.s3(f"http://127.0.0.1:{port}", stage))
         if "mlflow" in only:
             port = free_port()
