@@ -14,7 +14,8 @@ What must hold, per fault:
 * **disk**: a 16 MiB tmpfs filled while a shard, a periodic checkpoint, the final model is written:
   ``DiskFull`` naming the path; the last checkpoint intact; the re-run resumes and finishes. Needs root.
 * **mlflow**: the MLflow server (behind the proxy) answers 503 to model-version creation, or loses
-  the answer to it (the client sends it again), or answers 503 to metric logging during distill:
+  the answer to it (the client sends it again), or answers 503 to distill's metrics from step 6 on
+  (after its step-4 checkpoint; the re-run must resume from it):
   the run exits 2 with one line naming MLflow, or completes; the re-run exits 0 with exactly one
   model version.
 
@@ -158,7 +159,8 @@ class Campaign:
                 env = self.env(trial, MLFLOW_TRACKING_URI=proxy.endpoint, MLFLOW_HTTP_REQUEST_MAX_RETRIES="2",
                                MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="0")
                 model = f"campaign-{trial.name}"
-                args = [*self.args(str(trial / "runs"), "distill.save_every=4"), f"registry.model_name={model}", "tracking.experiment=" + model]
+                args = [*self.args(str(trial / "runs"), "distill.save_every=4", "distill.log_every=2"),
+                        f"registry.model_name={model}", "tracking.experiment=" + model]
                 seen = {"n": 0}
 
                 def schedule(i: int, line: str) -> str | None:
@@ -167,9 +169,9 @@ class Campaign:
                     if point == "register-lost" and "/model-versions/create" in line:
                         seen["n"] += 1
                         return "lost" if seen["n"] == 1 else None
-                    if point == "training-503" and "/runs/log-batch" in line:
-                        seen["n"] += 1
-                        return "503" if seen["n"] >= 6 else None  # after a few stages' metrics
+                    if point == "training-503" and "/runs/log-batch" in line and (seen["n"] >= 3 or b"tokens_per_s" in proxy.body):
+                        seen["n"] += 1  # training's metrics at steps 2, 4 (then a checkpoint), 6: down from step 6 on
+                        return "503" if seen["n"] >= 3 else None
                     return None
 
                 proxy.schedule = schedule
@@ -183,6 +185,8 @@ class Campaign:
                     proxy.heal()
                     code, text = self.run(args, env, trial / "run2.log")
                     assert code == 0, f"re-run exit {code}: {text[-300:]}"
+                    if point == "training-503":
+                        assert "distill: resumed from step 4" in text, "distill did not resume from its step-4 checkpoint"
             import mlflow
 
             versions = mlflow.MlflowClient(tracking_uri=server).search_model_versions(f"name = '{model}'")

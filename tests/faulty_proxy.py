@@ -31,6 +31,7 @@ class FaultyProxy:
         self.stall_s = stall_s
         self.schedule: Callable[[int, str], str | None] = lambda n, line: None
         self.requests = 0
+        self.body = b""
         self.injected: dict[str, int] = {}
         self.lock = threading.Lock()
         proxy = self
@@ -84,6 +85,7 @@ class FaultyProxy:
         with self.lock:
             n = self.requests
             self.requests += 1
+            self.body = body  # the request's body, for a schedule that looks at it
             fault = self.schedule(n, h.requestline)
             if fault:
                 self.injected[fault] = self.injected.get(fault, 0) + 1
