@@ -71,6 +71,29 @@ def _lost_by_prefect(error: BaseException) -> bool:
     return isinstance(error, (ObjectNotFound, PrefectHTTPStatusError))
 
 
+def _tracking_unavailable(error: BaseException) -> bool:
+    """The MLflow server that kept failing (after its client's retries and the tasks')."""
+    from mydistill import tracking
+
+    return not raised_by_us(error) and tracking.tracking_unavailable(error)
+
+
+def _store_unavailable(error: BaseException) -> bool:
+    """An object store that kept failing (after the retries of s3fs, botocore and the tasks)."""
+    from mydistill import io
+
+    return not raised_by_us(error) and io.store_unavailable(error)
+
+
+def _uris(value: Any) -> list[str]:
+    """Every string in a config dump (where its buckets are named)."""
+    if isinstance(value, dict):
+        return [u for v in value.values() for u in _uris(v)]
+    if isinstance(value, list):
+        return [u for v in value for u in _uris(v)]
+    return [value] if isinstance(value, str) else []
+
+
 class _NoTraceback(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.exc_info = record.exc_text = None
@@ -82,7 +105,8 @@ def _drop_tracebacks_from_logs() -> None:
     # message line stays, and the error is printed once more, alone, when the run ends
     for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):
         for handler in logging.getLogger(name).handlers:
-            handler.addFilter(_NoTraceback())
+            if not any(isinstance(f, _NoTraceback) for f in handler.filters):
+                handler.addFilter(_NoTraceback())
 
 
 def _load(config: str, overrides: list[str] | None):
@@ -108,10 +132,20 @@ def run(
         require_preflight(cfg)  # every input checked before Prefect or any model starts
         from flows.pipeline_flow import distill_pipeline
 
+        if not _debug():
+            _drop_tracebacks_from_logs()  # again: importing the flow set up Prefect's log handlers
         start = time.perf_counter()
         try:
             result = distill_pipeline(config=cfg)
         except Exception as e:
+            if _tracking_unavailable(e):
+                from mydistill import tracking
+
+                raise tracking.unavailable_error(e) from None
+            if _store_unavailable(e):
+                from mydistill import io
+
+                raise io.store_unavailable_error(e, _uris(cfg.model_dump(mode="json"))) from None
             if not _lost_by_prefect(e):
                 raise
             # the work is in the artifacts (every stage idempotent, registration exactly once):

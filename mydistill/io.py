@@ -33,17 +33,74 @@ class DataError(ValueError):
 # paths
 
 
+# How long an object store may misbehave (500/503, timeouts, reset connections) before a stage
+# fails: botocore's "standard" retry mode backs off exponentially with jitter (at most 20 s a wait),
+# so 10 attempts ride out about a minute of trouble. Each is an environment variable, e.g. for tests.
+S3_RETRY_ENV = {"MYDISTILL_S3_MAX_ATTEMPTS": 10, "MYDISTILL_S3_CONNECT_TIMEOUT": 10, "MYDISTILL_S3_READ_TIMEOUT": 60}
+
+
 def storage_options_for(uri: str) -> dict[str, Any]:
-    """fsspec options for ``uri``: S3 endpoint from ``MYDISTILL_S3_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL``.
+    """fsspec options for ``uri``: S3 endpoint from ``MYDISTILL_S3_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL``,
+    retries with backoff and timeouts (:data:`S3_RETRY_ENV`).
 
     Credentials are never passed here: s3fs reads them from the environment or its config files,
     so they never end up in a config, a manifest or an MLflow param.
     """
     if uri.startswith(("s3://", "s3a://")):
+        knobs = {k: float(os.environ.get(k) or default) for k, default in S3_RETRY_ENV.items()}
+        options: dict[str, Any] = {"config_kwargs": {
+            "retries": {"max_attempts": int(knobs["MYDISTILL_S3_MAX_ATTEMPTS"]), "mode": "standard"},
+            "connect_timeout": knobs["MYDISTILL_S3_CONNECT_TIMEOUT"], "read_timeout": knobs["MYDISTILL_S3_READ_TIMEOUT"],
+        }}
         endpoint = os.environ.get("MYDISTILL_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
-            return {"client_kwargs": {"endpoint_url": endpoint}}
+            options["client_kwargs"] = {"endpoint_url": endpoint}
+        return options
     return {}
+
+
+class StoreUnavailable(OSError):
+    """An object store kept failing (5xx, timeouts, reset connections) after every retry."""
+
+
+def store_unavailable_error(error: BaseException, uris: Iterable[str]) -> StoreUnavailable:
+    """``error`` (see :func:`store_unavailable`) told in one line naming the bucket(s) of ``uris``."""
+    buckets = sorted({b for uri in uris if (b := bucket_of(uri))})
+    endpoint = os.environ.get("MYDISTILL_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or "AWS"
+    cause = error
+    while cause.__cause__ is not None or cause.__context__ is not None:  # the innermost says what happened
+        cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
+    what = " ".join(f"{type(cause).__name__}: {cause}".split())[:160]
+    names = ", ".join(repr(b) for b in buckets) or "(none named in the config)"
+    return StoreUnavailable(
+        f"S3 bucket {names} at {endpoint} kept failing after retries with backoff ({what}); "
+        "the stages finished so far are kept: run again once the store answers, and the run resumes from them"
+    )
+
+
+def bucket_of(uri: str) -> str | None:
+    """The bucket of an ``s3://`` URI (None for a local path)."""
+    return uri.split("://", 1)[1].split("/", 1)[0] if uri.startswith(("s3://", "s3a://")) else None
+
+
+def store_unavailable(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is an object store that did not answer well: a 5xx
+    after every retry, a timeout, a refused or reset connection; not a missing key or a refusal."""
+    seen: BaseException | None = error
+    while seen is not None:
+        module, name, text = type(seen).__module__, type(seen).__name__, str(seen)
+        if module.startswith(("botocore", "aiobotocore", "aiohttp", "urllib3")) and (
+            "Connect" in name or "Timeout" in name or "Endpoint" in name or "Disconnected" in name
+        ):
+            return True
+        if "FSTimeoutError" in name or any(
+            code in text for code in ("(ServiceUnavailable)", "(InternalError)", "(SlowDown)", "(503)", "(500)", "(502)", "(504)")
+        ):
+            return True
+        if isinstance(seen, (ConnectionError, TimeoutError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -107,6 +164,45 @@ def pid_alive(pid: int) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
+# a full disk
+
+
+class DiskFull(OSError):
+    """A write ran out of space (ENOSPC, or the quota EDQUOT); the message names the path."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)  # the message alone, without OSError's "[Errno 28]"
+
+
+@contextlib.contextmanager
+def full_disk_named(uri: str) -> Iterator[None]:
+    """Inside the block, a write that finds the disk full raises :class:`DiskFull` naming ``uri``
+    and how much room is left there, in one line (an ``OSError`` from a ``write()`` names no file)."""
+    import errno
+
+    try:
+        yield
+    except OSError as e:
+        import shutil
+
+        # shutil.copytree gathers its files' errors into one shutil.Error, without an errno
+        copied = isinstance(e, shutil.Error) and any(
+            f"[Errno {errno.ENOSPC}]" in str(why) or f"[Errno {errno.EDQUOT}]" in str(why) for *_, why in e.args[0]
+        )
+        if isinstance(e, DiskFull) or not (copied or e.errno in (errno.ENOSPC, errno.EDQUOT)):
+            raise
+        path = uri.removeprefix("file://")
+        where = next((p for p in (path, os.path.dirname(path)) if p and os.path.exists(p)), ".")
+
+        free = shutil.disk_usage(where).free
+        at = f" at {e.filename}" if e.filename and str(e.filename) != path else ""
+        raise DiskFull(
+            errno.ENOSPC, f"{uri}: the disk is full (no space left on the device{at}; {free:,} bytes free at {where}); "
+            "free some space and run again: what was finished, and the last checkpoint, are kept"
+        ) from None
+
+
+# ----------------------------------------------------------------------------------------------
 # atomic writes
 
 
@@ -133,7 +229,7 @@ def atomic_open(uri: str, mode: str = "wb") -> Iterator[Any]:
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(path)}{tmp_suffix()}")
     try:
-        with open(tmp, mode, **({"encoding": "utf-8", "newline": ""} if mode == "w" else {})) as f:
+        with full_disk_named(uri), open(tmp, mode, **({"encoding": "utf-8", "newline": ""} if mode == "w" else {})) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -298,7 +298,8 @@ def train(
             window_tokens, window_start = 0.0, time.perf_counter()
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
             state = {"step": step, "history": run.history, "rng": torch.get_rng_state(), "inputs_sha256": io.sha256_of(inputs)}
-            run.checkpoints.save(run.engine, f"step{step}", state)  # on every rank; the last two are kept
+            with io.full_disk_named(run.checkpoints.uri):  # the step before stays the newest complete one: resume from it
+                run.checkpoints.save(run.engine, f"step{step}", state)  # on every rank; the last two are kept
     if bar is not None:
         bar[0].stop()
 

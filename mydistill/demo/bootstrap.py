@@ -7,6 +7,7 @@ import tempfile
 from typing import Any
 
 from mydistill import io
+from mydistill.locks import artifact_lock
 from mydistill.config import DemoConfig, TrainConfig
 from mydistill.demo.task import category_of, make_examples
 from mydistill.demo.tokenizer import build_tokenizer
@@ -47,11 +48,20 @@ def ensure_teacher(cfg: DemoConfig, *, progress: bool = False, on_metrics: Any =
     It is trained with the same loop as the students (cross-entropy on labelled task data that
     excludes every evaluation prompt).
     """
-    from mydistill.train import TrainJob, run_training
 
     teacher_uri = io.join(cfg.cache_dir, f"teacher-{teacher_key(cfg)}")
     if io.read_manifest(teacher_uri):
         return teacher_uri
+    # the cache is shared by every run of this demo config: one trains it, the others wait for it
+    with artifact_lock(teacher_uri, what="demo teacher"):
+        if not io.read_manifest(teacher_uri):
+            _train_teacher(cfg, teacher_uri, progress=progress, on_metrics=on_metrics)
+    return teacher_uri
+
+
+def _train_teacher(cfg: DemoConfig, teacher_uri: str, *, progress: bool, on_metrics: Any) -> None:
+    from mydistill.train import TrainJob, run_training
+
     held = {e["prompt"] for e in make_examples(cfg.num_eval, seed=EVAL_SEED)}
     with tempfile.TemporaryDirectory(prefix=io.temp_prefix("demo")) as tmp:
         tokenizer_dir = os.path.join(tmp, "tokenizer")
@@ -76,4 +86,3 @@ def ensure_teacher(cfg: DemoConfig, *, progress: bool = False, on_metrics: Any =
             on_metrics=on_metrics,
             progress=progress,
         )
-    return teacher_uri

@@ -279,10 +279,10 @@ def _reachable(uri: str, what: str) -> list[Problem]:
     from mydistill.config.generation import mask_url
 
     endpoint = mask_url(options.get("client_kwargs", {}).get("endpoint_url")) or "AWS"
-    fs = s3fs.S3FileSystem(
-        skip_instance_cache=True, **options,
-        config_kwargs={"connect_timeout": NETWORK_TIMEOUT_S, "read_timeout": NETWORK_TIMEOUT_S, "retries": {"max_attempts": 1}},
-    )
+    # one retry: a store answering 503 for a moment is the stages' to ride out (they retry longer)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **{
+        **options, "config_kwargs": {"connect_timeout": NETWORK_TIMEOUT_S, "read_timeout": NETWORK_TIMEOUT_S, "retries": {"max_attempts": 2}},
+    })
     try:
         fs.ls(bucket)
     except FileNotFoundError:

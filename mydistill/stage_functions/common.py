@@ -3,14 +3,38 @@ done, the teacher's lineage, numbers for MLflow; and the pipeline run's cost."""
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from mydistill import debris, io, lineage, tracking
+from mydistill import debris, io, lineage, locks, tracking
 from mydistill.pipeline import costs
 from mydistill.config import PipelineConfig
 from mydistill.fingerprint import fingerprint
 from mydistill.pipeline.plan import StagePlan
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def one_writer(output_of: Callable[..., str | None], what: str | Callable[..., str]) -> Callable[[F], F]:
+    """Run the decorated stage function holding the lock of its output (:mod:`mydistill.locks`).
+
+    ``output_of`` and ``what`` (the stage's name, or a function giving it) take the stage
+    function's arguments. Two runs of one config and work dir then never write one artifact at
+    once: the second waits, then finds the stage finished (its manifest matches) and answers from it.
+    """
+    def decorate(stage_function: F) -> F:
+        @functools.wraps(stage_function)
+        def locked(*args: Any, **kwargs: Any) -> Any:
+            uri = output_of(*args, **kwargs)
+            if not uri:
+                return stage_function(*args, **kwargs)
+            with locks.artifact_lock(uri, what=what if isinstance(what, str) else what(*args, **kwargs)):
+                return stage_function(*args, **kwargs)
+        return locked  # type: ignore[return-value]
+    return decorate
 
 
 def sweep_debris(uri: str) -> None:

@@ -11,10 +11,11 @@ from mydistill.pipeline import costs
 from mydistill.config import PipelineConfig
 from mydistill.mix import TASK_TRAIN_FILE, TRAIN_FILE, VAL_FILE, run_mix
 from mydistill.pipeline.plan import StagePlan, signal_mode, signal_temperature
-from mydistill.stage_functions.common import numeric, on_gpu, require_done, sweep_debris, teacher_lineage
+from mydistill.stage_functions.common import numeric, on_gpu, one_writer, require_done, sweep_debris, teacher_lineage
 from mydistill.stage_functions.training import train_job, with_lengths
 
 
+@one_writer(lambda cfg, plan, **_: plan.demo_data_uri, "prepare-demo")
 def prepare_demo(
     cfg: PipelineConfig, plan: StagePlan, *, progress: bool = False,
     on_metrics: Callable[[dict[str, float], int], None] | None = None,
@@ -31,6 +32,7 @@ def prepare_demo(
     return uris
 
 
+@one_writer(lambda cfg, plan, *_, **__: plan.generate_uri, "generate")
 def generate(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None = None, *, progress: bool = False) -> dict[str, Any]:
     from mydistill.generation import generate_responses
 
@@ -67,6 +69,7 @@ def _teacher_tokens(manifest: dict[str, Any]) -> dict[str, float]:
     }
 
 
+@one_writer(lambda cfg, plan, *_, **__: plan.mix_uri, "mix")
 def mix(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None = None) -> dict[str, Any]:
     require_done(plan.generate_uri, "generate")
     sweep_debris(plan.mix_uri)
@@ -85,6 +88,7 @@ def mix(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None = None) 
     return manifest
 
 
+@one_writer(lambda cfg, plan, *_, **__: plan.signal_uri, "signal")
 def teacher_signal(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None = None) -> dict[str, Any]:
     """The optional signal stage: the teacher's top-k (or sampled) signal over the mix's training
     records, stored once for the distill stage (see docs/teacher_signal.md); returns the manifest."""

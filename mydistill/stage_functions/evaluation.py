@@ -10,9 +10,10 @@ from mydistill import io, tracking
 from mydistill.pipeline import costs
 from mydistill.config import PipelineConfig
 from mydistill.pipeline.plan import StagePlan
-from mydistill.stage_functions.common import on_gpu, require_done, sweep_debris
+from mydistill.stage_functions.common import on_gpu, one_writer, require_done, sweep_debris
 
 
+@one_writer(lambda cfg, plan, *_, **__: plan.evaluate_uri, "evaluate")
 def evaluate(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None = None) -> dict[str, Any]:
     """Score student, teacher and baseline; log the report, samples and plots to MLflow.
 

@@ -8,6 +8,7 @@ from typing import Any
 from mydistill import io, tracking
 from mydistill.config import PipelineConfig
 from mydistill.pipeline.plan import StagePlan
+from mydistill.stage_functions.common import one_writer
 from mydistill.tokenization import PROMPT_PREFIX_KEY, prompt_prefix_of
 
 
@@ -214,6 +215,8 @@ def _registered_before(cfg: PipelineConfig, existing: dict[str, Any]) -> dict[st
     }
 
 
+# one registration per checkpoint even when two runs reach this at once: the second finds the first's version
+@one_writer(lambda cfg, plan, *_, **__: f"{plan.student_uri}.register", "register")
 def register(cfg: PipelineConfig, plan: StagePlan, report: dict[str, Any], parent_run_id: str | None = None) -> dict[str, Any]:
     """Register the student in the MLflow model registry; move the alias only if the gate passes.
 
@@ -282,6 +285,8 @@ def register(cfg: PipelineConfig, plan: StagePlan, report: dict[str, Any], paren
                 **({PROMPT_PREFIX_KEY: prefix} if (prefix := prompt_prefix_of(plan.student_uri)) else {}),
             },
         )
+        if fingerprint:  # a create whose answer was lost and that MLflow's client sent again made two
+            version = tracking.keep_first_version(reg.model_name, STUDENT_TAG, fingerprint)
         if decision["passed"]:
             tracking.set_model_alias(reg.model_name, reg.alias, version)
         decision.update(

@@ -13,7 +13,7 @@ from mydistill.config import DISTILL_ONLY_FIELDS, PipelineConfig
 from mydistill.fingerprint import fingerprint
 from mydistill.mix import TASK_TRAIN_FILE, TRAIN_FILE, VAL_FILE
 from mydistill.pipeline.plan import StagePlan, baseline_steps
-from mydistill.stage_functions.common import on_gpu, require_done, sweep_debris
+from mydistill.stage_functions.common import on_gpu, one_writer, require_done, sweep_debris
 from mydistill.stage_functions.registry import log_model
 from mydistill.training.job import TrainJob, job_lengths
 from mydistill.train import run_job
@@ -106,6 +106,7 @@ def with_lengths(job: TrainJob) -> tuple[TrainJob, dict[str, Any]]:
     return job, lengths
 
 
+@one_writer(lambda cfg, plan, stage, *_, **__: getattr(plan, f"{stage}_uri", None), lambda cfg, plan, stage, *_, **__: stage)
 def train(
     cfg: PipelineConfig, plan: StagePlan, stage: str, parent_run_id: str | None = None, *,
     progress: bool = False, on_line: Callable[[str], None] | None = None, labels: dict[str, str] | None = None,

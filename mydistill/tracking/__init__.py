@@ -10,7 +10,16 @@ that imports mlflow.
 * :mod:`.models` -- logged models, the model registry, the champion's alias and score.
 """
 
-from mydistill.tracking.client import client, configure, current_uri, default_tracking_uri, experiment_id
+from mydistill.tracking.client import (
+    TrackingUnavailable,
+    client,
+    configure,
+    current_uri,
+    default_tracking_uri,
+    experiment_id,
+    tracking_unavailable,
+    unavailable_error,
+)
 from mydistill.tracking.log import (
     MASK,
     SECRET_WORDS,
@@ -41,6 +50,7 @@ from mydistill.tracking.models import (
     link_model,
     log_checkpoint_model,
     model_version_url,
+    keep_first_version,
     register_model_version,
     set_model_alias,
     set_model_version_tags,
@@ -74,6 +84,7 @@ __all__ = [
     "SCORE_METRIC_TAG",
     "SCORE_TAG",
     "SECRET_WORDS",
+    "TrackingUnavailable",
     "UI_URL_ENV",
     "alias_holder",
     "child_metrics",
@@ -106,12 +117,15 @@ __all__ = [
     "owner_tags",
     "pipeline_runs",
     "read_dict",
+    "keep_first_version",
     "register_model_version",
     "run_reference",
     "set_model_alias",
     "set_model_version_tags",
     "set_tags",
     "stage_run",
+    "tracking_unavailable",
+    "unavailable_error",
     "start_run",
     "ui_base_url",
 ]

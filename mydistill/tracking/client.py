@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import warnings
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import mlflow
 from mlflow import MlflowClient
@@ -59,7 +60,21 @@ def configure(tracking_uri: str | None = None, artifact_location: str | None = N
     uri = tracking_uri or default_tracking_uri()
     mlflow.set_tracking_uri(uri)
     _artifact_root = artifact_location
+    if uri.startswith("sqlite:///"):
+        _create_sqlite_store_once(uri)
     return uri
+
+
+def _create_sqlite_store_once(uri: str) -> None:
+    """Open a sqlite tracking store under a file lock: two runs started together on a fresh store
+    would both run MLflow's schema migrations, and the second fail ('duplicate column name')."""
+    from mydistill.locks import artifact_lock
+
+    path = uri.removeprefix("sqlite:///")
+    if not os.path.dirname(path) or not os.path.isdir(os.path.dirname(path)):
+        return  # MLflow reports a missing folder in its own words
+    with artifact_lock(path, what="MLflow store"):
+        MlflowClient().search_experiments(max_results=1)
 
 
 def current_uri() -> str:
@@ -85,3 +100,51 @@ def experiment_id(name: str) -> str:
     except mlflow.exceptions.MlflowException:
         # created concurrently by another process
         return c.get_experiment_by_name(name).experiment_id
+
+
+MASK = "***"  # what a secret reads as in params, tags and URIs
+
+
+def display_uri(uri: str) -> str:
+    """``uri`` with any password replaced by ``***`` (tracking URIs may carry basic-auth credentials)."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = f"{parts.username}:{MASK}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking server kept failing (5xx, refused or reset connections, timeouts) after
+    the retries of MLflow's client."""
+
+
+_API_FAILED = re.compile(r"API request to (?:endpoint )?(\S+) failed with (?:error code (\d+)|exception (\w+))")
+
+
+def tracking_unavailable(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is MLflow's client giving up on an unanswering server."""
+    seen: BaseException | None = error
+    while seen is not None:
+        match = _API_FAILED.search(str(seen))
+        if match and (match.group(3) or (match.group(2) or "").startswith("5")):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def unavailable_error(error: BaseException) -> TrackingUnavailable:
+    """``error`` (see :func:`tracking_unavailable`) told in one line naming the tracking server."""
+    seen: BaseException | None = error
+    what = ""
+    while seen is not None and not what:
+        match = _API_FAILED.search(str(seen))
+        if match:
+            # urllib3 gives up on a status it retried as "too many 503 error responses"
+            status = match.group(2) or (m.group(1) if (m := re.search(r"too many (\d{3}) error responses", str(seen))) else None)
+            what = f"HTTP {status} from {match.group(1)}" if status else f"{match.group(3)} on {match.group(1)}"
+        seen = seen.__cause__ or seen.__context__
+    return TrackingUnavailable(
+        f"MLflow at {display_uri(current_uri())} kept failing after its client's retries ({what}); the stages finished "
+        "so far are kept: run again once it answers (training resumes from its last checkpoint; a student is registered once)"
+    )

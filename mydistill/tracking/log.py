@@ -10,10 +10,9 @@ from typing import Any
 import mlflow
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 
-from mydistill.tracking.client import client
+from mydistill.tracking.client import MASK, client
 
 SECRET_WORDS = frozenset({"key", "apikey", "secret", "token", "password", "passwd", "credential", "credentials"})
-MASK = "***"
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -118,7 +118,11 @@ def register_model_version(
     try:
         c.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
-        c.create_registered_model(name, description="Students distilled by mydistill.")
+        try:
+            c.create_registered_model(name, description="Students distilled by mydistill.")
+        except mlflow.exceptions.MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":  # made by another run, or by our own re-sent request
+                raise
     # the version's source run is the run that logged the model (its training stage), as the model's
     # own page says; the run that decided on it is named in the tags (the gate's decision is there too)
     version = c.create_model_version(
@@ -127,6 +131,20 @@ def register_model_version(
         model_id=model["model_id"],
     )
     return str(version.version)
+
+
+def keep_first_version(name: str, tag: str, value: str) -> str:
+    """The oldest version of ``name`` tagged ``tag = value``, any later ones deleted; returns its number.
+
+    MLflow's client sends a request again when its answer was lost (POSTs too): a lost answer to
+    "create version" makes a second version of the same checkpoint, which this removes.
+    """
+    c = client()
+    safe = value.replace("'", "")
+    versions = sorted(c.search_model_versions(f"name='{name}' and tags.`{tag}` = '{safe}'"), key=lambda v: int(v.version))
+    for duplicate in versions[1:]:
+        c.delete_model_version(name, duplicate.version)
+    return str(versions[0].version)
 
 
 def set_model_alias(name: str, alias: str, version: str) -> None:

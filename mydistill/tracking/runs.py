@@ -11,8 +11,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 
-from mydistill.tracking.client import client, experiment_id
-from mydistill.tracking.log import MASK, set_tags
+from mydistill.tracking.client import client, display_uri, experiment_id  # noqa: F401 (display_uri imported from here too)
+from mydistill.tracking.log import set_tags
 
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -129,15 +129,6 @@ def pipeline_runs(experiment: str, run_name: str, max_results: int = 200) -> lis
 # links people click
 
 UI_URL_ENV = "MYDISTILL_MLFLOW_UI_URL"
-
-
-def display_uri(uri: str) -> str:
-    """``uri`` with any password replaced by ``***`` (tracking URIs may carry basic-auth credentials)."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    netloc = f"{parts.username}:{MASK}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def ui_base_url() -> str | None:

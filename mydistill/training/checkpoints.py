@@ -188,7 +188,7 @@ def save_checkpoint(
     The folder is assembled locally and moved (or uploaded) into place before the manifest is
     written, so a reader never takes a half-written checkpoint for a finished one.
     """
-    with tempfile.TemporaryDirectory(prefix=io.temp_prefix("ckpt")) as tmp:
+    with io.full_disk_named(output_uri), tempfile.TemporaryDirectory(prefix=io.temp_prefix("ckpt")) as tmp:
         student.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         files = sorted(os.listdir(tmp))
@@ -198,7 +198,11 @@ def save_checkpoint(
         else:
             target = output_uri.removeprefix("file://")
             staging = f"{target.rstrip('/')}.tmp-{os.getpid()}"
-            shutil.copytree(tmp, staging)
+            try:
+                shutil.copytree(tmp, staging)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)  # a half copy would keep a full disk full
+                raise
             if os.path.exists(target):
                 shutil.rmtree(target)
             os.replace(staging, target)
