@@ -88,11 +88,12 @@ def test_the_form_has_no_none_switches_for_optional_fields_and_presets_still_val
         f"{model}.{name}" for model, d in schema["definitions"].items() for name, p in d.get("properties", {}).items()
         if {"type": "null"} in p.get("anyOf", [])
     )
-    # only optional sections keep one (there, on or off is the choice), and fields whose default is not
-    # None, where null is a value of its own (no category; a chunk size chosen from the shapes)
+    # only optional sections keep one (there, on or off is the choice), fields whose default is not
+    # None, where null is a value of its own (no category; a chunk size chosen from the shapes), and
+    # student.init.layers, whose form offers a choice of kinds anyway (a list of blocks, or auto)
     assert switches == [
         "DataConfig.category_field", "EvaluateConfig.judge", "LossConfig.chunk_size", "LossConfig.hidden",
-        "LossConfig.step_by_step", "PipelineConfig.demo",
+        "LossConfig.step_by_step", "PipelineConfig.demo", "StudentInit.layers",
     ]
     uri = schema["definitions"]["TeacherSpec"]["properties"]["uri"]
     assert uri["type"] == "string" and "default" not in uri and uri["description"]
