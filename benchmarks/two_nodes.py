@@ -44,6 +44,7 @@ from mydistill.config import DistillConfig  # noqa: E402
 from mydistill.training.checkpoints import COMPLETE_FILE  # noqa: E402
 from mydistill.training.job import TrainJob  # noqa: E402
 from mydistill.training.launch import free_port, launch_training, write_job  # noqa: E402
+from tests.mydistill.training.test_two_nodes import start_node  # noqa: E402 (one way to start a node, shared with the test)
 
 
 def start_moto() -> subprocess.Popen:
@@ -65,20 +66,9 @@ def start_moto() -> subprocess.Popen:
 
 
 def start_nodes(job_uri: str, root: Path) -> list[tuple[subprocess.Popen, Path]]:
+    """Nodes 0 and 1 on this machine, each in a folder of its own, as the two-node test starts them."""
     port = free_port()
-    nodes = []
-    for rank in (0, 1):
-        home = root / f"node{rank}"
-        for sub in ("cwd", "tmp", "home"):
-            (home / sub).mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONPATH": str(REPO), "HOME": str(home / "home"), "TMPDIR": str(home / "tmp"),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": str(rank)}
-        log = root / f"node{rank}.log"
-        with open(log, "w") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "mydistill.training.launch", "--job", job_uri], cwd=home / "cwd",
-                                    env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        nodes.append((proc, log))
-    return nodes
+    return [start_node(job_uri, rank, port, root) for rank in (0, 1)]
 
 
 def kill_node(proc: subprocess.Popen) -> None:
