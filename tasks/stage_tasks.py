@@ -27,7 +27,9 @@ from mydistill.pipeline.plan import STAGE_READS, StagePlan
 from tasks.progress import progress_in_prefect
 
 
-ARTIFACT_CACHE = (INPUTS - "parent_run_id" - "config" - "plan") + TASK_SOURCE
+# ``reads`` (the URIs handed over by the tasks before) only draw the DAG's edges: the output URI already
+# names what a stage reads, and a stage flow run alone (no tasks before it) finds the pipeline's result
+ARTIFACT_CACHE = (INPUTS - "parent_run_id" - "config" - "plan" - "reads") + TASK_SOURCE
 
 
 def _interactive() -> bool:

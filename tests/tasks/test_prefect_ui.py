@@ -32,7 +32,7 @@ with reporting_to(print_marked):
 """
 
 
-def fake_train(config, plan, stage, parent_run_id=None, *, progress=False, on_line=None):
+def fake_train(config, plan, stage, parent_run_id=None, *, progress=False, on_line=None, labels=None):
     """The training stage's contract with the task, on real worker processes (no model)."""
     run_workers([sys.executable, "-c", WORKER], on_line=relay_marked(on_line), env={MARKED_ENV: "1"})
     return {"final_metrics": {"loss": 1.9, "tokens_per_s": 100.0}}
