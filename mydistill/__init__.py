@@ -17,6 +17,7 @@ MOVED = {
     "mydistill.changes": "mydistill.pipeline.changes",
     "mydistill.preflight": "mydistill.pipeline.preflight",
     "mydistill.costs": "mydistill.pipeline.costs",
+    "mydistill.debris": "mydistill.storage.debris",
 }
 
 

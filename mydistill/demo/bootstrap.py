@@ -7,7 +7,7 @@ import tempfile
 from typing import Any
 
 from mydistill import io
-from mydistill.locks import artifact_lock
+from mydistill.storage.locks import artifact_lock
 from mydistill.config import DemoConfig, TrainConfig
 from mydistill.demo.task import category_of, make_examples
 from mydistill.demo.tokenizer import build_tokenizer

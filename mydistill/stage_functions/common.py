@@ -8,7 +8,8 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from mydistill import debris, io, lineage, locks, tracking
+from mydistill import io, lineage, tracking
+from mydistill.storage import debris, locks
 from mydistill.pipeline import costs
 from mydistill.config import PipelineConfig
 from mydistill.fingerprint import fingerprint
@@ -19,7 +20,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def one_writer(output_of: Callable[..., str | None], what: str | Callable[..., str]) -> Callable[[F], F]:
-    """Run the decorated stage function holding the lock of its output (:mod:`mydistill.locks`).
+    """Run the decorated stage function holding the lock of its output (:mod:`mydistill.storage.locks`).
 
     ``output_of`` and ``what`` (the stage's name, or a function giving it) take the stage
     function's arguments. Two runs of one config and work dir then never write one artifact at
@@ -39,7 +40,7 @@ def one_writer(output_of: Callable[..., str | None], what: str | Callable[..., s
 
 def sweep_debris(uri: str) -> None:
     """Clear what a killed earlier run of this stage left (temporary files, staging folders, stale
-    checkpoints; see :func:`mydistill.debris.sweep_debris`) and say so."""
+    checkpoints; see :func:`mydistill.storage.debris.sweep_debris`) and say so."""
     removed = debris.sweep_debris(uri)
     if removed:
         logging.getLogger("mydistill").info("removed %d leftover(s) of a killed run: %s", len(removed), ", ".join(removed))

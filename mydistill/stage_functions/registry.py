@@ -217,6 +217,22 @@ def _registered_before(cfg: PipelineConfig, existing: dict[str, Any]) -> dict[st
 
 # one registration per checkpoint even when two runs reach this at once: the second finds the first's version
 @one_writer(lambda cfg, plan, *_, **__: f"{plan.student_uri}.register", "register")
+def _log_what_the_gate_read(
+    run_id: str, report: dict[str, Any], *, score: float, metric: str, retained: float | None, retained_low: float | None,
+) -> None:
+    """On the register run: the student's per-question scores (logged before the version exists: once it
+    holds the alias, the next student is paired with these) and the numbers the gate read."""
+    if "student" in (report.get("question_scores") or {}).get("models", {}):
+        questions = report["question_scores"]
+        tracking.log_dict(run_id, {"metric": questions["metric"], "ids": questions["ids"],
+                                   "scores": questions["models"]["student"]}, QUESTION_SCORES_FILE)
+    tracking.log_metrics(run_id, {
+        "gate_score": score, **({tracking.SCORE_METRIC: score} if metric == "exact" else {}),
+        **({"teacher_retained": retained} if retained is not None else {}),
+        **({"teacher_retained_low": retained_low} if retained_low is not None else {}),
+    })
+
+
 def register(cfg: PipelineConfig, plan: StagePlan, report: dict[str, Any], parent_run_id: str | None = None) -> dict[str, Any]:
     """Register the student in the MLflow model registry; move the alias only if the gate passes.
 
@@ -259,16 +275,7 @@ def register(cfg: PipelineConfig, plan: StagePlan, report: dict[str, Any], paren
             versus_champion=paired_with_champion(report, champion, gate["confidence"]), **gate,
         )
         tracking.log_params(run_id, {"register": reg.model_dump(), "student_uri": plan.student_uri})
-        # before the version exists: once it holds the alias, the next student is paired with these
-        if "student" in (report.get("question_scores") or {}).get("models", {}):
-            questions = report["question_scores"]
-            tracking.log_dict(run_id, {"metric": questions["metric"], "ids": questions["ids"],
-                                       "scores": questions["models"]["student"]}, QUESTION_SCORES_FILE)
-        tracking.log_metrics(run_id, {
-            "gate_score": score, **({tracking.SCORE_METRIC: score} if metric == "exact" else {}),
-            **({"teacher_retained": retained} if retained is not None else {}),
-            **({"teacher_retained_low": gate["retained_low"]} if gate["retained_low"] is not None else {}),
-        })
+        _log_what_the_gate_read(run_id, report, score=score, metric=metric, retained=retained, retained_low=gate["retained_low"])
         model = log_model(cfg, plan, run_id, plan.student_uri)  # found: the training stage logged it
         # the pipeline run lists its student under "Logged models"; the register run took it as input
         tracking.link_model(parent_run_id, model["model_id"], as_output=True)

@@ -68,7 +68,7 @@ def configure(tracking_uri: str | None = None, artifact_location: str | None = N
 def _create_sqlite_store_once(uri: str) -> None:
     """Open a sqlite tracking store under a file lock: two runs started together on a fresh store
     would both run MLflow's schema migrations, and the second fail ('duplicate column name')."""
-    from mydistill.locks import artifact_lock
+    from mydistill.storage.locks import artifact_lock
 
     path = uri.removeprefix("sqlite:///")
     if not os.path.dirname(path) or not os.path.isdir(os.path.dirname(path)):

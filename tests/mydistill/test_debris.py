@@ -2,7 +2,8 @@
 
 import os
 
-from mydistill import debris, io
+from mydistill import io
+from mydistill.storage import debris
 
 
 def test_sweep_removes_only_what_dead_writers_left(tmp_path):

@@ -1,4 +1,4 @@
-"""One writer per artifact (mydistill.locks): local flock and S3 conditional-put locks."""
+"""One writer per artifact (mydistill.storage.locks): local flock and S3 conditional-put locks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from mydistill import locks
+from mydistill.storage import locks
 
 
 def _overlapping_holders(uri: str, workers: int = 3, hold_s: float = 0.3) -> tuple[list[tuple[str, str]], list[str]]:
