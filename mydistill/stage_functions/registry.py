@@ -216,7 +216,6 @@ def _registered_before(cfg: PipelineConfig, existing: dict[str, Any]) -> dict[st
 
 
 # one registration per checkpoint even when two runs reach this at once: the second finds the first's version
-@one_writer(lambda cfg, plan, *_, **__: f"{plan.student_uri}.register", "register")
 def _log_what_the_gate_read(
     run_id: str, report: dict[str, Any], *, score: float, metric: str, retained: float | None, retained_low: float | None,
 ) -> None:
@@ -233,6 +232,7 @@ def _log_what_the_gate_read(
     })
 
 
+@one_writer(lambda cfg, plan, *_, **__: f"{plan.student_uri}.register", "register")
 def register(cfg: PipelineConfig, plan: StagePlan, report: dict[str, Any], parent_run_id: str | None = None) -> dict[str, Any]:
     """Register the student in the MLflow model registry; move the alias only if the gate passes.
 
