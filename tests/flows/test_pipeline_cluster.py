@@ -12,6 +12,7 @@ as the nightly deployment does; both pools are process pools here; and what the 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -62,8 +63,14 @@ def test_distill_runs_on_the_gpu_pool_as_a_child_flow_run_that_trains_through_a_
         try:
             state = distill_pipeline(config=config, return_state=True)
         finally:
+            # a worker shutting down on a loaded machine may take longer than its grace: then it is killed,
+            # with its process group (nothing of it may outlive the test)
             worker.terminate()
-            worker.wait(timeout=30)
+            try:
+                worker.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait(timeout=30)
         assert state.is_completed(), f"{state}\n{(tmp_path / 'worker.log').read_text()[-3000:]}"
         with get_client(sync_client=True) as client:
             children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
