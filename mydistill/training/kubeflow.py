@@ -67,12 +67,6 @@ class ClusterRefused(RuntimeError):
     retrying cannot help; the message says what was refused and why."""
 
 
-def write_job_spec(job: TrainJob) -> str:
-    """Write ``job`` beside its output (on the work dir, which every node reads), as multi-node
-    training does (:func:`mydistill.training.launch.write_job`); returns its URI."""
-    return write_job(job)
-
-
 # ----------------------------------------------------------------------------------------------
 # the API
 
@@ -304,7 +298,7 @@ def run_trainjob(
         existing = None
     submitted = False
     if existing is None:
-        job_uri = write_job_spec(job)
+        job_uri = write_job(job)
         manifest = trainjob_manifest(job, cfg, job_uri=job_uri, num_processes=num_processes, env=env, labels=labels)
         submitted = cluster.create(manifest)
     say(f"{where}: submitted ({cfg.num_nodes} node(s) × {num_processes} process(es), image {cfg.image})" if submitted

@@ -189,7 +189,7 @@ def test_a_retried_stage_reattaches_to_its_running_job_instead_of_submitting_ano
     job = train_job(tmp_path)
     # the first attempt submitted the job, then its process died (the job runs on)
     cluster = kubeflow.Cluster(cfg)
-    uri = kubeflow.write_job_spec(job)
+    uri = kubeflow.write_job(job)
     assert cluster.create(kubeflow.trainjob_manifest(job, cfg, job_uri=uri, num_processes=1))
     lines: list[str] = []
     assert kubeflow.run_trainjob(job, cfg, num_processes=1, on_line=lines.append) == {"final_metrics": {"loss": 1.5}}
@@ -232,10 +232,10 @@ def test_the_flows_cancel_hook_deletes_the_flow_runs_jobs_and_their_processes(k8
     config = load_config("demo-tiny", [f"work_dir={tmp_path}/work"]).model_copy()
     config.distill = config.distill.model_copy(update={"engine": "kubeflow", "kubeflow": cfg})
     job, run_id = train_job(tmp_path), uuid.uuid4()
-    mine = kubeflow.trainjob_manifest(job, cfg, job_uri=kubeflow.write_job_spec(job), num_processes=1,
+    mine = kubeflow.trainjob_manifest(job, cfg, job_uri=kubeflow.write_job(job), num_processes=1,
                                       labels={kubeflow.FLOW_RUN_LABEL: str(run_id)})
     other = train_job(tmp_path, "finetune")
-    others = kubeflow.trainjob_manifest(other, cfg, job_uri=kubeflow.write_job_spec(other), num_processes=1,
+    others = kubeflow.trainjob_manifest(other, cfg, job_uri=kubeflow.write_job(other), num_processes=1,
                                         labels={kubeflow.FLOW_RUN_LABEL: "run-2"})
     cluster = kubeflow.Cluster(cfg)
     assert cluster.create(mine) and cluster.create(others)
