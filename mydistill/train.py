@@ -95,7 +95,7 @@ def run_job(
         from mydistill.training.kubeflow import run_trainjob
 
         # rank 0's marked progress lines come back through the pods' logs, as from local workers
-        return run_trainjob(job, cfg.kubeflow, num_processes=cfg.num_processes, on_line=relay_marked(on_line),
+        return run_trainjob(job, cfg.kubeflow, nodes=cfg.nodes, num_processes=cfg.num_processes, on_line=relay_marked(on_line),
                             env={**(env or {}), MARKED_ENV: "1"}, labels=labels)
     if cfg.launcher == "none":
         return run_training(job, on_metrics=on_metrics, progress=progress)

@@ -2,7 +2,8 @@
 
 The stage submits one Kubeflow Trainer v2 ``TrainJob`` (one pod per node, ``torchrun`` in each)
 rendered from a YAML template (``deploy/kubeflow/trainjob.yaml`` unless ``template`` names
-another); see docs/operations.md, "Running on a cluster".
+another); see docs/operations.md, "Running on a cluster". The job has the stage's ``nodes`` pods,
+each running its ``num_processes`` workers (``kubeflow.num_nodes``, the older name, is read as ``nodes``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ class KubeflowConfig(Section):
     runtime: str = Field(
         "torch-distributed", description="ClusterTrainingRuntime the TrainJob refers to (Kubeflow Trainer's torch runtime)."
     )
-    num_nodes: int = Field(1, ge=1, description="Nodes (pods) of the job; each runs num_processes workers under torchrun.")
     resources_per_node: dict[str, str | int] = Field(
         default_factory=dict,
         description="Resource limits of each node's container, e.g. {'nvidia.com/gpu': 8, 'memory': '512Gi'}.",

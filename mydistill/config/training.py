@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -42,7 +42,8 @@ class TrainConfig(Section):
     nodes: int = Field(
         1, ge=1,
         description="Machines the run spans (num_processes workers on each); above 1 every node runs the same "
-        "command against the job on shared storage (see docs/operations.md, 'Several nodes by hand').",
+        "command against the job on shared storage (see docs/operations.md, 'Several nodes by hand'). With "
+        "engine kubeflow: the TrainJob's nodes (pods).",
     )
     deepspeed: str | None = Field(
         None, description="DeepSpeed config (e.g. deploy/deepspeed/zero3.json or zero3_offload.json); empty: no DeepSpeed."
@@ -68,6 +69,22 @@ class TrainConfig(Section):
         default_factory=KubeflowConfig, description="The cluster job of `engine: kubeflow` (docs/operations.md)."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _kubeflow_num_nodes_is_nodes(cls, data: Any) -> Any:
+        """``kubeflow.num_nodes`` (the field's name until 2026-12) is the stage's ``nodes``: one count
+        for nodes started by hand and for a TrainJob's pods."""
+        if not isinstance(data, dict) or not isinstance(data.get("kubeflow"), dict) or "num_nodes" not in data["kubeflow"]:
+            return data
+        kubeflow = dict(data["kubeflow"])
+        old = kubeflow.pop("num_nodes")
+        if "nodes" in data and data["nodes"] != old:
+            raise ValueError(
+                f"kubeflow.num_nodes ({old}) and nodes ({data['nodes']}) disagree: `nodes` is the one node count "
+                "(kubeflow.num_nodes is its older name); set only nodes"
+            )
+        return {**data, "kubeflow": kubeflow, "nodes": old}
+
     @model_validator(mode="after")
     def _kubeflow_needs_an_image(self) -> TrainConfig:
         if self.engine == "kubeflow" and not self.kubeflow.image:
@@ -76,7 +93,7 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _nodes_need_a_launcher(self) -> TrainConfig:
-        if self.nodes > 1 and self.launcher == "none":
+        if self.nodes > 1 and self.launcher == "none" and self.engine != "kubeflow":  # a TrainJob's pods run torchrun
             raise ValueError(
                 f"nodes: {self.nodes} starts a worker process on every node, so it needs launcher torchrun or "
                 "deepspeed (got none)"

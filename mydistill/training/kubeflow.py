@@ -276,7 +276,7 @@ def _lines(stream: Any) -> Iterator[str]:
 
 
 def run_trainjob(
-    job: TrainJob, cfg: KubeflowConfig, *, num_processes: int, on_line: LineCallback | None = None,
+    job: TrainJob, cfg: KubeflowConfig, *, nodes: int, num_processes: int, on_line: LineCallback | None = None,
     env: dict[str, str] | None = None, labels: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run ``job`` as a TrainJob (or follow the one already running for its output); returns the
@@ -299,9 +299,9 @@ def run_trainjob(
     submitted = False
     if existing is None:
         job_uri = write_job(job)
-        manifest = trainjob_manifest(job, cfg, job_uri=job_uri, num_processes=num_processes, env=env, labels=labels)
+        manifest = trainjob_manifest(job, cfg, job_uri=job_uri, nodes=nodes, num_processes=num_processes, env=env, labels=labels)
         submitted = cluster.create(manifest)
-    say(f"{where}: submitted ({cfg.num_nodes} node(s) × {num_processes} process(es), image {cfg.image})" if submitted
+    say(f"{where}: submitted ({nodes} node(s) × {num_processes} process(es), image {cfg.image})" if submitted
         else f"{where}: already there (an earlier attempt's): following it instead of submitting another")
     logs = LogFollower(cluster)
     try:

@@ -110,7 +110,7 @@ def check_manifest(manifest: Any, where: str) -> None:
 
 
 def trainjob_manifest(
-    job: TrainJob, cfg: KubeflowConfig, *, job_uri: str, num_processes: int,
+    job: TrainJob, cfg: KubeflowConfig, *, job_uri: str, nodes: int, num_processes: int,
     env: dict[str, str] | None = None, labels: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The TrainJob for ``job``, from ``cfg.template`` (default ``deploy/kubeflow/trainjob.yaml``)."""
@@ -122,7 +122,7 @@ def trainjob_manifest(
     values = {
         "name": trainjob_name(job.stage, job.output_uri), "namespace": cfg.namespace,
         "labels": {**(labels or {}), STAGE_LABEL: job.stage}, "runtime": cfg.runtime, "image": cfg.image,
-        "job_uri": job_uri, "num_nodes": cfg.num_nodes, "num_proc_per_node": num_processes,
+        "job_uri": job_uri, "num_nodes": nodes, "num_proc_per_node": num_processes,
         "resources": dict(cfg.resources_per_node), "env": variables,
     }
     return render_manifest(cfg.template or DEFAULT_TEMPLATE, values)

@@ -79,11 +79,11 @@ def wait_for(condition, timeout: float = 20.0) -> None:
 
 def test_the_default_template_renders_a_trainjob_with_the_stages_settings(tmp_path):
     cfg = KubeflowConfig(
-        namespace="ml", image="registry.example/mydistill:1", num_nodes=2, resources_per_node={"nvidia.com/gpu": 8},
+        namespace="ml", image="registry.example/mydistill:1", resources_per_node={"nvidia.com/gpu": 8},
         env={"HF_HOME": "/cache/hf"}, secret_env={"AWS_SECRET_ACCESS_KEY": "s3-credentials/secret-key"},
     )
     job = train_job(tmp_path)
-    manifest = kubeflow.trainjob_manifest(job, cfg, job_uri="s3://bucket/work/distill.job.json", num_processes=8,
+    manifest = kubeflow.trainjob_manifest(job, cfg, job_uri="s3://bucket/work/distill.job.json", nodes=2, num_processes=8,
                                           env={"MLFLOW_TRACKING_URI": "http://mlflow:5000"}, labels={kubeflow.FLOW_RUN_LABEL: "abc"})
     trainer = manifest["spec"]["trainer"]
     assert manifest["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and manifest["kind"] == "TrainJob"
@@ -118,7 +118,7 @@ def test_a_broken_template_is_one_error_naming_the_file_and_field(tmp_path, chan
     path.write_text(yaml.safe_dump(tree))
     cfg = KubeflowConfig(image="x", template=str(path))
     with pytest.raises(kubeflow.ManifestError) as e:
-        kubeflow.trainjob_manifest(train_job(tmp_path), cfg, job_uri="/w/j.json", num_processes=1)
+        kubeflow.trainjob_manifest(train_job(tmp_path), cfg, job_uri="/w/j.json", nodes=1, num_processes=1)
     assert str(e.value).startswith(f"TrainJob template {path}: {expected}")
 
 
@@ -129,11 +129,20 @@ def test_a_config_refuses_bad_secret_refs_and_a_kubeflow_stage_without_an_image(
         load_config("demo-tiny", ["distill.engine=kubeflow"])
 
 
+def test_the_node_count_is_the_stages_nodes_and_the_older_kubeflow_num_nodes_still_reads_as_it():
+    image = "distill.kubeflow.image=registry.example/mydistill:1"
+    # a TrainJob's pods run torchrun themselves: no local launcher is asked for
+    assert load_config("demo-tiny", ["distill.engine=kubeflow", image, "distill.nodes=2"]).distill.nodes == 2
+    assert load_config("demo-tiny", ["distill.engine=kubeflow", image, "distill.kubeflow.num_nodes=3"]).distill.nodes == 3
+    with pytest.raises(ValueError, match=r"kubeflow.num_nodes \(3\) and nodes \(2\) disagree"):
+        load_config("demo-tiny", ["distill.engine=kubeflow", image, "distill.kubeflow.num_nodes=3", "distill.nodes=2"])
+
+
 def test_a_two_node_job_completes_with_each_pods_log_in_the_stage_log(k8s, tmp_path):
     k8s.secrets["s3"] = {"key": "from-the-secret"}
-    cfg = cluster_config(k8s, tmp_path, num_nodes=2, secret_env={"S3_KEY": "s3/key"})
+    cfg = cluster_config(k8s, tmp_path, secret_env={"S3_KEY": "s3/key"})
     lines: list[str] = []
-    manifest = kubeflow.run_trainjob(train_job(tmp_path), cfg, num_processes=1, on_line=lines.append)
+    manifest = kubeflow.run_trainjob(train_job(tmp_path), cfg, nodes=2, num_processes=1, on_line=lines.append)
     assert manifest == {"final_metrics": {"loss": 1.5}}
     said = [line for line in lines if " rank " in line]
     assert sorted(line.split(" home ")[0].split(" master ")[0] for line in said) == ["[node 0] rank 0 of 2", "[node 1] rank 1 of 2"]
@@ -146,9 +155,9 @@ def test_a_two_node_job_completes_with_each_pods_log_in_the_stage_log(k8s, tmp_p
 
 
 def test_a_failing_pod_is_one_line_naming_the_node_and_its_last_words(k8s, tmp_path):
-    cfg = cluster_config(k8s, tmp_path, num_nodes=2, env={"FAKE_MODE": "fail"})
+    cfg = cluster_config(k8s, tmp_path, env={"FAKE_MODE": "fail"})
     with pytest.raises(kubeflow.TrainJobFailed) as e:
-        kubeflow.run_trainjob(train_job(tmp_path), cfg, num_processes=1)
+        kubeflow.run_trainjob(train_job(tmp_path), cfg, nodes=2, num_processes=1)
     message = str(e.value)
     assert "\n" not in message
     assert "failed: node 1 (pod mydistill-distill-" in message
@@ -158,21 +167,21 @@ def test_a_failing_pod_is_one_line_naming_the_node_and_its_last_words(k8s, tmp_p
 def test_a_pod_that_cannot_start_fails_the_stage_at_once(k8s, tmp_path):
     cfg = cluster_config(k8s, tmp_path, secret_env={"S3_KEY": "missing-secret/key"})
     with pytest.raises(kubeflow.TrainJobFailed, match=r'node 0 \(pod .*\) cannot start: CreateContainerConfigError: secret "missing-secret" not found'):
-        kubeflow.run_trainjob(train_job(tmp_path), cfg, num_processes=1)
+        kubeflow.run_trainjob(train_job(tmp_path), cfg, nodes=1, num_processes=1)
     assert k8s.jobs == {}  # given up: deleted, not left waiting
 
 
 def test_an_unknown_runtime_is_refused_in_one_line_with_the_apis_reason(k8s, tmp_path):
     cfg = cluster_config(k8s, tmp_path, runtime="deepspeed-distributed")
     with pytest.raises(kubeflow.ClusterRefused) as e:
-        kubeflow.run_trainjob(train_job(tmp_path), cfg, num_processes=1)
+        kubeflow.run_trainjob(train_job(tmp_path), cfg, nodes=1, num_processes=1)
     assert str(e.value).startswith(f"Kubernetes API {k8s.url} refused to create TrainJob mydistill-distill-")
     assert str(e.value).endswith("in namespace default: 422 spec.runtimeRef.name: ClusterTrainingRuntime "
                                  "'deepspeed-distributed' not found (the fake knows ['torch-distributed'])")
 
 
 def test_the_stage_rides_out_an_api_server_restart_while_it_waits(k8s, tmp_path):
-    cfg = cluster_config(k8s, tmp_path, num_nodes=2)
+    cfg = cluster_config(k8s, tmp_path)
     lines: list[str] = []
 
     def on_line(line: str) -> None:
@@ -180,19 +189,19 @@ def test_the_stage_rides_out_an_api_server_restart_while_it_waits(k8s, tmp_path)
         if ": submitted (" in line:
             k8s.unavailable = 3  # the wait's first three requests fail with 503
 
-    assert kubeflow.run_trainjob(train_job(tmp_path), cfg, num_processes=1, on_line=on_line) == {"final_metrics": {"loss": 1.5}}
+    assert kubeflow.run_trainjob(train_job(tmp_path), cfg, nodes=2, num_processes=1, on_line=on_line) == {"final_metrics": {"loss": 1.5}}
     assert k8s.unavailable == 0 and len(k8s.created) == 1
 
 
 def test_a_retried_stage_reattaches_to_its_running_job_instead_of_submitting_another(k8s, tmp_path):
-    cfg = cluster_config(k8s, tmp_path, num_nodes=2)
+    cfg = cluster_config(k8s, tmp_path)
     job = train_job(tmp_path)
     # the first attempt submitted the job, then its process died (the job runs on)
     cluster = kubeflow.Cluster(cfg)
     uri = kubeflow.write_job(job)
-    assert cluster.create(kubeflow.trainjob_manifest(job, cfg, job_uri=uri, num_processes=1))
+    assert cluster.create(kubeflow.trainjob_manifest(job, cfg, job_uri=uri, nodes=2, num_processes=1))
     lines: list[str] = []
-    assert kubeflow.run_trainjob(job, cfg, num_processes=1, on_line=lines.append) == {"final_metrics": {"loss": 1.5}}
+    assert kubeflow.run_trainjob(job, cfg, nodes=2, num_processes=1, on_line=lines.append) == {"final_metrics": {"loss": 1.5}}
     assert k8s.created == [kubeflow.trainjob_name("distill", job.output_uri)]  # one TrainJob, not two
     assert "already there (an earlier attempt's): following it" in lines[0]
 
@@ -200,20 +209,20 @@ def test_a_retried_stage_reattaches_to_its_running_job_instead_of_submitting_ano
 def test_a_failed_earlier_job_is_replaced_on_retry(k8s, tmp_path):
     job = train_job(tmp_path)
     with pytest.raises(kubeflow.TrainJobFailed):
-        kubeflow.run_trainjob(job, cluster_config(k8s, tmp_path, num_nodes=2, env={"FAKE_MODE": "fail"}), num_processes=1)
-    assert kubeflow.run_trainjob(job, cluster_config(k8s, tmp_path, num_nodes=2), num_processes=1) == {"final_metrics": {"loss": 1.5}}
+        kubeflow.run_trainjob(job, cluster_config(k8s, tmp_path, env={"FAKE_MODE": "fail"}), nodes=2, num_processes=1)
+    assert kubeflow.run_trainjob(job, cluster_config(k8s, tmp_path), nodes=2, num_processes=1) == {"final_metrics": {"loss": 1.5}}
     assert len(k8s.created) == 2
 
 
 def test_a_stopped_stage_deletes_its_job_and_no_pod_process_survives(k8s, tmp_path):
-    cfg = cluster_config(k8s, tmp_path, num_nodes=2, env={"FAKE_MODE": "sleep"})
+    cfg = cluster_config(k8s, tmp_path, env={"FAKE_MODE": "sleep"})
 
     def on_line(line: str) -> None:
         if line.endswith("sleeping"):
             raise KeyboardInterrupt  # what a cancelled or killed flow run raises in the task
 
     with pytest.raises(KeyboardInterrupt):
-        kubeflow.run_trainjob(train_job(tmp_path), cfg, num_processes=1, on_line=on_line)
+        kubeflow.run_trainjob(train_job(tmp_path), cfg, nodes=2, num_processes=1, on_line=on_line)
     assert k8s.jobs == {}
     groups = k8s.process_groups()
     assert len(groups) == 2
@@ -228,14 +237,14 @@ def test_the_flows_cancel_hook_deletes_the_flow_runs_jobs_and_their_processes(k8
     from flows.pipeline_flow import distill_pipeline
     from tasks.cluster import delete_cluster_jobs
 
-    cfg = cluster_config(k8s, tmp_path, num_nodes=2, env={"FAKE_MODE": "sleep"})
+    cfg = cluster_config(k8s, tmp_path, env={"FAKE_MODE": "sleep"})
     config = load_config("demo-tiny", [f"work_dir={tmp_path}/work"]).model_copy()
     config.distill = config.distill.model_copy(update={"engine": "kubeflow", "kubeflow": cfg})
     job, run_id = train_job(tmp_path), uuid.uuid4()
-    mine = kubeflow.trainjob_manifest(job, cfg, job_uri=kubeflow.write_job(job), num_processes=1,
+    mine = kubeflow.trainjob_manifest(job, cfg, job_uri=kubeflow.write_job(job), nodes=2, num_processes=1,
                                       labels={kubeflow.FLOW_RUN_LABEL: str(run_id)})
     other = train_job(tmp_path, "finetune")
-    others = kubeflow.trainjob_manifest(other, cfg, job_uri=kubeflow.write_job(other), num_processes=1,
+    others = kubeflow.trainjob_manifest(other, cfg, job_uri=kubeflow.write_job(other), nodes=2, num_processes=1,
                                         labels={kubeflow.FLOW_RUN_LABEL: "run-2"})
     cluster = kubeflow.Cluster(cfg)
     assert cluster.create(mine) and cluster.create(others)
@@ -266,7 +275,7 @@ def test_a_flow_run_killed_by_sigterm_deletes_its_trainjob_and_no_pod_survives(k
 
     from tasks.cluster import delete_cluster_jobs
 
-    cfg = cluster_config(k8s, tmp_path, num_nodes=2, env={"FAKE_MODE": "sleep"})
+    cfg = cluster_config(k8s, tmp_path, env={"FAKE_MODE": "sleep"})
     job = train_job(tmp_path)
 
     def on_line(line: str) -> None:
@@ -275,7 +284,7 @@ def test_a_flow_run_killed_by_sigterm_deletes_its_trainjob_and_no_pod_survives(k
 
     @task
     def train_on_the_cluster() -> None:
-        kubeflow.run_trainjob(job, cfg, num_processes=1, on_line=on_line, labels={kubeflow.FLOW_RUN_LABEL: str(flow_run.id)})
+        kubeflow.run_trainjob(job, cfg, nodes=2, num_processes=1, on_line=on_line, labels={kubeflow.FLOW_RUN_LABEL: str(flow_run.id)})
 
     @flow(on_crashed=[delete_cluster_jobs], on_cancellation=[delete_cluster_jobs])
     def stage(config: dict) -> None:
