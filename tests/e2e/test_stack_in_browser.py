@@ -24,18 +24,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
+from tests.e2e.stack_support import api, running_stack, tail
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
-REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("MYDISTILL_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -68,55 +66,18 @@ def shots(tmp_path_factory) -> Path:
     return folder
 
 
-def _clean_env(state: Path) -> dict[str, str]:
-    """This process's environment without the test session's Prefect/MLflow/S3 settings."""
-    drop = ("PREFECT_", "MLFLOW_", "AWS_", "MYDISTILL_S3_", "MYDISTILL_CREDENTIALS")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    env.update(
-        PREFECT_WORKER_QUERY_SECONDS="2",  # pick the run up quickly
-        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
-        AWS_SHARED_CREDENTIALS_FILE=str(state / "no-aws-credentials"), AWS_CONFIG_FILE=str(state / "no-aws-config"),
-        AWS_EC2_METADATA_DISABLED="true",
-        MYDISTILL_PROGRESS_EVERY_S="5",  # a run of minutes: progress every 5 s, not every 30
-    )
-    return env
-
-
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def stack(tmp_path_factory, demo_cache):
     _need_browser()
-    state = tmp_path_factory.mktemp("stack")
-    env = _clean_env(state)
-    cmd = [sys.executable, str(REPO / "scripts" / "stack.py"), "--state-dir", str(state)]
-    info = None
-    try:
-        up = subprocess.run(
-            [*cmd, "up", "--prefect-port", "0", "--mlflow-port", "0", "--s3-port", "0", "--bucket", "e2e",
-             "--preset", "demo-tiny", "--set", f"demo.cache_dir={state / 'demo-cache'}",
-             "--timezone", "Europe/Berlin", "--credentials-block"],
-            env=env, cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
-        )
-        assert up.returncode == 0, f"stack up failed:\n{up.stdout}\n{up.stderr}"
+    up_args = [
+        "--bucket", "e2e", "--preset", "demo-tiny", "--set", f"demo.cache_dir={demo_cache}",
+        "--timezone", "Europe/Berlin", "--credentials-block",
+    ]
+    with running_stack(tmp_path_factory.mktemp("stack"), up_args) as (info, up_stdout):
         # what it registered, in words: the preset, the schedule's time zone, why GPU deployments are Not Ready
-        assert "deployments run preset 'demo-tiny' by default" in up.stdout, up.stdout
-        assert "in time zone Europe/Berlin (active)" in up.stdout and "need a GPU worker" in up.stdout, up.stdout
-        info = {**json.loads((state / "stack.json").read_text()), "state": state}
+        assert "deployments run preset 'demo-tiny' by default" in up_stdout, up_stdout
+        assert "in time zone Europe/Berlin (active)" in up_stdout and "need a GPU worker" in up_stdout, up_stdout
         yield info
-    finally:
-        down = subprocess.run([*cmd, "down"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
-        print(down.stdout, down.stderr)
-        if info is not None:
-            left = [f"{name} (pid {p['pid']})" for name, p in info["processes"].items() if _alive(p["pid"])]
-            assert not left, f"still running after stack down: {left}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and ") Z" not in stat.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -131,15 +92,6 @@ def page(stack, shots):
             yield context.new_page()
         finally:
             browser.close()
-
-
-def _api(url: str, body: dict | None = None):
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode() if body is not None else None,
-        headers={"content-type": "application/json"}, method="POST" if body is not None else "GET",
-    )
-    with urllib.request.urlopen(request, timeout=30) as r:
-        return json.loads(r.read())
 
 
 def _form_field(page, label: str):
@@ -198,7 +150,7 @@ def _trigger_and_inspect(stack, page, shots) -> None:
         page.get_by_role("link", name=name, exact=True).first.wait_for()  # (stage flows share the name)
     page.get_by_text("At 02:00 AM every day").wait_for()
     page.screenshot(path=str(shots / "01-prefect-deployments.png"))
-    deployments = {d["name"]: d for d in _api(f"{api}/deployments/filter", {})}
+    deployments = {d["name"]: d for d in api(f"{api}/deployments/filter", {})}
     nightly = deployments["nightly"]
     assert nightly["schedules"][0]["schedule"]["timezone"] == "Europe/Berlin"
     assert nightly["schedules"][0]["active"]
@@ -225,7 +177,7 @@ def _trigger_and_inspect(stack, page, shots) -> None:
     page.wait_for_url(re.compile(r".*/deployments/deployment/[^/?]+(\?.*)?$"))
 
     # --- the run: find it, open it, wait for Completed
-    runs = _api(f"{api}/flow_runs/filter", {"deployments": {"id": {"any_": [nightly["id"]]}}, "sort": "START_TIME_DESC"})
+    runs = api(f"{api}/flow_runs/filter", {"deployments": {"id": {"any_": [nightly["id"]]}}, "sort": "START_TIME_DESC"})
     ours = [r for r in runs if r["parameters"]["config"]["name"] == run_name]
     assert len(ours) == 1, [r["parameters"]["config"]["name"] for r in runs]
     flow_run = ours[0]
@@ -237,28 +189,28 @@ def _trigger_and_inspect(stack, page, shots) -> None:
     progress = re.compile(r"^([\w -]+): (\d+)/(\d+) steps \(\d+%\), .* left$")
     training_line = None
     while training_line is None and time.monotonic() < deadline:
-        logs = _api(f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run["id"]]}}, "sort": "TIMESTAMP_DESC"})
+        logs = api(f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run["id"]]}}, "sort": "TIMESTAMP_DESC"})
         training_line = next((log["message"] for log in logs if (m := progress.match(log["message"])) and m[2] != m[3]), None)
         if training_line is None:
-            assert _api(f"{api}/flow_runs/{flow_run['id']}")["state"]["type"] in ("SCHEDULED", "PENDING", "RUNNING"), (
-                f"the run ended before any training progress line; worker log:\n{_tail(stack, 'worker-cpu')}")
+            assert api(f"{api}/flow_runs/{flow_run['id']}")["state"]["type"] in ("SCHEDULED", "PENDING", "RUNNING"), (
+                f"the run ended before any training progress line; worker log:\n{tail(stack, 'worker-cpu')}")
             time.sleep(1)
     assert training_line, "no training progress line in the flow run's log"
     page.reload()
     _log_line(page, re.compile(r": \d+/\d+ (steps|responses|answers) \(\d+%\)"))  # progress lines on the page
     page.screenshot(path=str(shots / "03-prefect-flow-run-training.png"))
     while True:
-        state = _api(f"{api}/flow_runs/{flow_run['id']}")["state"]["type"]
+        state = api(f"{api}/flow_runs/{flow_run['id']}")["state"]["type"]
         if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") or time.monotonic() > deadline:
             break
         time.sleep(5)
-    assert state == "COMPLETED", f"flow run ended {state}; worker log:\n{_tail(stack, 'worker-cpu')}"
+    assert state == "COMPLETED", f"flow run ended {state}; worker log:\n{tail(stack, 'worker-cpu')}"
     page.reload()
     page.get_by_text("Completed", exact=True).first.wait_for()
     _log_line(page, re.compile(r"quality gate passed"))  # the register task's log line
     page.screenshot(path=str(shots / "03-prefect-flow-run.png"))
     # each long stage's progress artifact ended at 100; the run's MLflow link opens the model training view
-    artifacts = _api(f"{api}/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}})
+    artifacts = api(f"{api}/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}})
     bars = {a["key"]: a["data"] for a in artifacts if a["type"] == "progress"}
     assert {"generate-progress", "distill-progress", "finetune-progress", "evaluate-progress"} <= set(bars), bars
     assert all(value == 100 for value in bars.values()), bars
@@ -310,7 +262,7 @@ def _trigger_and_inspect(stack, page, shots) -> None:
     page.screenshot(path=str(shots / "07-mlflow-model.png"))
 
     # --- MLflow: the champion version is a logged model of the transformers flavor, with a signature
-    version = _api(f"{mlflow_url}/api/2.0/mlflow/registered-models/alias?name=mydistill-demo-tiny-student&alias=champion")
+    version = api(f"{mlflow_url}/api/2.0/mlflow/registered-models/alias?name=mydistill-demo-tiny-student&alias=champion")
     number = version["model_version"]["version"]
     page.goto(f"{mlflow_url}/#/models/mydistill-demo-tiny-student/versions/{number}")
     page.get_by_text("Source Model").first.wait_for()
@@ -329,13 +281,13 @@ def _trigger_and_inspect(stack, page, shots) -> None:
     assert f"/models/{version['model_version']['source'].removeprefix('models:/')}/" in f"{page.url}/"  # the version's model
 
     # --- what the pages showed, checked through the APIs too
-    run = _api(f"{mlflow_url}/api/2.0/mlflow/runs/get?run_id={parent_run_id}")["run"]
+    run = api(f"{mlflow_url}/api/2.0/mlflow/runs/get?run_id={parent_run_id}")["run"]
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
     tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
     assert params["mix.teacher_fraction"] == "0.5" and params["name"] == run_name
     assert params["work_dir"].startswith("s3://e2e/runs/")
     assert tags["prefect.flow_run_id"] == flow_run["id"] and tags["mydistill.gate"] == "passed"
-    artifacts = _api(f"{mlflow_url}/api/2.0/mlflow/artifacts/list?run_id={parent_run_id}&path=plots")
+    artifacts = api(f"{mlflow_url}/api/2.0/mlflow/artifacts/list?run_id={parent_run_id}&path=plots")
     assert {f["path"] for f in artifacts["files"]} >= {"plots/loss_curves.png", "plots/comparison.png"}
     assert {t["key"] for t in version["model_version"]["tags"]} >= {"gate_passed", "gate_reason", "mydistill.score"}
 
@@ -346,22 +298,17 @@ def _trigger_and_inspect(stack, page, shots) -> None:
 
     # --- and the S3 secret, which came from a Prefect block, was never written anywhere we look
     secret = _secret(stack)
-    logs = _api(f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run["id"]]}}, "limit": 200})
+    logs = api(f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run["id"]]}}, "limit": 200})
     assert logs and not any(secret in entry["message"] for entry in logs)
     assert any("credentials from Secret block" in entry["message"] for entry in logs)
     assert secret not in json.dumps(params) + json.dumps(tags)
     assert secret not in (stack["state"] / "logs" / "worker-cpu.log").read_text()
-    assert secret not in json.dumps(_api(f"{api}/flow_runs/{flow_run['id']}")["parameters"])
-
-
-def _tail(stack, name: str) -> str:
-    path = stack["state"] / "logs" / f"{name}.log"
-    return "\n".join(path.read_text(errors="replace").splitlines()[-40:]) if path.exists() else "(no log)"
+    assert secret not in json.dumps(api(f"{api}/flow_runs/{flow_run['id']}")["parameters"])
 
 
 def _secret(stack) -> str:
     """The moto secret the stack made, read back from its Prefect block."""
-    found = _api(
+    found = api(
         f"{stack['prefect_api_url']}/block_documents/filter",
         {"block_documents": {"name": {"any_": ["mydistill-credentials"]}}, "include_secrets": True},
     )
