@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.stack_support import api, running_stack, tail
+from tests.e2e.stack_support import api as _api, running_stack, tail as _tail  # (api: the name of the Prefect API URL below)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -150,7 +150,7 @@ def _trigger_and_inspect(stack, page, shots) -> None:
         page.get_by_role("link", name=name, exact=True).first.wait_for()  # (stage flows share the name)
     page.get_by_text("At 02:00 AM every day").wait_for()
     page.screenshot(path=str(shots / "01-prefect-deployments.png"))
-    deployments = {d["name"]: d for d in api(f"{api}/deployments/filter", {})}
+    deployments = {d["name"]: d for d in _api(f"{api}/deployments/filter", {})}
     nightly = deployments["nightly"]
     assert nightly["schedules"][0]["schedule"]["timezone"] == "Europe/Berlin"
     assert nightly["schedules"][0]["active"]
@@ -177,7 +177,7 @@ def _trigger_and_inspect(stack, page, shots) -> None:
     page.wait_for_url(re.compile(r".*/deployments/deployment/[^/?]+(\?.*)?$"))
 
     # --- the run: find it, open it, wait for Completed
-    runs = api(f"{api}/flow_runs/filter", {"deployments": {"id": {"any_": [nightly["id"]]}}, "sort": "START_TIME_DESC"})
+    runs = _api(f"{api}/flow_runs/filter", {"deployments": {"id": {"any_": [nightly["id"]]}}, "sort": "START_TIME_DESC"})
     ours = [r for r in runs if r["parameters"]["config"]["name"] == run_name]
     assert len(ours) == 1, [r["parameters"]["config"]["name"] for r in runs]
     flow_run = ours[0]
@@ -189,28 +189,28 @@ def _trigger_and_inspect(stack, page, shots) -> None:
     progress = re.compile(r"^([\w -]+): (\d+)/(\d+) steps \(\d+%\), .* left$")
     training_line = None
     while training_line is None and time.monotonic() < deadline:
-        logs = api(f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run["id"]]}}, "sort": "TIMESTAMP_DESC"})
+        logs = _api(f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run["id"]]}}, "sort": "TIMESTAMP_DESC"})
         training_line = next((log["message"] for log in logs if (m := progress.match(log["message"])) and m[2] != m[3]), None)
         if training_line is None:
-            assert api(f"{api}/flow_runs/{flow_run['id']}")["state"]["type"] in ("SCHEDULED", "PENDING", "RUNNING"), (
-                f"the run ended before any training progress line; worker log:\n{tail(stack, 'worker-cpu')}")
+            assert _api(f"{api}/flow_runs/{flow_run['id']}")["state"]["type"] in ("SCHEDULED", "PENDING", "RUNNING"), (
+                f"the run ended before any training progress line; worker log:\n{_tail(stack, 'worker-cpu')}")
             time.sleep(1)
     assert training_line, "no training progress line in the flow run's log"
     page.reload()
     _log_line(page, re.compile(r": \d+/\d+ (steps|responses|answers) \(\d+%\)"))  # progress lines on the page
     page.screenshot(path=str(shots / "03-prefect-flow-run-training.png"))
     while True:
-        state = api(f"{api}/flow_runs/{flow_run['id']}")["state"]["type"]
+        state = _api(f"{api}/flow_runs/{flow_run['id']}")["state"]["type"]
         if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") or time.monotonic() > deadline:
             break
         time.sleep(5)
-    assert state == "COMPLETED", f"flow run ended {state}; worker log:\n{tail(stack, 'worker-cpu')}"
+    assert state == "COMPLETED", f"flow run ended {state}; worker log:\n{_tail(stack, 'worker-cpu')}"
     page.reload()
     page.get_by_text("Completed", exact=True).first.wait_for()
     _log_line(page, re.compile(r"quality gate passed"))  # the register task's log line
     page.screenshot(path=str(shots / "03-prefect-flow-run.png"))
     # each long stage's progress artifact ended at 100; the run's MLflow link opens the model training view
-    artifacts = api(f"{api}/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}})
+    artifacts = _api(f"{api}/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}})
     bars = {a["key"]: a["data"] for a in artifacts if a["type"] == "progress"}
     assert {"generate-progress", "distill-progress", "finetune-progress", "evaluate-progress"} <= set(bars), bars
     assert all(value == 100 for value in bars.values()), bars
@@ -262,7 +262,7 @@ def _trigger_and_inspect(stack, page, shots) -> None:
     page.screenshot(path=str(shots / "07-mlflow-model.png"))
 
     # --- MLflow: the champion version is a logged model of the transformers flavor, with a signature
-    version = api(f"{mlflow_url}/api/2.0/mlflow/registered-models/alias?name=mydistill-demo-tiny-student&alias=champion")
+    version = _api(f"{mlflow_url}/api/2.0/mlflow/registered-models/alias?name=mydistill-demo-tiny-student&alias=champion")
     number = version["model_version"]["version"]
     page.goto(f"{mlflow_url}/#/models/mydistill-demo-tiny-student/versions/{number}")
     page.get_by_text("Source Model").first.wait_for()
@@ -281,13 +281,13 @@ def _trigger_and_inspect(stack, page, shots) -> None:
     assert f"/models/{version['model_version']['source'].removeprefix('models:/')}/" in f"{page.url}/"  # the version's model
 
     # --- what the pages showed, checked through the APIs too
-    run = api(f"{mlflow_url}/api/2.0/mlflow/runs/get?run_id={parent_run_id}")["run"]
+    run = _api(f"{mlflow_url}/api/2.0/mlflow/runs/get?run_id={parent_run_id}")["run"]
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
     tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
     assert params["mix.teacher_fraction"] == "0.5" and params["name"] == run_name
     assert params["work_dir"].startswith("s3://e2e/runs/")
     assert tags["prefect.flow_run_id"] == flow_run["id"] and tags["mydistill.gate"] == "passed"
-    artifacts = api(f"{mlflow_url}/api/2.0/mlflow/artifacts/list?run_id={parent_run_id}&path=plots")
+    artifacts = _api(f"{mlflow_url}/api/2.0/mlflow/artifacts/list?run_id={parent_run_id}&path=plots")
     assert {f["path"] for f in artifacts["files"]} >= {"plots/loss_curves.png", "plots/comparison.png"}
     assert {t["key"] for t in version["model_version"]["tags"]} >= {"gate_passed", "gate_reason", "mydistill.score"}
 
@@ -298,17 +298,17 @@ def _trigger_and_inspect(stack, page, shots) -> None:
 
     # --- and the S3 secret, which came from a Prefect block, was never written anywhere we look
     secret = _secret(stack)
-    logs = api(f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run["id"]]}}, "limit": 200})
+    logs = _api(f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run["id"]]}}, "limit": 200})
     assert logs and not any(secret in entry["message"] for entry in logs)
     assert any("credentials from Secret block" in entry["message"] for entry in logs)
     assert secret not in json.dumps(params) + json.dumps(tags)
     assert secret not in (stack["state"] / "logs" / "worker-cpu.log").read_text()
-    assert secret not in json.dumps(api(f"{api}/flow_runs/{flow_run['id']}")["parameters"])
+    assert secret not in json.dumps(_api(f"{api}/flow_runs/{flow_run['id']}")["parameters"])
 
 
 def _secret(stack) -> str:
     """The moto secret the stack made, read back from its Prefect block."""
-    found = api(
+    found = _api(
         f"{stack['prefect_api_url']}/block_documents/filter",
         {"block_documents": {"name": {"any_": ["mydistill-credentials"]}}, "include_secrets": True},
     )
