@@ -28,8 +28,6 @@ DEFAULTS = {
     # the stages log their own progress; transformers' bars for every load and save ("Loading
     # weights", "Writing model shards") would add a dozen lines to each run's log
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    # the library's own lines (a stage waiting for another run's lock, leftovers swept) in the run's log
-    "PREFECT_LOGGING_EXTRA_LOGGERS": "mydistill",
 }
 
 

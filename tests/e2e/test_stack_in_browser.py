@@ -24,18 +24,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
+from tests.e2e.stack_support import api as _api, running_stack, tail as _tail  # (api: the name of the Prefect API URL below)
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
-REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("MYDISTILL_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -68,55 +66,18 @@ def shots(tmp_path_factory) -> Path:
     return folder
 
 
-def _clean_env(state: Path) -> dict[str, str]:
-    """This process's environment without the test session's Prefect/MLflow/S3 settings."""
-    drop = ("PREFECT_", "MLFLOW_", "AWS_", "MYDISTILL_S3_", "MYDISTILL_CREDENTIALS")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    env.update(
-        PREFECT_WORKER_QUERY_SECONDS="2",  # pick the run up quickly
-        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
-        AWS_SHARED_CREDENTIALS_FILE=str(state / "no-aws-credentials"), AWS_CONFIG_FILE=str(state / "no-aws-config"),
-        AWS_EC2_METADATA_DISABLED="true",
-        MYDISTILL_PROGRESS_EVERY_S="5",  # a run of minutes: progress every 5 s, not every 30
-    )
-    return env
-
-
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def stack(tmp_path_factory, demo_cache):
     _need_browser()
-    state = tmp_path_factory.mktemp("stack")
-    env = _clean_env(state)
-    cmd = [sys.executable, str(REPO / "scripts" / "stack.py"), "--state-dir", str(state)]
-    info = None
-    try:
-        up = subprocess.run(
-            [*cmd, "up", "--prefect-port", "0", "--mlflow-port", "0", "--s3-port", "0", "--bucket", "e2e",
-             "--preset", "demo-tiny", "--set", f"demo.cache_dir={state / 'demo-cache'}",
-             "--timezone", "Europe/Berlin", "--credentials-block"],
-            env=env, cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
-        )
-        assert up.returncode == 0, f"stack up failed:\n{up.stdout}\n{up.stderr}"
+    up_args = [
+        "--bucket", "e2e", "--preset", "demo-tiny", "--set", f"demo.cache_dir={demo_cache}",
+        "--timezone", "Europe/Berlin", "--credentials-block",
+    ]
+    with running_stack(tmp_path_factory.mktemp("stack"), up_args) as (info, up_stdout):
         # what it registered, in words: the preset, the schedule's time zone, why GPU deployments are Not Ready
-        assert "deployments run preset 'demo-tiny' by default" in up.stdout, up.stdout
-        assert "in time zone Europe/Berlin (active)" in up.stdout and "need a GPU worker" in up.stdout, up.stdout
-        info = {**json.loads((state / "stack.json").read_text()), "state": state}
+        assert "deployments run preset 'demo-tiny' by default" in up_stdout, up_stdout
+        assert "in time zone Europe/Berlin (active)" in up_stdout and "need a GPU worker" in up_stdout, up_stdout
         yield info
-    finally:
-        down = subprocess.run([*cmd, "down"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
-        print(down.stdout, down.stderr)
-        if info is not None:
-            left = [f"{name} (pid {p['pid']})" for name, p in info["processes"].items() if _alive(p["pid"])]
-            assert not left, f"still running after stack down: {left}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and ") Z" not in stat.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -131,15 +92,6 @@ def page(stack, shots):
             yield context.new_page()
         finally:
             browser.close()
-
-
-def _api(url: str, body: dict | None = None):
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode() if body is not None else None,
-        headers={"content-type": "application/json"}, method="POST" if body is not None else "GET",
-    )
-    with urllib.request.urlopen(request, timeout=30) as r:
-        return json.loads(r.read())
 
 
 def _form_field(page, label: str):
@@ -352,11 +304,6 @@ def _trigger_and_inspect(stack, page, shots) -> None:
     assert secret not in json.dumps(params) + json.dumps(tags)
     assert secret not in (stack["state"] / "logs" / "worker-cpu.log").read_text()
     assert secret not in json.dumps(_api(f"{api}/flow_runs/{flow_run['id']}")["parameters"])
-
-
-def _tail(stack, name: str) -> str:
-    path = stack["state"] / "logs" / f"{name}.log"
-    return "\n".join(path.read_text(errors="replace").splitlines()[-40:]) if path.exists() else "(no log)"
 
 
 def _secret(stack) -> str:

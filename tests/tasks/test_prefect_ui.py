@@ -4,6 +4,7 @@ workers and for a stage in process), and the link to the run in MLflow's model t
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -167,3 +168,48 @@ def test_a_deployment_of_a_preset_and_a_run_from_its_form_pass_prefects_server_v
         assert refused.value.response.status_code == httpx.codes.CONFLICT and "distill.steps" in refused.value.response.text
     # the deployment's parameters come back as the same config
     assert load_config("demo-tiny").model_dump() == type(config).model_validate(dump_without_unset(config)).model_dump()
+
+
+def test_a_stage_waiting_on_another_runs_lock_says_so_in_the_run_log_once(harness, tmp_path):
+    """The library's INFO lines (here the lock's "waiting") reach the flow run's log, once each; a
+    line logged outside any run goes nowhere near the API and warns about nothing."""
+    import threading
+    import warnings
+
+    from prefect import flow, task
+
+    from mydistill.storage.locks import artifact_lock
+    from tests.flows.test_pipeline import flow_run_logs
+
+    artifact = str(tmp_path / "distill-abc")
+    held, release = threading.Event(), threading.Event()
+
+    def other_run():
+        with artifact_lock(artifact, what="distill"):
+            held.set()
+            release.wait(10)
+
+    @task
+    def stage():
+        threading.Timer(1.0, release.set).start()
+        with artifact_lock(artifact, what="distill", poll_s=0.2):
+            return "done"
+
+    @flow
+    def waits():
+        return stage()
+
+    holder = threading.Thread(target=other_run)
+    holder.start()
+    assert held.wait(10)
+    state = waits(return_state=True)
+    holder.join(10)
+    assert state.result() == "done"
+    lines = flow_run_logs(state.state_details.flow_run_id)
+    waiting = [line for line in lines if line.startswith("distill: ") and "is held by pid" in line and "waiting for it to finish" in line]
+    assert len(waiting) == 1, lines
+    assert sum(line.startswith("distill: ") and "is ours after" in line for line in lines) == 1, lines
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Prefect's API handler would warn: no flow run to send it to
+        logging.getLogger("mydistill").info("outside any run")
