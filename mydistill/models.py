@@ -204,6 +204,17 @@ def ensure_measured_cut(
     )
 
 
+def kept_teacher_layers(model_uri: str | None) -> list[int] | None:
+    """The teacher blocks a student cut from the teacher kept, in order (its student-init manifest's
+    ``teacher_layers``); None for any other model."""
+    from mydistill import io
+
+    manifest = io.read_manifest(model_uri) if model_uri else None
+    if not manifest or manifest.get("stage") != "student-init":
+        return None
+    return [int(t) for t in manifest["teacher_layers"]]
+
+
 def _write_cut(teacher: Any, teacher_uri: str, layers: list[int], output_uri: str, inputs: dict[str, Any], **extra: Any) -> dict[str, Any]:
     from mydistill import io
 

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from mydistill import io
 from mydistill.config import RUN_ONLY_FIELDS, DistillConfig, LossConfig, TrainConfig
 from mydistill.losses import DistillObjective
-from mydistill.models import count_parameters, load_tokenizer
+from mydistill.models import count_parameters, kept_teacher_layers, load_tokenizer
 from mydistill.progress import MARKED_ENV, ProgressLog, print_marked, relay_marked, reporting_to
 from mydistill.tokenization import PROMPT_PREFIX_KEY, TokenizedExample, collate, prompt_prefix_of
 from mydistill.training.batches import batch_indices, load_examples, read_training_records, tokenize_records
@@ -159,6 +159,7 @@ def setup(job: TrainJob, cfg: TrainConfig, inputs: dict[str, Any], on_metrics: M
         student_num_layers=student.config.num_hidden_layers,
         teacher_hidden_size=teachers.model.config.hidden_size if teachers.model is not None and same_tokenizer else None,
         teacher_num_layers=teachers.model.config.num_hidden_layers if teachers.model is not None and same_tokenizer else None,
+        teacher_layers=kept_teacher_layers(job.init_uri),  # a cut student's blocks, for layer_map: kept
     ).to(device)
     run = Run(device=device, tokenizer=tokenizer, teachers=teachers, student=student, objective=objective, engine=None,
               examples=[], val_examples=[], checkpoints=CheckpointStore(job.checkpoints()))

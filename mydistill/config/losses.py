@@ -41,9 +41,10 @@ class HiddenStateLossConfig(BaseModel):
     weight: float = Field(
         1.0, ge=0, allow_inf_nan=False, description="Weight of the hidden-state term added to the loss (>= 0)."
     )
-    layer_map: Literal["uniform"] | list[tuple[LayerIndex, LayerIndex]] = Field(
+    layer_map: Literal["uniform", "kept"] | list[tuple[LayerIndex, LayerIndex]] = Field(
         "uniform",
-        description="'uniform' (student block i -> teacher block i*L_t//L_s) or explicit "
+        description="'uniform' (student block i -> teacher block i*L_t//L_s), 'kept' (each block of a student cut "
+        "from the teacher -> the teacher block it was copied from, also for student.init.layers: auto) or explicit "
         "[student_layer, teacher_layer] pairs; 0 is the embeddings.",
     )
     loss: Literal["mse", "cosine"] = Field(

@@ -170,6 +170,16 @@ class PipelineConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _kept_layer_map_has_a_cut(self) -> PipelineConfig:
+        hidden = self.distill.loss.hidden
+        if hidden is not None and hidden.layer_map == "kept" and not self.student.init.from_teacher:
+            raise ValueError(
+                "distill.loss.hidden.layer_map: kept pairs each student block with the teacher block it was cut from, "
+                "so it needs student.init.from_teacher: true; use 'uniform' or explicit pairs for another student"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _gate_metric_computed(self) -> PipelineConfig:
         if self.registry.gate_metric not in self.evaluate.metrics:
             raise ValueError(

@@ -58,6 +58,7 @@ from mydistill.evaluation.report import (  # noqa: F401 (the report's drawing an
     with_interval,
 )
 from mydistill.evaluation.metrics import TEXT_METRICS, answer_agreement, mean, report_key, score_answers
+from mydistill.fingerprint import fingerprint
 from mydistill.models import count_parameters, load_model, load_tokenizer
 from mydistill.tokenization import prompt_prefix_of, tokenizer_sha256, with_prefix
 
@@ -92,6 +93,7 @@ def evaluate_models(
     judge_id: str | None = None,
     device: str = "cpu",
     dtypes: dict[str, str] | None = None,
+    answer_cache_uri: str | None = None,
 ) -> dict[str, Any]:
     """Score every model in ``model_uris`` on ``eval_uri`` as the config's ``evaluate`` section says
     (``cfg``: metrics, extract pattern, answer length, batch size, samples logged; default its
@@ -103,7 +105,10 @@ def evaluate_models(
     the report (also ``metrics.json`` under ``output_uri``). Skipped when ``output_uri`` already
     holds a report for the same models, data and metrics. ``dtypes``: each model's load precision
     by name (``teacher.dtype`` / ``student.dtype``; missing: fp32). ``confidence``: the level of
-    every interval in the report (``registry.confidence``).
+    every interval in the report (``registry.confidence``). ``answer_cache_uri``: a folder keeping each
+    model's greedy answers by what makes them (the model's fingerprint, its load precision, the
+    prompts, answer length and batch size), so a teacher evaluated run after run on the same
+    questions generates its answers once.
     """
     cfg, fields = cfg or EvaluateConfig(), fields or DataConfig()
     metrics, extract_pattern = cfg.metrics, cfg.extract
@@ -121,7 +126,10 @@ def evaluate_models(
     references = [io.text_field(r, answer_field, f"{eval_uri}: record {i + 1}", numbers=True) for i, r in enumerate(records)]
     tokenizers = {name: load_tokenizer(uri) for name, uri in model_uris.items()}
     models = {name: load_model(uri, device=device, dtype=(dtypes or {}).get(name)).eval() for name, uri in model_uris.items()}
-    answers = _generate_answers(models, tokenizers, prompts, prefixes, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    made_by = {name: {"model": fingerprint(uri, kind="model")["sha256"], "dtype": (dtypes or {}).get(name)}
+               for name, uri in model_uris.items()} if answer_cache_uri else None
+    answers = _generate_answers(models, tokenizers, prompts, prefixes, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                cache_uri=answer_cache_uri, made_by=made_by)
     teacher = teacher_name if teacher_name in models else None
     scores = _answer_scores(metrics, prompts, answers, references, teacher=teacher, judge=judge, extract_pattern=extract_pattern)
     forced = _teacher_forced_by_tokenizer(models, tokenizers, teacher, prompts, references, prefixes)
@@ -174,16 +182,28 @@ def _identity(
 
 def _generate_answers(
     models: dict[str, Any], tokenizers: dict[str, Any], prompts: list[str], prefixes: dict[str, str | None], *,
-    max_new_tokens: int, batch_size: int,
+    max_new_tokens: int, batch_size: int, cache_uri: str | None = None, made_by: dict[str, Any] | None = None,
 ) -> dict[str, list[str]]:
-    """Every model's answers, each behind its own prompt prefix (one progress bar across models)."""
-    return {
-        name: scoring.generate_answers(
-            model, tokenizers[name], [with_prefix(prefixes[name], p) for p in prompts], max_new_tokens=max_new_tokens,
-            batch_size=batch_size, label=name, part=(i, len(models)),
+    """Every model's answers, each behind its own prompt prefix (one progress bar across models);
+    with ``cache_uri``, answers generated before by the same model (``made_by[name]``: its
+    fingerprint and precision) for the same prompts and settings are read back instead."""
+    answers = {}
+    for i, (name, model) in enumerate(models.items()):
+        prompted = [with_prefix(prefixes[name], p) for p in prompts]
+        cached = None
+        if cache_uri and made_by:
+            key = io.sha256_of({**made_by[name], "prompts": prompted, "max_new_tokens": max_new_tokens, "batch_size": batch_size})
+            cached = io.join(cache_uri, f"{key[:24]}.json")
+            if io.exists(cached):
+                answers[name] = io.read_json(cached)["answers"]
+                continue
+        answers[name] = scoring.generate_answers(
+            model, tokenizers[name], prompted, max_new_tokens=max_new_tokens, batch_size=batch_size, label=name,
+            part=(i, len(models)),
         )
-        for i, (name, model) in enumerate(models.items())
-    }
+        if cached:
+            io.write_json(cached, {**made_by[name], "answers": answers[name]})  # type: ignore[index]
+    return answers
 
 
 def _check_metrics(metrics: Sequence[str], gate_metric: str, judge: JudgeFn | None) -> None:

@@ -35,6 +35,7 @@ from mydistill.losses.hidden import (
     HiddenStateDistiller,
     hidden_cosine,
     hidden_mse,
+    kept_layer_map,
     resolve_layer_map,
     uniform_layer_map,
 )
@@ -90,6 +91,7 @@ __all__ = [
     "generalized_jsd",
     "hidden_cosine",
     "hidden_mse",
+    "kept_layer_map",
     "logit_mse",
     "resolve_layer_map",
     "reverse_kl",

@@ -5,6 +5,8 @@ is the embedding output and ``hidden_states[l]`` the output of block ``l`` (1..n
 
 * :func:`uniform_layer_map` pairs student block i with teacher block ``i * L_t // L_s`` (the
   uniform mapping function ``g(m) = m * N / M`` of TinyBERT, Jiao et al. 2020, arXiv 1909.10351).
+* :func:`kept_layer_map` pairs each block of a student cut from the teacher with the teacher block
+  it was copied from (``layer_map: kept``), so the loss keeps each kept block doing what it did.
 * :class:`HiddenStateDistiller` owns what the pairs need to be compared:
   - ``projection="linear"``: a learned ``W_h`` per pair mapping student width to teacher width
     (TinyBERT's hidden-state loss ``MSE(H^S W_h, H^T)``); ``"auto"`` adds it only when the widths differ
@@ -29,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-LayerMap = Literal["uniform"] | Sequence[tuple[int, int]] | Sequence[Sequence[int]]
+LayerMap = Literal["uniform", "kept"] | Sequence[tuple[int, int]] | Sequence[Sequence[int]]
 
 
 def _flat_valid(student: Tensor, teacher: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -76,12 +78,42 @@ def uniform_layer_map(student_num_layers: int, teacher_num_layers: int) -> list[
     return [(i, i * teacher_num_layers // student_num_layers) for i in range(1, student_num_layers + 1)]
 
 
-def resolve_layer_map(layer_map: LayerMap, student_num_layers: int, teacher_num_layers: int) -> list[tuple[int, int]]:
-    """``"uniform"`` or explicit ``[(student_layer, teacher_layer), ...]`` pairs, validated."""
+def kept_layer_map(teacher_layers: Sequence[int], teacher_num_layers: int) -> list[tuple[int, int]]:
+    """Student block i (1..L_s) -> the teacher block it was cut from, ``teacher_layers[i - 1] + 1``.
+
+    ``teacher_layers`` are the 0-based teacher block indices the student kept, in order (the
+    student-init manifest's ``teacher_layers``); the +1 is hidden_states' embedding entry.
+    """
+    if not teacher_layers:
+        raise ValueError("layer_map: kept needs the teacher blocks the student was cut from; none were given")
+    bad = [t for t in teacher_layers if not 0 <= t < teacher_num_layers]
+    if bad:
+        raise ValueError(f"layer_map: kept: teacher blocks {bad} are not in 0..{teacher_num_layers - 1}")
+    return [(i, t + 1) for i, t in enumerate(teacher_layers, start=1)]
+
+
+def resolve_layer_map(
+    layer_map: LayerMap, student_num_layers: int, teacher_num_layers: int, teacher_layers: Sequence[int] | None = None,
+) -> list[tuple[int, int]]:
+    """``"uniform"``, ``"kept"`` (needs ``teacher_layers``, one per student block) or explicit
+    ``[(student_layer, teacher_layer), ...]`` pairs, validated."""
     if isinstance(layer_map, str):
+        if layer_map == "kept":
+            if teacher_layers is None:
+                raise ValueError(
+                    "layer_map: kept pairs each block of a student cut from the teacher with the block it came from; "
+                    "this student was not cut from the teacher (set student.init.from_teacher, or use 'uniform')"
+                )
+            if len(teacher_layers) != student_num_layers:
+                raise ValueError(
+                    f"layer_map: kept: the student has {student_num_layers} blocks but was cut from "
+                    f"{len(teacher_layers)} teacher blocks {list(teacher_layers)}"
+                )
+            return kept_layer_map(teacher_layers, teacher_num_layers)
         if layer_map != "uniform":
             raise ValueError(
-                f"layer_map must be 'uniform' or a list of [student_layer, teacher_layer] pairs, got {layer_map!r}"
+                "layer_map must be 'uniform', 'kept' or a list of [student_layer, teacher_layer] pairs, "
+                f"got {layer_map!r}"
             )
         return uniform_layer_map(student_num_layers, teacher_num_layers)
     pairs: list[tuple[int, int]] = []
@@ -109,7 +141,8 @@ class HiddenStateDistiller(nn.Module):
     Args:
         student_hidden_size, teacher_hidden_size: widths H_s and H_t.
         student_num_layers, teacher_num_layers: block counts (hidden_states has num_layers + 1 entries).
-        layer_map: ``"uniform"`` or explicit ``[(student_layer, teacher_layer), ...]``.
+        layer_map: ``"uniform"``, ``"kept"`` or explicit ``[(student_layer, teacher_layer), ...]``.
+        teacher_layers: for ``"kept"``: the 0-based teacher blocks the student was cut from, in order.
         loss: ``"mse"`` or ``"cosine"``.
         projection: ``"auto"`` (linear only where widths differ), ``"linear"``, ``"none"`` or ``"ted"``.
         filter_size: width of the TED filter space (default: the teacher's width).
@@ -129,6 +162,7 @@ class HiddenStateDistiller(nn.Module):
         loss: Literal["mse", "cosine"] = "mse",
         projection: Literal["auto", "linear", "none", "ted"] = "auto",
         filter_size: int | None = None,
+        teacher_layers: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if loss not in HIDDEN_LOSSES:
@@ -140,7 +174,7 @@ class HiddenStateDistiller(nn.Module):
                 f"projection='none' needs equal widths, but the student has {student_hidden_size} and the teacher "
                 f"{teacher_hidden_size}; use 'auto', 'linear' or 'ted'"
             )
-        self.pairs = resolve_layer_map(layer_map, student_num_layers, teacher_num_layers)
+        self.pairs = resolve_layer_map(layer_map, student_num_layers, teacher_num_layers, teacher_layers)
         self.loss_name = loss
         self.projection = projection
         self.student_filters = nn.ModuleList()

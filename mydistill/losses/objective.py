@@ -50,6 +50,7 @@ class DistillObjective(nn.Module):
         cfg: the validated :class:`LossConfig`.
         student_hidden_size, student_num_layers: the student's width and block count.
         teacher_hidden_size, teacher_num_layers: the teacher's (needed only for ``cfg.hidden``).
+        teacher_layers: the teacher blocks a student cut from the teacher kept (for ``layer_map: kept``).
     """
 
     def __init__(
@@ -60,6 +61,7 @@ class DistillObjective(nn.Module):
         student_num_layers: int,
         teacher_hidden_size: int | None = None,
         teacher_num_layers: int | None = None,
+        teacher_layers: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
@@ -78,6 +80,7 @@ class DistillObjective(nn.Module):
                 loss=cfg.hidden.loss,
                 projection=cfg.hidden.projection,
                 filter_size=cfg.hidden.filter_size,
+                teacher_layers=teacher_layers,
             )
 
     def forward(

@@ -43,6 +43,7 @@ def evaluate(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None = N
             models, plan.eval_uri, plan.evaluate_uri, ev, fields=cfg.data, gate_metric=cfg.registry.gate_metric,
             confidence=cfg.registry.confidence, judge=judge, judge_id=judge_id,
             dtypes={name: cfg.teacher.dtype if name == "teacher" else cfg.student.dtype for name in models},
+            answer_cache_uri=io.join(cfg.work_dir, "answer-cache"),  # the teacher answers once per eval set
         )
         if run_id:
             tracking.log_metrics(run_id, costs.stage_cost(

@@ -56,9 +56,9 @@ def teacher_dir() -> str:
     return str(TEACHER_DIR)
 
 
-def _example_config(tmp_path, teacher_dir, data, *overrides):
-    """The SmolLM2 preset on this test's teacher, QA data and work dir, shrunk by ``overrides``."""
-    return load_config("smollm2-example", [
+def _example_config(tmp_path, teacher_dir, data, *overrides, preset: str = "smollm2-example"):
+    """The SmolLM2 preset on this test's teacher, data and work dir, shrunk by ``overrides``."""
+    return load_config(preset, [
         f"work_dir={tmp_path}/runs", f"teacher.uri={teacher_dir}",
         f"data.prompts_uri={data['prompts']}", f"data.real_uri={data['real']}", f"data.eval_uri={data['eval']}",
         *overrides,
@@ -80,7 +80,7 @@ def test_smollm2_example_distils_a_cut_student_and_scores_the_teacher_as_a_perso
     data = write_qa_data(str(tmp_path / "qa"), num_eval=6, num_real=6, num_prompts=8)
     cfg = _example_config(
         tmp_path, teacher_dir, data,
-        "student.init.layers=null", "student.init.keep_every=15",  # blocks 0, 15 and 29
+        "student.init.layers=null", "student.init.parameter_fraction=null", "student.init.keep_every=15",  # blocks 0, 15 and 29
         "generate.max_new_tokens=12", "distill.steps=2", "distill.batch_size=2", "distill.warmup_steps=1",
         "distill.max_length=null", "evaluate.max_new_tokens=12", "evaluate.metrics=[exact, contains, rouge_l]",
     )
@@ -95,6 +95,36 @@ def test_smollm2_example_distils_a_cut_student_and_scores_the_teacher_as_a_perso
     decision = stage_functions.register(cfg, plan, report)
     assert decision["metric"] == "contains"
     assert os.path.exists(Path(plan.evaluate_uri) / "metrics.json")
+
+
+def test_smollm2_extraction_preset_cuts_by_measurement_and_aligns_each_kept_block(tmp_path, teacher_dir):
+    """The second task's preset at a small size: 20 of 30 blocks chosen by Block Influence (at most 75%
+    of the teacher's parameters), distilled with its recipe, scored per kind of fact asked."""
+    from mydistill import io
+    from mydistill.demo.extract_task import write_extract_data
+
+    data = write_extract_data(str(tmp_path / "extract"), num_eval=8, num_real=6, num_prompts=8)
+    cfg = _example_config(
+        tmp_path, teacher_dir, data,
+        "generate.max_new_tokens=8", "distill.steps=2", "distill.batch_size=2", "distill.warmup_steps=1",
+        "distill.on_policy.max_new_tokens=4", "evaluate.max_new_tokens=8", "evaluate.baseline=false",
+        preset="smollm2-extract",
+    )
+    assert cfg.student.init.layers == "auto" and cfg.student.init.parameter_fraction == 0.75
+    plan = make_plan(cfg)
+    stage_functions.generate(cfg, plan)
+    stage_functions.mix(cfg, plan)
+    distilled = stage_functions.train(cfg, plan, "distill")
+    report = stage_functions.evaluate(cfg, plan)
+    cut = io.read_manifest(plan.student_init_uri)
+    assert len(cut["block_influence"]) == 30 and len(cut["teacher_layers"]) == 20
+    assert cut["parameters"] <= 0.75 * cut["teacher_parameters"]
+    assert report["models"]["student"]["parameters_vs_teacher"] <= 0.75
+    if cfg.distill.loss.hidden is not None:  # the recipe's alignment of each kept block with its teacher block
+        assert distilled["inputs"]["train"]["loss"]["hidden"]["layer_map"] == "kept"
+        assert all(h["hidden"] > 0 for h in distilled["history"])
+    assert set(report["by_category"]) == {"year", "name", "city", "count"}
+    assert report["models"]["teacher"]["contains"] > 0  # the teacher reads the facts out
 
 
 @pytest.mark.parametrize("method", ["uld", "sequence"])
@@ -118,7 +148,8 @@ def test_a_student_with_its_own_tokenizer_learns_from_the_real_teacher_through_e
     name = f"smollm2-cross-{method}-{tmp_path.name[-6:]}"
     cfg = _example_config(
         tmp_path, teacher_dir, data,
-        "student.init.from_teacher=false", "student.init.layers=null", f"student.init_uri={student}",
+        "student.init.from_teacher=false", "student.init.layers=null", "student.init.parameter_fraction=null",
+        f"student.init_uri={student}",
         f"distill.cross_tokenizer.method={method}",
         "generate.max_new_tokens=10", "distill.steps=2", "distill.batch_size=2", "distill.warmup_steps=1",
         "evaluate.max_new_tokens=6", "evaluate.metrics=[exact, contains, rouge_l]",

@@ -86,3 +86,32 @@ def test_every_score_has_its_interval_and_a_collapsed_category_shows(tmp_path, t
     assert "more than noise" in evaluate.comparison_lines(report)[0]
     columns, table = evaluate.summary_table(report)
     assert f"{reverse / 40:.1%} (" in table[1][1]
+
+
+def test_a_model_answers_once_per_eval_set_across_runs_with_an_answer_cache(tmp_path, eval_data, tiny_model_dir, demo_tokenizer, monkeypatch):
+    """The teacher of run after run on the same questions: generated once, read back the next time;
+    another model, answer length or precision generates again."""
+    from mydistill.evaluation import evaluate
+    from tests.conftest import save_tiny_model
+
+    generated = []
+    real = evaluate.scoring.generate_answers
+
+    def counting(model, tokenizer, prompts, *, label, **kw):
+        generated.append(label)
+        return real(model, tokenizer, prompts, label=label, **kw)
+
+    monkeypatch.setattr(evaluate.scoring, "generate_answers", counting)
+    other = save_tiny_model(tmp_path / "other", demo_tokenizer, seed=5)
+    cache, cfg = str(tmp_path / "answer-cache"), EvaluateConfig(max_new_tokens=4)
+    first = evaluate_models({"teacher": tiny_model_dir, "student": other}, eval_data, str(tmp_path / "a"), cfg, answer_cache_uri=cache)
+    assert generated == ["teacher", "student"]
+    again = evaluate_models({"teacher": tiny_model_dir, "student": other}, eval_data, str(tmp_path / "b"), cfg,
+                            answer_cache_uri=cache, confidence=0.9)  # another report, the same answers
+    assert generated == ["teacher", "student"]
+    assert again["samples"] == first["samples"] and again["models"]["student"]["exact_match"] == first["models"]["student"]["exact_match"]
+    evaluate_models({"teacher": tiny_model_dir, "student": other}, eval_data, str(tmp_path / "c"), EvaluateConfig(max_new_tokens=3),
+                    answer_cache_uri=cache)
+    evaluate_models({"teacher": tiny_model_dir, "student": other}, eval_data, str(tmp_path / "d"), cfg, answer_cache_uri=cache,
+                    dtypes={"teacher": "bfloat16"})
+    assert generated == ["teacher", "student", "teacher", "student", "teacher"]

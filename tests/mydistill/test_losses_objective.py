@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import TINY_ARCH
+
 from mydistill.losses import (
     BatchSignal,
     DistillObjective,
@@ -19,6 +21,7 @@ from mydistill.losses import (
     TopKTeacher,
     hidden_cosine,
     hidden_mse,
+    kept_layer_map,
     resolve_layer_map,
     step_by_step_loss,
     uniform_layer_map,
@@ -212,6 +215,38 @@ def test_hidden_losses_properties(seed, n, width, scale):
     torch.testing.assert_close(hidden_mse(s, t, mask), hidden_mse(s[:1], t[:1]))
 
 
+def test_kept_layer_map_pairs_each_block_of_a_cut_student_with_the_block_it_was_copied_from(demo_tokenizer):
+    from mydistill.models import build_model, cut_student
+
+    assert kept_layer_map([0, 1, 5], 6) == [(1, 1), (2, 2), (3, 6)]
+    assert resolve_layer_map("kept", 3, 6, teacher_layers=[0, 1, 5]) == [(1, 1), (2, 2), (3, 6)]
+    with pytest.raises(ValueError, match="was not cut from the teacher"):
+        resolve_layer_map("kept", 3, 6)
+    with pytest.raises(ValueError, match="has 2 blocks but was cut from 3 teacher blocks"):
+        resolve_layer_map("kept", 2, 6, teacher_layers=[0, 1, 5])
+    with pytest.raises(ValueError, match=r"teacher blocks \[6\] are not in 0..5"):
+        kept_layer_map([0, 6], 6)
+    # a real cut: blocks 0, 1 and 2 of a 6-block teacher come first, unchanged, so before any
+    # training the kept pairs of those blocks match exactly where the uniform map compares others
+    teacher = build_model({**TINY_ARCH, "num_hidden_layers": 6}, demo_tokenizer, seed=0).eval()
+    student = cut_student(teacher, [0, 1, 2, 5]).eval()
+    ids = torch.tensor([[1, 5, 9, 4, 2]])
+    with torch.no_grad():
+        s_states = student(input_ids=ids, output_hidden_states=True).hidden_states
+        t_states = teacher(input_ids=ids, output_hidden_states=True).hidden_states
+    kept = resolve_layer_map("kept", 4, 6, teacher_layers=[0, 1, 2, 5])
+    assert kept == [(1, 1), (2, 2), (3, 3), (4, 6)]
+    assert [hidden_mse(s_states[s], t_states[t]).item() for s, t in kept[:3]] == [0.0, 0.0, 0.0]
+    uniform = uniform_layer_map(4, 6)
+    assert uniform[1:3] == [(2, 3), (3, 4)]
+    assert all(hidden_mse(s_states[s], t_states[t]).item() > 1e-6 for s, t in uniform[1:3])
+    distiller = HiddenStateDistiller(
+        student_hidden_size=TINY_ARCH["hidden_size"], teacher_hidden_size=TINY_ARCH["hidden_size"],
+        student_num_layers=4, teacher_num_layers=6, layer_map="kept", teacher_layers=[0, 1, 2, 5],
+    )
+    assert distiller.pairs == kept
+
+
 def test_layer_maps():
     assert uniform_layer_map(2, 4) == [(1, 2), (2, 4)]
     assert uniform_layer_map(3, 12) == [(1, 4), (2, 8), (3, 12)]
@@ -219,7 +254,7 @@ def test_layer_maps():
     assert resolve_layer_map([[0, 0], [2, 4]], 2, 4) == [(0, 0), (2, 4)]
     with pytest.raises(ValueError, match="teacher layer must be in 0..4"):
         resolve_layer_map([[1, 5]], 2, 4)
-    with pytest.raises(ValueError, match="'uniform' or a list"):
+    with pytest.raises(ValueError, match="'uniform', 'kept' or a list"):
         resolve_layer_map("spread", 2, 4)
     with pytest.raises(ValueError, match="needs equal widths"):
         HiddenStateDistiller(

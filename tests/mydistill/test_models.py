@@ -136,3 +136,18 @@ def test_student_init_is_checked_before_any_work(tmp_path, tiny_model_dir):
         load_config("demo", [*base, "student.init={from_teacher: true, layers: [2, 0]}"])
     cfg = load_config("demo", [*base, "student.init={from_teacher: true, keep_every: 2}"])
     assert cfg.student.init.chosen_layers(5) == [0, 2, 4] and cfg.student.init.chosen_layers(4) == [0, 2, 3]
+
+
+def test_layer_map_kept_needs_a_student_cut_from_the_teacher_whose_blocks_its_manifest_names(tmp_path, tiny_model_dir):
+    from mydistill.config import ConfigError, load_config
+    from mydistill.models import ensure_cut_student, kept_teacher_layers
+
+    base = [f"teacher.uri={tiny_model_dir}", "distill.loss.hidden={layer_map: kept}"]
+    with pytest.raises(ConfigError, match="layer_map: kept .* needs student.init.from_teacher: true"):
+        load_config("demo", base)
+    cfg = load_config("demo", [*base, "student.init={from_teacher: true, layers: auto, num_layers: 1}"])
+    assert cfg.distill.loss.hidden is not None and cfg.distill.loss.hidden.layer_map == "kept"
+    out = str(tmp_path / "cut")
+    ensure_cut_student(tiny_model_dir, [0], None, out)
+    assert kept_teacher_layers(out) == [0]
+    assert kept_teacher_layers(tiny_model_dir) is None and kept_teacher_layers(None) is None

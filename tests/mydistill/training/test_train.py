@@ -167,6 +167,26 @@ def test_layer_wise_hidden_state_distillation_through_the_config(tmp_path, task_
     assert all(v > 0 for v in hidden) and hidden[-1] < hidden[0]
 
 
+def test_a_cut_student_aligns_each_kept_block_with_the_teacher_block_it_came_from(tmp_path, task_data, demo_tokenizer):
+    """layer_map: kept reads the cut's blocks from its student-init manifest; a student not cut is refused."""
+    from mydistill.models import ensure_cut_student
+    from tests.conftest import save_tiny_model
+
+    teacher = save_tiny_model(tmp_path / "teacher", demo_tokenizer, seed=1, arch={**TINY_ARCH, "num_hidden_layers": 3})
+    cut = str(tmp_path / "cut")
+    ensure_cut_student(teacher, [0, 2], None, cut)
+    train = DistillConfig(
+        steps=6, batch_size=8, warmup_steps=1, log_every=2, loss={"hidden": {"layer_map": "kept", "loss": "cosine"}},
+    ).model_dump()
+    manifest = run_training(job(tmp_path, task_data, cut, stage="distill", init_uri=cut, teacher_uri=teacher, train=train))
+    hidden = [h["hidden"] for h in manifest["history"]]
+    assert all(0 < v <= 2 for v in hidden)  # 1 - cos, over the pairs (1, 1) and (2, 3)
+    assert manifest["inputs"]["train"]["loss"]["hidden"]["layer_map"] == "kept"
+    with pytest.raises(ValueError, match="was not cut from the teacher"):
+        run_training(job(tmp_path / "arch", task_data, teacher, stage="distill", arch={**TINY_ARCH, "num_hidden_layers": 2},
+                         teacher_uri=teacher, train=train))
+
+
 def test_teacher_loaded_in_bf16_distills_an_fp32_student(tmp_path, task_data, tiny_model_dir):
     # teacher.dtype reaches the frozen teacher; the student keeps fp32 master weights
     train = DistillConfig(steps=6, batch_size=16, warmup_steps=1, log_every=3, eval_every=3)
