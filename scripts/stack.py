@@ -4,6 +4,7 @@
     python scripts/stack.py up [options]    # make stack-up ARGS="…"
     python scripts/stack.py down            # make stack-down
     python scripts/stack.py status
+    python scripts/stack.py restart prefect [--down-for S]   # the Prefect server, same port and database
     eval "$(python scripts/stack.py env)"   # talk to the stack from this shell
 
 ``up`` starts, each listening on loopback only and each skipped when you point it at one you
@@ -40,6 +41,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from mydistill.io import pid_alive
 
@@ -486,6 +488,22 @@ def down(args: argparse.Namespace) -> None:
     log(f"down; logs kept in {stack.logs}")
 
 
+def restart(args: argparse.Namespace) -> None:
+    """Stop the stack's Prefect server and start it again on the same address, port and database (what an
+    upgrade or a crash of the server does to the runs in flight; ``--down-for`` keeps it down that long)."""
+    stack = Stack(Path(args.state_dir).resolve())
+    p = stack.processes.get("prefect-server")
+    if p is None or not stack.data.get("prefect_api_url"):
+        raise StackError(f"the stack in {stack.dir} started no Prefect server (it used --prefect-api-url, or is down)")
+    url = urlsplit(stack.data["prefect_api_url"])
+    stop_process("prefect-server", p)
+    if args.down_for:
+        log(f"Prefect server down for {args.down_for:g} s")
+        time.sleep(args.down_for)
+    start_prefect(stack, argparse.Namespace(host=url.hostname, prefect_port=url.port), base_env(stack))
+    log(f"Prefect server restarted (pid {stack.processes['prefect-server']['pid']}); runs and workers carry on against it")
+
+
 def print_status(stack: Stack) -> None:
     d = stack.data
     running = stack.running()
@@ -556,11 +574,14 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("down", help="stop everything `up` started")
     sub.add_parser("status", help="what runs, and where")
     sub.add_parser("env", help="shell exports for this stack")
+    p = sub.add_parser("restart", help="stop a server of the stack and start it again (same port, same data)")
+    p.add_argument("service", choices=["prefect"], help="which server")
+    p.add_argument("--down-for", type=float, default=0, metavar="S", help="seconds to keep it stopped before starting it again")
     args = parser.parse_args(argv)
     if args.command == "up" and args.work_dir is None:
         args.work_dir = f"s3://{args.bucket}/runs"
     try:
-        {"up": up, "down": down, "status": status, "env": env_cmd}[args.command](args)
+        {"up": up, "down": down, "status": status, "env": env_cmd, "restart": restart}[args.command](args)
     except StackError as e:
         print(f"stack: error: {e}", file=sys.stderr)
         return 1

@@ -145,3 +145,9 @@ def test_stack_up_says_what_it_registered_and_why_gpu_deployments_are_not_ready(
     with_gpu = stack.registration_summary(rendered, argparse.Namespace(**{**vars(args), "gpu_worker": True}))
     assert "pool mydistill-gpu: signal, distill, finetune, baseline (worker started here)" in with_gpu
     assert not any("need a GPU worker" in line for line in with_gpu)
+
+
+def test_stack_restart_without_a_prefect_server_of_its_own_says_so_in_one_line(tmp_path, capsys):
+    assert _stack_module().main(["--state-dir", str(tmp_path), "restart", "prefect"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"stack: error: the stack in {tmp_path} started no Prefect server (it used --prefect-api-url, or is down)"]
