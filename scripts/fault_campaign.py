@@ -1,7 +1,7 @@
 """A fault campaign: each fault the pipeline handles, injected at several points, counting the trials
 in which what must hold held. Runs `mydistill run demo-tiny` through the CLI, as a user would.
 
-    PYTHONPATH=$PWD .venv/bin/python scripts/fault_campaign.py [--only overlap,s3,disk,mlflow,cancel,restart] [--out DIR]
+    PYTHONPATH=$PWD .venv/bin/python scripts/fault_campaign.py [--only overlap,s3,disk,mlflow,cancel,restart] [--match TEXT] [--out DIR]
 
 What must hold, per fault:
 
@@ -24,7 +24,8 @@ What must hold, per fault:
   MLflow pipeline run and that stage's run KILLED, none RUNNING; a new run completes (and, cancelled
   in training, resumes from the checkpoint).
 * **restart**: the stack's Prefect server stopped and started again 20 s later (``stack.py restart
-  prefect --down-for 20``) during generation, training or evaluation: the run completes, or ends in
+  prefect --down-for 20``) during generation, training or evaluation, and 90 s later (longer than
+  the Prefect client's retries) during training: the run completes, or ends in
   a state from which a new run completes; no process of it outlives it; the worker lives on; no
   MLflow run left RUNNING. The trial's line says which.
 
@@ -67,6 +68,7 @@ class Campaign:
         self.root = root
         self.cache = root / "demo-cache"  # the demo teacher, trained once for every trial
         self.results: dict[str, list[tuple[str, bool, str]]] = {}
+        self.match: str | None = None  # --match: only the trials whose "fault point" holds this text
 
     def env(self, trial: Path, **extra: str) -> dict[str, str]:
         return {
@@ -85,7 +87,9 @@ class Campaign:
         log.write_text(text)
         return out.returncode, text
 
-    def trial(self, fault: str, point: str, check: Callable[[Path], None]) -> None:
+    def trial(self, fault: str, point: str, check: Callable[[Path], str | None]) -> None:
+        if self.match and self.match not in f"{fault} {point}":
+            return
         trial = self.root / f"{fault}-{point}-{uuid.uuid4().hex[:6]}"
         trial.mkdir(parents=True)
         started = time.perf_counter()
@@ -254,14 +258,14 @@ def stack_cancel(runs: StackRuns, point: str) -> Callable[[Path], str]:
     return check
 
 
-def stack_restart(runs: StackRuns, point: str) -> Callable[[Path], str]:
+def stack_restart(runs: StackRuns, point: str, down_for: int = 20) -> Callable[[Path], str]:
     def check(trial: Path) -> str:
         task, overrides = STACK_POINTS[point]
         name = f"restart-{point}-{trial.name[-6:]}"
         flow_run = runs.trigger(name, **overrides)
         runs.in_stage(flow_run, task)
         processes, worker = runs.processes(flow_run), runs.worker_pid()
-        restarted = stack_command(runs.dir, "restart", "prefect", "--down-for", "20", timeout=400)
+        restarted = stack_command(runs.dir, "restart", "prefect", "--down-for", str(down_for), timeout=400)
         assert restarted.returncode == 0, f"stack.py restart: {restarted.stdout[-300:]} {restarted.stderr[-300:]}"
         state = runs.wait_final(flow_run, 900)
         outcome = f"run {state['type']}"
@@ -272,7 +276,9 @@ def stack_restart(runs: StackRuns, point: str) -> Callable[[Path], str]:
             outcome += ", re-run COMPLETED"
         left = runs.gone(flow_run, processes, STOPPED_WITHIN_S)
         assert left == [], f"{outcome}; processes of the run outlived it: {left}"
-        assert alive(worker), f"{outcome}; the worker died"
+        assert runs.worker_polls_after(flow_run), f"{outcome}; no worker polls the pool after the run"
+        if not alive(worker):
+            outcome += " (the worker had stopped itself; the stack started it again)"
         statuses = runs.mlflow_runs(flow_run)
         assert "RUNNING" not in statuses.values(), f"{outcome}; MLflow runs {statuses}"
         (trial / "logs.txt").write_text("\n".join(runs.logs(flow_run)))
@@ -311,11 +317,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default="overlap,s3,disk,mlflow,cancel,restart", help="comma-separated faults to try")
     parser.add_argument("--out", default=None, help="folder for the trials' logs (default: a temporary one, kept)")
+    parser.add_argument("--match", default=None, help="only the trials whose 'fault point' contains this (e.g. 'restart training')")
     opts = parser.parse_args()
     root = Path(opts.out or tempfile.mkdtemp(prefix="mydistill-campaign-"))
     root.mkdir(parents=True, exist_ok=True)
     print(f"logs under {root}", flush=True)
     c = Campaign(root)
+    c.match = opts.match
     only = set(opts.only.split(","))
     servers: list[subprocess.Popen] = []
     try:
@@ -345,10 +353,13 @@ def main() -> None:
             if started.returncode != 0:
                 raise RuntimeError(f"stack up failed: {started.stdout[-1000:]} {started.stderr[-1000:]}")
             runs = StackRuns(stack_dir)
-            for fault, make in (("cancel", stack_cancel), ("restart", stack_restart)):
-                if fault in only:
-                    for point in STACK_POINTS:
-                        c.trial(fault, f"during-{point}", make(runs, point))
+            if "cancel" in only:
+                for point in STACK_POINTS:
+                    c.trial("cancel", f"during-{point}", stack_cancel(runs, point))
+            if "restart" in only:
+                # down 20 s (the client's retries ride it out), and 90 s: longer than its 5 retries with backoff
+                for point, down_for in (*((point, 20) for point in STACK_POINTS), ("training", 90)):
+                    c.trial("restart", f"{point}-down-{down_for}s", stack_restart(runs, point, down_for))
     finally:
         if (root / "stack" / "stack.json").exists():
             print(stack_command(root / "stack", "down", timeout=300).stdout, flush=True)

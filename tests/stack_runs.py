@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +211,19 @@ class StackRuns:
         )
         with urllib.request.urlopen(request, timeout=30) as r:
             return json.loads(r.read())
+
+    def worker_polls_after(self, flow_run_id: str, within: float = 120, pool: str = "mydistill-cpu") -> bool:
+        """Whether a worker of ``pool`` sends a heartbeat to the server after the run ended, within
+        ``within`` seconds: the pool still has a worker for the next run (a Prefect worker stops itself
+        after a long enough outage; the stack starts it again)."""
+        ended = datetime.fromisoformat(self.api(f"/flow_runs/{flow_run_id}")["end_time"])
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            workers = self.api(f"/work_pools/{pool}/workers/filter", {})
+            if any(w.get("last_heartbeat_time") and datetime.fromisoformat(w["last_heartbeat_time"]) > ended for w in workers):
+                return True
+            time.sleep(2)
+        return False
 
     def worker_pid(self) -> int:
         return json.loads((self.dir / "stack.json").read_text())["processes"]["worker-cpu"]["pid"]

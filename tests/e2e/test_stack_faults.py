@@ -98,5 +98,6 @@ def test_prefect_server_restarted_mid_training_the_run_ends_well_and_leaves_no_o
         assert runs.wait_final(rerun, RUN_TIMEOUT_S)["type"] == "COMPLETED", runs.tail()
     left = runs.gone(flow_run, processes, CANCEL_WITHIN_S)
     assert left == [], f"processes of the run outlived it (no flow run owns them now): {left}"
-    assert alive(worker), f"the worker died with the server{runs.tail()}"
+    assert alive(worker), f"the worker (its supervisor) died with the server{runs.tail()}"
+    assert runs.worker_polls_after(flow_run), f"no worker polls the pool after the restart{runs.tail()}"
     assert "RUNNING" not in runs.mlflow_runs(flow_run).values()

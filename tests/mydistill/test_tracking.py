@@ -315,11 +315,10 @@ def test_a_stage_stopped_from_outside_ends_killed_and_one_that_raised_ends_faile
     parent = tracking.start_run(experiment, "pipeline")
     ended = {}
     for stage, exc in (("cancelled", KeyboardInterrupt()), ("broken", ValueError("bad row")), ("fine", None)):
-        with pytest.raises(type(exc)) if exc else contextlib.nullcontext():
-            with tracking.stage_run(parent, stage, experiment) as run_id:
-                ended[stage] = run_id
-                if exc:
-                    raise exc
+        with pytest.raises(type(exc)) if exc else contextlib.nullcontext(), tracking.stage_run(parent, stage, experiment) as run_id:
+            ended[stage] = run_id
+            if exc:
+                raise exc
     statuses = {stage: tracking.client().get_run(run_id).info.status for stage, run_id in ended.items()}
     assert statuses == {"cancelled": "KILLED", "broken": "FAILED", "fine": "FINISHED"}
     assert tracking.client().get_run(ended["cancelled"]).data.tags["mydistill.error"] == "stopped from outside (KeyboardInterrupt)"
