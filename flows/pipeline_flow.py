@@ -12,10 +12,10 @@ from mydistill import io
 from mydistill.config import PipelineConfig, load_config
 from mydistill.pipeline.plan import StagePlan, make_plan
 from tasks import stage_tasks as t
-from tasks.cluster import delete_cluster_jobs
+from tasks.stopped import STOPPED_HOOKS
 
 
-@flow(name="distill-pipeline", log_prints=True, on_cancellation=[delete_cluster_jobs], on_crashed=[delete_cluster_jobs])
+@flow(name="distill-pipeline", log_prints=True, on_cancellation=STOPPED_HOOKS, on_crashed=STOPPED_HOOKS)
 def distill_pipeline(config: PipelineConfig = load_config("demo")) -> dict[str, Any]:
     """Distil the teacher into the student and evaluate it against the teacher and a baseline.
 
@@ -45,8 +45,8 @@ def distill_pipeline(config: PipelineConfig = load_config("demo")) -> dict[str, 
         report = t.fresh_unless_done(t.evaluate, plan.evaluate_uri)(config, plan, plan.evaluate_uri, parent, reads=tuple(students))
         decision = t.register(config, plan, report, parent)
         t.record_run(config, plan, parent, decision)
-    except BaseException:
-        t.close_pipeline_run(config, parent, report, decision, failed=True)
+    except BaseException as e:
+        t.close_pipeline_run(config, parent, report, decision, failed=True, stopped=not isinstance(e, Exception))  # a cancel's SIGTERM, Ctrl-C
         raise
     cost = t.close_pipeline_run(config, parent, report, decision)
     return {"mlflow_run_id": parent, "report": report, "decision": decision, "plan": plan.as_dict(), "cost": cost}

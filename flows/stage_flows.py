@@ -9,7 +9,7 @@ from prefect import flow
 from mydistill.config import PipelineConfig, load_config
 from mydistill.pipeline.plan import make_plan
 from tasks import stage_tasks as t
-from tasks.cluster import delete_cluster_jobs
+from tasks.stopped import STOPPED_HOOKS
 
 
 def _tracked(config: PipelineConfig, stage: str, run, parent_run_id: str | None = None):
@@ -20,8 +20,8 @@ def _tracked(config: PipelineConfig, stage: str, run, parent_run_id: str | None 
     parent = t.open_pipeline_run(config.model_copy(update={"name": f"{config.name}-{stage}"}), plan)
     try:
         result = run(plan, parent)
-    except BaseException:
-        t.close_pipeline_run(config, parent, None, None, failed=True)
+    except BaseException as e:
+        t.close_pipeline_run(config, parent, None, None, failed=True, stopped=not isinstance(e, Exception))  # a cancel's SIGTERM, Ctrl-C
         raise
     t.close_pipeline_run(config, parent, result if stage == "evaluate" else None, None)
     return result
@@ -59,7 +59,7 @@ def signal_flow(config: PipelineConfig = load_config("demo")) -> str:
     return _tracked(config, "signal", run)
 
 
-@flow(name="distill", on_cancellation=[delete_cluster_jobs], on_crashed=[delete_cluster_jobs])
+@flow(name="distill", on_cancellation=STOPPED_HOOKS, on_crashed=STOPPED_HOOKS)
 def distill_flow(config: PipelineConfig = load_config("demo"), parent_run_id: str | None = None) -> str:
     """Stage 1: distil the student from the teacher (needs the mix stage's output). ``parent_run_id``:
     the pipeline's MLflow run, when the pipeline started this flow run (training_flow_runs)."""
@@ -70,7 +70,7 @@ def distill_flow(config: PipelineConfig = load_config("demo"), parent_run_id: st
     )
 
 
-@flow(name="finetune", on_cancellation=[delete_cluster_jobs], on_crashed=[delete_cluster_jobs])
+@flow(name="finetune", on_cancellation=STOPPED_HOOKS, on_crashed=STOPPED_HOOKS)
 def finetune_flow(config: PipelineConfig = load_config("demo"), parent_run_id: str | None = None) -> str:
     """Stage 2: fine-tune the distilled student on the real task data (needs stage 1's output).
     ``parent_run_id``: as for :func:`distill_flow`."""
@@ -83,7 +83,7 @@ def finetune_flow(config: PipelineConfig = load_config("demo"), parent_run_id: s
     return _tracked(config, "finetune", run, parent_run_id)
 
 
-@flow(name="baseline", on_cancellation=[delete_cluster_jobs], on_crashed=[delete_cluster_jobs])
+@flow(name="baseline", on_cancellation=STOPPED_HOOKS, on_crashed=STOPPED_HOOKS)
 def baseline_flow(config: PipelineConfig = load_config("demo"), parent_run_id: str | None = None) -> str:
     """The baseline student, trained on the real data alone for comparison (needs the mix stage's output).
     ``parent_run_id``: as for :func:`distill_flow`."""
@@ -96,7 +96,7 @@ def baseline_flow(config: PipelineConfig = load_config("demo"), parent_run_id: s
     return _tracked(config, "baseline", run, parent_run_id)
 
 
-@flow(name="evaluate", on_cancellation=[delete_cluster_jobs], on_crashed=[delete_cluster_jobs])
+@flow(name="evaluate", on_cancellation=STOPPED_HOOKS, on_crashed=STOPPED_HOOKS)
 def evaluate_flow(config: PipelineConfig = load_config("demo")) -> dict[str, Any]:
     """Score student, teacher and baseline (needs the training stages' outputs)."""
 

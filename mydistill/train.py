@@ -301,6 +301,8 @@ def train(
             state = {"step": step, "history": run.history, "rng": torch.get_rng_state(), "inputs_sha256": io.sha256_of(inputs)}
             with io.full_disk_named(run.checkpoints.uri):  # the step before stays the newest complete one: resume from it
                 run.checkpoints.save(run.engine, f"step{step}", state)  # on every rank; the last two are kept
+            if is_main_process():  # the log says what a re-run of a stopped run resumes from
+                print(f"[mydistill] {job.stage}: checkpoint at step {step} saved", flush=True)
     if bar is not None:
         bar[0].stop()
 

@@ -1,7 +1,7 @@
 """A fault campaign: each fault the pipeline handles, injected at several points, counting the trials
 in which what must hold held. Runs `mydistill run demo-tiny` through the CLI, as a user would.
 
-    PYTHONPATH=$PWD .venv/bin/python scripts/fault_campaign.py [--only overlap,s3,disk,mlflow] [--out DIR]
+    PYTHONPATH=$PWD .venv/bin/python scripts/fault_campaign.py [--only overlap,s3,disk,mlflow,cancel,restart] [--match TEXT] [--out DIR]
 
 What must hold, per fault:
 
@@ -18,6 +18,16 @@ What must hold, per fault:
   (after its step-4 checkpoint; the re-run must resume from it):
   the run exits 2 with one line naming MLflow, or completes; the re-run exits 0 with exactly one
   model version.
+* **cancel** (on a stack, ``scripts/stack.py up``, as tests/e2e/test_stack_faults.py brings up): a
+  ``nightly`` run cancelled as the Prefect UI does, during generation, training (after a checkpoint,
+  two torchrun workers) or evaluation: CANCELLED and no process of the run left within 45 s, its
+  MLflow pipeline run and that stage's run KILLED, none RUNNING; a new run completes (and, cancelled
+  in training, resumes from the checkpoint).
+* **restart**: the stack's Prefect server stopped and started again 20 s later (``stack.py restart
+  prefect --down-for 20``) during generation, training or evaluation, and 90 s later (longer than
+  the Prefect client's retries) during training: the run completes, or ends in
+  a state from which a new run completes; no process of it outlives it; the worker lives on; no
+  MLflow run left RUNNING. The trial's line says which.
 
 Prints one line per trial and a table of held / tried per fault. A trial that did not hold says why.
 """
@@ -42,6 +52,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests.faulty_proxy import FaultyProxy  # noqa: E402
+from tests.stack_runs import FAULT_SETTINGS, StackRuns, alive, stack_command, up  # noqa: E402
 
 
 def free_port() -> int:
@@ -57,6 +68,7 @@ class Campaign:
         self.root = root
         self.cache = root / "demo-cache"  # the demo teacher, trained once for every trial
         self.results: dict[str, list[tuple[str, bool, str]]] = {}
+        self.match: str | None = None  # --match: only the trials whose "fault point" holds this text
 
     def env(self, trial: Path, **extra: str) -> dict[str, str]:
         return {
@@ -75,13 +87,14 @@ class Campaign:
         log.write_text(text)
         return out.returncode, text
 
-    def trial(self, fault: str, point: str, check: Callable[[Path], None]) -> None:
+    def trial(self, fault: str, point: str, check: Callable[[Path], str | None]) -> None:
+        if self.match and self.match not in f"{fault} {point}":
+            return
         trial = self.root / f"{fault}-{point}-{uuid.uuid4().hex[:6]}"
         trial.mkdir(parents=True)
         started = time.perf_counter()
         try:
-            check(trial)
-            held, why = True, ""
+            held, why = True, check(trial) or ""
         except AssertionError as e:
             held, why = False, str(e)[:300]
         except Exception as e:  # noqa: BLE001 - a campaign records every outcome
@@ -205,6 +218,74 @@ class Campaign:
         return check
 
 
+# what keeps each stage of a stack run going long enough to be stopped in its middle (the trial's own config):
+# the task to wait for, and the overrides (2000 prompts: ~40 s of generation; 600 questions two at a time)
+STACK_POINTS = {
+    "generation": ("generate", {"demo__num_prompts": 2000}),
+    "training": ("distill", {}),
+    "evaluation": ("evaluate", {"demo__num_eval": 600, "evaluate__batch_size": 2}),
+}
+STOPPED_WITHIN_S = 45  # Prefect's worker sends SIGKILL 30 s after its SIGTERM
+
+
+def stack_cancel(runs: StackRuns, point: str) -> Callable[[Path], str]:
+    def check(trial: Path) -> str:
+        task, overrides = STACK_POINTS[point]
+        name = f"cancel-{point}-{trial.name[-6:]}"
+        flow_run = runs.trigger(name, **overrides)
+        step = runs.in_stage(flow_run, task)
+        processes = runs.processes(flow_run)
+        runs.cancel(flow_run)
+        cancelled_at = time.monotonic()
+        state = runs.wait_final(flow_run, STOPPED_WITHIN_S)
+        left = runs.gone(flow_run, processes, STOPPED_WITHIN_S - (time.monotonic() - cancelled_at))
+        took = time.monotonic() - cancelled_at
+        assert state["type"] == "CANCELLED", f"ended {state['type']} {state.get('message')}"
+        assert left == [], f"alive {STOPPED_WITHIN_S} s after the cancel: {left}"
+        statuses = runs.mlflow_runs(flow_run)
+        assert statuses["pipeline"] == "KILLED" and statuses.get(task) == "KILLED", f"MLflow runs {statuses}"
+        assert "RUNNING" not in statuses.values(), f"MLflow runs {statuses}"
+        rerun = runs.trigger(name, **overrides)
+        resumed = ""
+        if step is not None:
+            at = int(runs.wait_for_log(rerun, r"distill: resumed from step (\d+)", 600)[1])
+            assert at >= step, f"resumed from step {at}, the checkpoint seen before the cancel was {step}"
+            resumed = f", re-run resumed from step {at}"
+        state = runs.wait_final(rerun, 600)
+        assert state["type"] == "COMPLETED", f"re-run ended {state['type']}"
+        (trial / "logs.txt").write_text("\n".join(runs.logs(flow_run) + ["---- re-run"] + runs.logs(rerun)))
+        return f"CANCELLED, nothing left after {took:.1f} s, MLflow {statuses['pipeline']}{resumed}, re-run COMPLETED"
+    return check
+
+
+def stack_restart(runs: StackRuns, point: str, down_for: int = 20) -> Callable[[Path], str]:
+    def check(trial: Path) -> str:
+        task, overrides = STACK_POINTS[point]
+        name = f"restart-{point}-{trial.name[-6:]}"
+        flow_run = runs.trigger(name, **overrides)
+        runs.in_stage(flow_run, task)
+        processes, worker = runs.processes(flow_run), runs.worker_pid()
+        restarted = stack_command(runs.dir, "restart", "prefect", "--down-for", str(down_for), timeout=400)
+        assert restarted.returncode == 0, f"stack.py restart: {restarted.stdout[-300:]} {restarted.stderr[-300:]}"
+        state = runs.wait_final(flow_run, 900)
+        outcome = f"run {state['type']}"
+        if state["type"] != "COMPLETED":
+            rerun = runs.trigger(name, **overrides)
+            again = runs.wait_final(rerun, 900)
+            assert again["type"] == "COMPLETED", f"{outcome}; re-run ended {again['type']}"
+            outcome += ", re-run COMPLETED"
+        left = runs.gone(flow_run, processes, STOPPED_WITHIN_S)
+        assert left == [], f"{outcome}; processes of the run outlived it: {left}"
+        assert runs.worker_polls_after(flow_run), f"{outcome}; no worker polls the pool after the run"
+        if not alive(worker):
+            outcome += " (the worker had stopped itself; the stack started it again)"
+        statuses = runs.mlflow_runs(flow_run)
+        assert "RUNNING" not in statuses.values(), f"{outcome}; MLflow runs {statuses}"
+        (trial / "logs.txt").write_text("\n".join(runs.logs(flow_run)))
+        return outcome
+    return check
+
+
 def moto(port: int) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -234,13 +315,15 @@ def mlflow_server(port: int, root: Path) -> subprocess.Popen:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default="overlap,s3,disk,mlflow", help="comma-separated faults to try")
+    parser.add_argument("--only", default="overlap,s3,disk,mlflow,cancel,restart", help="comma-separated faults to try")
     parser.add_argument("--out", default=None, help="folder for the trials' logs (default: a temporary one, kept)")
+    parser.add_argument("--match", default=None, help="only the trials whose 'fault point' contains this (e.g. 'restart training')")
     opts = parser.parse_args()
     root = Path(opts.out or tempfile.mkdtemp(prefix="mydistill-campaign-"))
     root.mkdir(parents=True, exist_ok=True)
     print(f"logs under {root}", flush=True)
     c = Campaign(root)
+    c.match = opts.match
     only = set(opts.only.split(","))
     servers: list[subprocess.Popen] = []
     try:
@@ -264,7 +347,22 @@ def main() -> None:
             servers.append(mlflow_server(port, root / "mlflow-server"))
             for point in ("register-503", "register-lost", "training-503"):
                 c.trial("mlflow", point, c.mlflow(f"http://127.0.0.1:{port}", point))
+        if only & {"cancel", "restart"}:
+            stack_dir = root / "stack"  # one stack for these trials, a run (name, work dir) of its own per trial
+            started = up(stack_dir, *FAULT_SETTINGS)
+            if started.returncode != 0:
+                raise RuntimeError(f"stack up failed: {started.stdout[-1000:]} {started.stderr[-1000:]}")
+            runs = StackRuns(stack_dir)
+            if "cancel" in only:
+                for point in STACK_POINTS:
+                    c.trial("cancel", f"during-{point}", stack_cancel(runs, point))
+            if "restart" in only:
+                # down 20 s (the client's retries ride it out), and 90 s: longer than its 5 retries with backoff
+                for point, down_for in (*((point, 20) for point in STACK_POINTS), ("training", 90)):
+                    c.trial("restart", f"{point}-down-{down_for}s", stack_restart(runs, point, down_for))
     finally:
+        if (root / "stack" / "stack.json").exists():
+            print(stack_command(root / "stack", "down", timeout=300).stdout, flush=True)
         for proc in servers:
             proc.terminate()
             proc.wait(timeout=30)

@@ -4,6 +4,7 @@
     python scripts/stack.py up [options]    # make stack-up ARGS="…"
     python scripts/stack.py down            # make stack-down
     python scripts/stack.py status
+    python scripts/stack.py restart prefect [--down-for S]   # the Prefect server, same port and database
     eval "$(python scripts/stack.py env)"   # talk to the stack from this shell
 
 ``up`` starts, each listening on loopback only and each skipped when you point it at one you
@@ -28,6 +29,7 @@ come from the environment (or, with ``--credentials-block``, go into a Prefect S
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import secrets
@@ -40,6 +42,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from mydistill.io import pid_alive
 
@@ -397,7 +400,9 @@ def start_worker(stack: Stack, args: argparse.Namespace, env: dict[str, str], po
         str(VENV_BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process",
         "--name", f"{pool}-{socket.gethostname()}", "--limit", str(args.worker_limit),
     ]
-    proc = stack.start(name, argv, env, "worker")
+    # under `supervise`: a Prefect worker stops itself once its API has failed for a while (a server
+    # restarted, down a minute or more), and would leave the pool without a worker once it is back
+    proc = stack.start(name, [sys.executable, str(Path(__file__).resolve()), "supervise", "--", *argv], env, "worker")
     time.sleep(1)
     if proc.poll() is not None:
         raise StackError(f"worker for {pool} exited at once{tail(stack.logs / f'{name}.log')}")
@@ -486,6 +491,54 @@ def down(args: argparse.Namespace) -> None:
     log(f"down; logs kept in {stack.logs}")
 
 
+def restart(args: argparse.Namespace) -> None:
+    """Stop the stack's Prefect server and start it again on the same address, port and database (what an
+    upgrade or a crash of the server does to the runs in flight; ``--down-for`` keeps it down that long)."""
+    stack = Stack(Path(args.state_dir).resolve())
+    p = stack.processes.get("prefect-server")
+    if p is None or not stack.data.get("prefect_api_url"):
+        raise StackError(f"the stack in {stack.dir} started no Prefect server (it used --prefect-api-url, or is down)")
+    url = urlsplit(stack.data["prefect_api_url"])
+    stop_process("prefect-server", p)
+    if args.down_for:
+        log(f"Prefect server down for {args.down_for:g} s")
+        time.sleep(args.down_for)
+    start_prefect(stack, argparse.Namespace(host=url.hostname, prefect_port=url.port), base_env(stack))
+    log(f"Prefect server restarted (pid {stack.processes['prefect-server']['pid']}); runs and workers carry on against it")
+
+
+def supervise(args: argparse.Namespace) -> int:
+    """Run the command after ``--`` and start it again whenever it exits on its own, but for a first run
+    that ends within FIRST_RUN_S (a broken command, not an outage: its code is returned). SIGTERM or
+    SIGINT is passed on to it and ends the loop."""
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    child: subprocess.Popen | None = None
+    stopping = False
+
+    def stop(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for attempt in itertools.count():
+        started = time.monotonic()
+        child = subprocess.Popen(argv)
+        code = child.wait()
+        if stopping or (attempt == 0 and time.monotonic() - started < FIRST_RUN_S):
+            return code
+        log(f"{' '.join(argv[:3])} exited with code {code}; starting it again in {RESTART_AFTER_S} s")
+        time.sleep(RESTART_AFTER_S)
+        if stopping:
+            return code
+    return 0
+
+
+FIRST_RUN_S, RESTART_AFTER_S = 10, 5
+
+
 def print_status(stack: Stack) -> None:
     d = stack.data
     running = stack.running()
@@ -556,11 +609,18 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("down", help="stop everything `up` started")
     sub.add_parser("status", help="what runs, and where")
     sub.add_parser("env", help="shell exports for this stack")
+    p = sub.add_parser("restart", help="stop a server of the stack and start it again (same port, same data)")
+    p.add_argument("service", choices=["prefect"], help="which server")
+    p.add_argument("--down-for", type=float, default=0, metavar="S", help="seconds to keep it stopped before starting it again")
+    p = sub.add_parser("supervise", help="(for `up`) run a command, and again whenever it exits on its own")
+    p.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND …")
     args = parser.parse_args(argv)
     if args.command == "up" and args.work_dir is None:
         args.work_dir = f"s3://{args.bucket}/runs"
     try:
-        {"up": up, "down": down, "status": status, "env": env_cmd}[args.command](args)
+        if args.command == "supervise":
+            return supervise(args)
+        {"up": up, "down": down, "status": status, "env": env_cmd, "restart": restart}[args.command](args)
     except StackError as e:
         print(f"stack: error: {e}", file=sys.stderr)
         return 1

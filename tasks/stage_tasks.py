@@ -280,9 +280,11 @@ def record_run(config: PipelineConfig, plan: StagePlan, parent_run_id: str | Non
 @task(name="close-mlflow-run", task_run_name="close-mlflow-run", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient)
 def close_pipeline_run(
     config: PipelineConfig, run_id: str, report: dict[str, Any] | None, decision: dict[str, Any] | None, failed: bool = False,
+    stopped: bool = False,
 ) -> dict[str, float]:
-    """Log the summary and what the run cost on the pipeline's MLflow run, then end it; returns the cost."""
-    cost = stage_functions.close_pipeline_run(config, run_id, report, decision, failed=failed)
+    """Log the summary and what the run cost on the pipeline's MLflow run, then end it (KILLED when
+    ``stopped``: the flow run was cancelled); returns the cost."""
+    cost = stage_functions.close_pipeline_run(config, run_id, report, decision, failed=failed, stopped=stopped)
     get_run_logger().info("run cost: %s", "; ".join(costs.cost_lines(cost, config.costs.currency)))
     return cost
 

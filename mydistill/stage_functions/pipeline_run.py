@@ -47,9 +47,10 @@ def record_run(cfg: PipelineConfig, plan: StagePlan, parent_run_id: str | None, 
 
 def close_pipeline_run(
     cfg: PipelineConfig, run_id: str, report: dict[str, Any] | None, decision: dict[str, Any] | None, *, failed: bool = False,
+    stopped: bool = False,
 ) -> dict[str, float]:
     """Log the summary, the gate's decision and what the run cost on the parent run, then end it
-    (FAILED or FINISHED); returns the cost."""
+    (FINISHED, FAILED, or KILLED when ``stopped`` from outside: a cancelled flow run); returns the cost."""
     if report:
         tracking.log_metrics(run_id, summary_metrics(report))
     if decision:
@@ -57,5 +58,5 @@ def close_pipeline_run(
         tracking.set_tags(run_id, {"mydistill.gate": gate, "mydistill.gate_reason": decision["reason"]})
     retained = (report or {}).get("models", {}).get("student", {}).get("teacher_retained")
     cost = run_costs(cfg, run_id, retained)
-    tracking.end_run(run_id, "FAILED" if failed else "FINISHED")
+    tracking.end_run(run_id, "KILLED" if stopped else "FAILED" if failed else "FINISHED")
     return cost

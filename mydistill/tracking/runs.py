@@ -79,8 +79,8 @@ def end_run(run_id: str, status: str = "FINISHED") -> None:
 class stage_run:
     """Context manager: a child run for one stage under ``parent_run_id``; yields its id (or None).
 
-    With no parent (a stage used alone without tracking) nothing is logged. The run ends FAILED
-    if the stage raises, FINISHED otherwise.
+    With no parent (a stage used alone without tracking) nothing is logged. The run ends FINISHED,
+    FAILED if the stage raises an error, KILLED if it was stopped from outside (:func:`stopped_status`).
     """
 
     def __init__(self, parent_run_id: str | None, stage: str, experiment: str, tags: Mapping[str, str] | None = None):
@@ -97,9 +97,43 @@ class stage_run:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.run_id:
-            if exc is not None:
+            status = "FINISHED" if exc is None else stopped_status(exc)
+            if status == "KILLED":
+                set_tags(self.run_id, {"mydistill.error": f"stopped from outside ({exc_type.__name__})"})
+            elif exc is not None:
                 set_tags(self.run_id, {"mydistill.error": f"{exc_type.__name__}: {exc}"[:5000]})
-            end_run(self.run_id, "FAILED" if exc is not None else "FINISHED")
+            end_run(self.run_id, status)
+
+
+def stopped_status(exc: BaseException) -> str:
+    """The MLflow status of a run that ``exc`` ended: FAILED for an error, KILLED when the process was
+    stopped from outside (a cancelled flow run's SIGTERM, Ctrl-C, an exit): exceptions that are not
+    ``Exception``s."""
+    return "FAILED" if isinstance(exc, Exception) else "KILLED"
+
+
+def kill_open_runs(experiment: str, tags: Mapping[str, str], why: str) -> list[str]:
+    """End as KILLED the runs of ``experiment`` still RUNNING that carry every tag of ``tags``, and their
+    child runs still RUNNING; returns their ids. For a run whose process was stopped before it could
+    end its runs (a cancelled flow run killed after its grace period)."""
+    try:
+        exp = client().get_experiment_by_name(experiment)
+    except mlflow.exceptions.MlflowException:
+        return []
+    if exp is None:
+        return []
+    match = " and ".join(f"tags.`{key}` = '{value.replace(chr(39), '')}'" for key, value in tags.items())
+    parents = client().search_runs([exp.experiment_id], match, max_results=100)
+    ended = []
+    for parent in parents:
+        children = client().search_runs(
+            [exp.experiment_id], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}' and attributes.status = 'RUNNING'", max_results=1000,
+        )
+        for run in [*children, *([parent] if parent.info.status == "RUNNING" else [])]:
+            set_tags(run.info.run_id, {"mydistill.error": why})
+            end_run(run.info.run_id, "KILLED")
+            ended.append(run.info.run_id)
+    return ended
 
 
 def child_metrics(parent_run_id: str) -> list[dict[str, float]]:

@@ -145,3 +145,35 @@ def test_stack_up_says_what_it_registered_and_why_gpu_deployments_are_not_ready(
     with_gpu = stack.registration_summary(rendered, argparse.Namespace(**{**vars(args), "gpu_worker": True}))
     assert "pool mydistill-gpu: signal, distill, finetune, baseline (worker started here)" in with_gpu
     assert not any("need a GPU worker" in line for line in with_gpu)
+
+
+def test_stack_restart_without_a_prefect_server_of_its_own_says_so_in_one_line(tmp_path, capsys):
+    assert _stack_module().main(["--state-dir", str(tmp_path), "restart", "prefect"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"stack: error: the stack in {tmp_path} started no Prefect server (it used --prefect-api-url, or is down)"]
+
+
+def test_stack_supervise_starts_a_worker_again_when_it_stops_itself_and_stops_on_sigterm(tmp_path, monkeypatch):
+    import argparse
+    import signal
+    import sys
+
+    stack = _stack_module()
+    monkeypatch.setattr(stack, "FIRST_RUN_S", 0.1)  # (10 s: a first run shorter than that is a broken command)
+    monkeypatch.setattr(stack, "RESTART_AFTER_S", 0)
+    runs = tmp_path / "runs"
+    # a worker that stops itself twice (as one does after a long server outage), then is stopped from outside
+    child = (
+        "import os, signal, sys, time; p = sys.argv[1]; open(p, 'a').write('x'); n = len(open(p).read()); time.sleep(0.2)\n"
+        "if n < 3: sys.exit(1)\n"
+        "os.kill(os.getppid(), signal.SIGTERM); time.sleep(30)"
+    )
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        code = stack.supervise(argparse.Namespace(argv=["--", sys.executable, "-c", child, str(runs)]))
+    finally:
+        signal.signal(signal.SIGTERM, handlers[0])
+        signal.signal(signal.SIGINT, handlers[1])
+    assert runs.read_text() == "xxx" and code == -signal.SIGTERM  # the SIGTERM passed on to it ended it
+    monkeypatch.setattr(stack, "FIRST_RUN_S", 10)
+    assert stack.supervise(argparse.Namespace(argv=["--", sys.executable, "-c", "raise SystemExit(4)"])) == 4  # broken: given up

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from pathlib import Path
@@ -307,6 +308,38 @@ def test_runs_left_running_by_a_dead_process_are_marked_killed():
     assert tracking.client().get_run(orphan).info.status == "KILLED"
     assert tracking.client().get_run(alive).info.status == "RUNNING"
     tracking.end_run(alive)
+
+
+def test_a_stage_stopped_from_outside_ends_killed_and_one_that_raised_ends_failed():
+    experiment = f"stopped-{uuid.uuid4().hex[:6]}"
+    parent = tracking.start_run(experiment, "pipeline")
+    ended = {}
+    for stage, exc in (("cancelled", KeyboardInterrupt()), ("broken", ValueError("bad row")), ("fine", None)):
+        with pytest.raises(type(exc)) if exc else contextlib.nullcontext(), tracking.stage_run(parent, stage, experiment) as run_id:
+            ended[stage] = run_id
+            if exc:
+                raise exc
+    statuses = {stage: tracking.client().get_run(run_id).info.status for stage, run_id in ended.items()}
+    assert statuses == {"cancelled": "KILLED", "broken": "FAILED", "fine": "FINISHED"}
+    assert tracking.client().get_run(ended["cancelled"]).data.tags["mydistill.error"] == "stopped from outside (KeyboardInterrupt)"
+    tracking.end_run(parent)
+
+
+def test_the_open_runs_of_a_stopped_flow_run_end_killed_and_no_others():
+    experiment = f"hook-{uuid.uuid4().hex[:6]}"
+    ours = tracking.start_run(experiment, "pipeline", tags={"prefect.flow_run_id": "run-a"})
+    running = tracking.start_run(experiment, "distill", parent_run_id=ours)
+    done = tracking.start_run(experiment, "generate", parent_run_id=ours)
+    tracking.end_run(done)
+    other = tracking.start_run(experiment, "pipeline", tags={"prefect.flow_run_id": "run-b"})
+    ended = tracking.kill_open_runs(experiment, {"prefect.flow_run_id": "run-a"}, "the Prefect flow run was cancelled")
+    assert sorted(ended) == sorted([ours, running])
+    status = {run: tracking.client().get_run(run).info.status for run in (ours, running, done, other)}
+    assert status == {ours: "KILLED", running: "KILLED", done: "FINISHED", other: "RUNNING"}
+    assert tracking.client().get_run(running).data.tags["mydistill.error"] == "the Prefect flow run was cancelled"
+    assert tracking.kill_open_runs(experiment, {"prefect.flow_run_id": "run-a"}, "again") == []  # nothing left open
+    assert tracking.kill_open_runs("no-such-experiment", {"prefect.flow_run_id": "run-a"}, "none") == []
+    tracking.end_run(other)
 
 
 def test_artifacts_go_beside_any_sqlite_store_or_where_configured(tmp_path, monkeypatch):
