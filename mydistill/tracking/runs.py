@@ -51,14 +51,19 @@ def _owner_alive(tags: Mapping[str, str]) -> bool:
         return False
 
 
+def _experiment(name: str):
+    """The experiment called ``name``, or None where there is none (or the store cannot say)."""
+    try:
+        return client().get_experiment_by_name(name)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
 def mark_dead_runs_killed(experiment: str) -> list[str]:
     """End as KILLED the runs of ``experiment`` left RUNNING by a process of this machine that is gone
     (a kill -9, a lost worker); returns their ids. Runs of other machines are left alone: whether
     their owner lives cannot be seen from here."""
-    try:
-        exp = client().get_experiment_by_name(experiment)
-    except mlflow.exceptions.MlflowException:
-        return []
+    exp = _experiment(experiment)
     if exp is None:
         return []
     host = socket.gethostname().replace("'", "")
@@ -116,10 +121,7 @@ def kill_open_runs(experiment: str, tags: Mapping[str, str], why: str) -> list[s
     """End as KILLED the runs of ``experiment`` still RUNNING that carry every tag of ``tags``, and their
     child runs still RUNNING; returns their ids. For a run whose process was stopped before it could
     end its runs (a cancelled flow run killed after its grace period)."""
-    try:
-        exp = client().get_experiment_by_name(experiment)
-    except mlflow.exceptions.MlflowException:
-        return []
+    exp = _experiment(experiment)
     if exp is None:
         return []
     match = " and ".join(f"tags.`{key}` = '{value.replace(chr(39), '')}'" for key, value in tags.items())
