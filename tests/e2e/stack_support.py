@@ -9,10 +9,13 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import tenacity
 
 REPO = Path(__file__).resolve().parents[2]
 TERMINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
@@ -71,8 +74,20 @@ def api(url: str, body: dict | None = None) -> Any:
         url, data=json.dumps(body).encode() if body is not None else None,
         headers={"content-type": "application/json"}, method="POST" if body is not None else "GET",
     )
-    with urllib.request.urlopen(request, timeout=30) as r:
-        return json.loads(r.read())
+    # a Prefect server on a loaded 2-core machine sometimes answers 503 (or drops the connection): try again
+    for attempt in tenacity.Retrying(
+        retry=tenacity.retry_if_exception(_transient), wait=tenacity.wait_exponential(multiplier=1, max=10),
+        stop=tenacity.stop_after_attempt(6), reraise=True,
+    ):
+        with attempt, urllib.request.urlopen(request, timeout=30) as r:
+            return json.loads(r.read())
+    raise AssertionError("unreachable")
+
+
+def _transient(error: BaseException) -> bool:
+    if isinstance(error, urllib.error.HTTPError):
+        return error.code in (502, 503, 504)
+    return isinstance(error, (urllib.error.URLError, ConnectionError, TimeoutError))
 
 
 def wait_for_flow_run(stack: dict[str, Any], flow_run_id: str, timeout_s: float) -> dict[str, Any]:

@@ -88,13 +88,19 @@ def _model_versions(stack, name: str) -> list[dict]:
     return _mlflow(stack, f"model-versions/search?filter={query}").get("model_versions", [])
 
 
+def _is_worker(process: psutil.Process) -> bool:
+    """A Prefect worker itself (the stack runs each under ``stack.py supervise``), not a flow run of it."""
+    cmd = process.cmdline()
+    return "worker" in cmd and "start" in cmd and any(part.endswith("prefect") for part in cmd[:3])
+
+
 def _no_flow_run_processes_left(stack) -> None:
     """The workers' flow-run processes (and theirs: training workers) have all ended."""
-    workers = [stack["processes"][name]["pid"] for name in ("worker-cpu", "worker-gpu")]
+    supervisors = [stack["processes"][name]["pid"] for name in ("worker-cpu", "worker-gpu")]
     deadline = time.monotonic() + 60
     while True:
-        left = [f"{p.pid} {' '.join(p.cmdline()[:4])}" for pid in workers for p in psutil.Process(pid).children(recursive=True) if p.is_running()
-                and p.status() != psutil.STATUS_ZOMBIE]
+        left = [f"{p.pid} {' '.join(p.cmdline()[:4])}" for pid in supervisors for p in psutil.Process(pid).children(recursive=True)
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE and not _is_worker(p)]
         if not left or time.monotonic() > deadline:
             break
         time.sleep(1)
