@@ -174,7 +174,8 @@ def _trigger_and_inspect(stack, page, shots) -> None:
     fraction.scroll_into_view_if_needed()
     page.screenshot(path=str(shots / "02-prefect-custom-run.png"))
     page.get_by_role("button", name="Submit", exact=True).click()
-    page.wait_for_url(re.compile(r".*/deployments/deployment/[^/?]+(\?.*)?$"))
+    # the server creates the run before the page moves on: slow on two loaded cores
+    page.wait_for_url(re.compile(r".*/deployments/deployment/[^/?]+(\?.*)?$"), timeout=120_000)
 
     # --- the run: find it, open it, wait for Completed
     runs = _api(f"{api}/flow_runs/filter", {"deployments": {"id": {"any_": [nightly["id"]]}}, "sort": "START_TIME_DESC"})

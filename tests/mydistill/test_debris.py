@@ -6,11 +6,15 @@ from mydistill import io
 from mydistill.storage import debris
 
 
-def test_sweep_removes_only_what_dead_writers_left(tmp_path):
+def test_sweep_removes_only_what_dead_writers_left(tmp_path, monkeypatch):
     import subprocess
     import sys
     import tempfile
 
+    # a temporary folder of the test's own: the machine's /tmp may hold real debris of other runs (a
+    # cancelled training's checkpoint staging), which the sweep would rightly remove too
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True).stdout)
     artifact = tmp_path / "generate-abc"
     artifact.mkdir()
