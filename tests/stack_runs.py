@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 import subprocess
 import sys
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+
+from tests.e2e.stack_support import alive, clean_env
 
 REPO = Path(__file__).resolve().parent.parent
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
@@ -35,17 +36,9 @@ FAULT_SETTINGS = (
 
 
 def stack_env(state: Path) -> dict[str, str]:
-    """This process's environment without the caller's Prefect/MLflow/S3 settings, for ``stack.py``."""
-    drop = ("PREFECT_", "MLFLOW_", "AWS_", "MYDISTILL_S3_", "MYDISTILL_CREDENTIALS")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    env.update(
-        PREFECT_WORKER_QUERY_SECONDS="2",  # pick runs up quickly
-        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
-        AWS_SHARED_CREDENTIALS_FILE=str(state / "no-aws-credentials"), AWS_CONFIG_FILE=str(state / "no-aws-config"),
-        AWS_EC2_METADATA_DISABLED="true", OMP_NUM_THREADS="1",
-        MYDISTILL_PROGRESS_EVERY_S="5",
-    )
-    return env
+    """The stack tests' environment for ``stack.py`` (:func:`tests.e2e.stack_support.clean_env`), one
+    torch thread per process: a campaign runs several stages at once on two cores."""
+    return {**clean_env(state), "OMP_NUM_THREADS": "1"}
 
 
 def stack_command(state: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -60,13 +53,6 @@ def up(state: Path, *settings: str) -> subprocess.CompletedProcess:
     sets = [f"--set={s}" for s in (f"demo.cache_dir={state / 'demo-cache'}", *settings)]
     return stack_command(state, "up", "--prefect-port", "0", "--mlflow-port", "0", "--s3-port", "0", "--bucket", "faults",
                          "--preset", "demo-tiny", "--no-schedule", *sets)
-
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 class StackRuns:
