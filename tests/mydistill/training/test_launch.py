@@ -15,16 +15,18 @@ GLOO_ABORT = "[gloo/transport/tcp/pair.cc:598] Connection closed by peer"
 
 
 def aborting_script(tmp_path, how: str) -> str:
-    """Rank 1 dies as ``how`` says while rank 0 is still at work."""
+    """Rank 1 dies as ``how`` says while rank 0 is still at work.
+
+    Each line goes out in one ``os.write``: the launcher runs its workers unbuffered, and ``print``
+    then writes a line and its newline apart, so two ranks' lines can splice into one."""
     path = tmp_path / "worker.py"
     path.write_text(textwrap.dedent(f"""
         import os, signal, sys, time
         rank = int(os.environ["RANK"])
-        print(f"rank {{rank}} at step 3", flush=True)
+        os.write(1, f"rank {{rank}} at step 3\\n".encode())
         if rank == 1:
             if {how!r} == "abort":
-                print("terminate called after throwing an instance of 'gloo::IoException'", file=sys.stderr, flush=True)
-                print("  what():  {GLOO_ABORT}", file=sys.stderr, flush=True)
+                os.write(2, b"terminate called after throwing an instance of 'gloo::IoException'\\n  what():  {GLOO_ABORT}\\n")
                 os.abort()
             if {how!r} == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
