@@ -22,7 +22,7 @@ from typing import Any
 
 import psutil
 
-from tests.e2e.stack_support import alive, clean_env
+from tests.e2e.stack_support import alive, api, clean_env
 
 REPO = Path(__file__).resolve().parent.parent
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
@@ -64,13 +64,8 @@ class StackRuns:
         self.api_url, self.mlflow_url = self.info["prefect_api_url"], self.info["mlflow_tracking_uri"]
 
     def api(self, path: str, body: dict | None = None) -> Any:
-        request = urllib.request.Request(
-            self.api_url + path, data=json.dumps(body).encode() if body is not None else None,
-            headers={"content-type": "application/json"}, method="POST" if body is not None else "GET",
-        )
-        with urllib.request.urlopen(request, timeout=30) as r:
-            text = r.read()
-        return json.loads(text) if text else None
+        """The Prefect REST API, with :func:`tests.e2e.stack_support.api`'s retries (a loaded server answers 503)."""
+        return api(self.api_url + path, body)
 
     def trigger(self, name: str, **overrides: Any) -> str:
         """Start a run of ``nightly`` named ``name`` (its own work dir and MLflow run name), with the

@@ -69,7 +69,7 @@ def alive(pid: int) -> bool:
 
 
 def api(url: str, body: dict | None = None) -> Any:
-    """GET ``url``, or POST ``body`` as JSON to it; the decoded answer."""
+    """GET ``url``, or POST ``body`` as JSON to it; the decoded answer (None for an empty one)."""
     request = urllib.request.Request(
         url, data=json.dumps(body).encode() if body is not None else None,
         headers={"content-type": "application/json"}, method="POST" if body is not None else "GET",
@@ -80,7 +80,8 @@ def api(url: str, body: dict | None = None) -> Any:
         stop=tenacity.stop_after_attempt(6), reraise=True,
     ):
         with attempt, urllib.request.urlopen(request, timeout=30) as r:
-            return json.loads(r.read())
+            text = r.read()
+            return json.loads(text) if text else None
     raise AssertionError("unreachable")
 
 
