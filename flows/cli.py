@@ -71,29 +71,6 @@ def _lost_by_prefect(error: BaseException) -> bool:
     return isinstance(error, (ObjectNotFound, PrefectHTTPStatusError))
 
 
-def _tracking_unavailable(error: BaseException) -> bool:
-    """The MLflow server that kept failing (after its client's retries and the tasks')."""
-    from mydistill import tracking
-
-    return not raised_by_us(error) and tracking.tracking_unavailable(error)
-
-
-def _store_unavailable(error: BaseException) -> bool:
-    """An object store that kept failing (after the retries of s3fs, botocore and the tasks)."""
-    from mydistill import io
-
-    return not raised_by_us(error) and io.store_unavailable(error)
-
-
-def _uris(value: Any) -> list[str]:
-    """Every string in a config dump (where its buckets are named)."""
-    if isinstance(value, dict):
-        return [u for v in value.values() for u in _uris(v)]
-    if isinstance(value, list):
-        return [u for v in value for u in _uris(v)]
-    return [value] if isinstance(value, str) else []
-
-
 class _NoTraceback(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.exc_info = record.exc_text = None
@@ -138,14 +115,11 @@ def run(
         try:
             result = distill_pipeline(config=cfg)
         except Exception as e:
-            if _tracking_unavailable(e):
-                from mydistill import tracking
+            from flows.pipeline_flow import unavailable_service_error
 
-                raise tracking.unavailable_error(e) from None
-            if _store_unavailable(e):
-                from mydistill import io
-
-                raise io.store_unavailable_error(e, _uris(cfg.model_dump(mode="json"))) from None
+            told = unavailable_service_error(e, cfg)  # the flow tells its own; this catches one before it
+            if told is not None:
+                raise told from None
             if not _lost_by_prefect(e):
                 raise
             # the work is in the artifacts (every stage idempotent, registration exactly once):

@@ -47,9 +47,36 @@ def distill_pipeline(config: PipelineConfig = load_config("demo")) -> dict[str, 
         t.record_run(config, plan, parent, decision)
     except BaseException as e:
         t.close_pipeline_run(config, parent, report, decision, failed=True, stopped=not isinstance(e, Exception))  # a cancel's SIGTERM, Ctrl-C
+        told = unavailable_service_error(e, config)
+        if told is not None:
+            raise told from None  # the flow run's state message (the Prefect UI) is the one line, as the CLI prints it
         raise
     cost = t.close_pipeline_run(config, parent, report, decision)
     return {"mlflow_run_id": parent, "report": report, "decision": decision, "plan": plan.as_dict(), "cost": cost}
+
+
+def unavailable_service_error(error: BaseException, config: PipelineConfig) -> Exception | None:
+    """A service that kept failing after every retry (MLflow, the object store), told in one line
+    that names it and says the finished stages are kept; None for any other error."""
+    from mydistill import tracking
+    from mydistill import raised_by_us
+
+    if not isinstance(error, Exception) or raised_by_us(error):
+        return None
+    if tracking.tracking_unavailable(error):
+        return tracking.unavailable_error(error)
+    if io.store_unavailable(error):
+        return io.store_unavailable_error(error, _strings(config.model_dump(mode="json")))
+    return None
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string in a config dump (where its buckets are named)."""
+    if isinstance(value, dict):
+        return [u for v in value.values() for u in _strings(v)]
+    if isinstance(value, list):
+        return [u for v in value for u in _strings(v)]
+    return [value] if isinstance(value, str) else []
 
 
 # the stage deployments (deploy/prefect.yaml, on the GPU pool) that training_flow_runs sends training to

@@ -60,6 +60,9 @@ def test_mlflow_down_at_registration_fails_in_one_line_and_the_rerun_registers_o
         errors = [line for line in out.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and f"MLflow at {proxy.endpoint}" in errors[0] and "HTTP 503 from " in errors[0] and "/api/2.0/mlflow/model-versions/create" in errors[0], errors
         assert "Traceback" not in out
+        # the flow run's own state (what the Prefect UI shows) carries the same line, not MLflow's raw exception
+        failed = [line for line in out.splitlines() if "Finished in state Failed(" in line]
+        assert any(f"TrackingUnavailable: MLflow at {proxy.endpoint}" in line for line in failed), failed
 
         lost = {"n": 0}
 

@@ -42,6 +42,9 @@ def test_an_outage_mid_run_fails_in_one_line_and_the_rerun_on_a_flaky_store_resu
         errors = [line for line in out.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and "S3 bucket 'mydistill-test'" in errors[0] and "kept failing after retries" in errors[0], errors
         assert "Traceback" not in out
+        # the flow run's own state (what the Prefect UI shows) carries the same line, not botocore's raw error
+        failed = [line for line in out.splitlines() if "Finished in state Failed(" in line]
+        assert any("StoreUnavailable: S3 bucket 'mydistill-test'" in line for line in failed), failed
 
         proxy.every(5, ("500", "503", "reset"))  # timeouts cost seconds each: tests/mydistill/test_io_s3_faults.py has them
         second = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
