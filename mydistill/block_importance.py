@@ -10,6 +10,16 @@ over the tokens of some prompts. A block that barely turns the residual stream (
 removed with little loss; ShortGPT removes the blocks with the lowest BI, and so does
 :func:`choose_layers`. The prompts are the run's own (the teacher's prompt pool), so the measure is
 of the blocks that matter for this task.
+
+The second criterion, :func:`skip_kl_greedy` (``student.init.importance: skip_kl``), asks what
+the cut costs the teacher's output rather than how much a block turns its input: a block's score
+is the KL divergence from the whole teacher's next-token distribution to that of the teacher with
+the block skipped (its input passed on unchanged), over the same prompts. It is Shortened LLaMA's
+one-shot criterion (Kim et al. 2024, "Shortened LLaMA: Depth Pruning for Large Language Models",
+arXiv:2402.02834, which scores each skipped block by the perplexity it costs), measured against the
+teacher as distillation does, and applied greedily: the block whose skipping costs least is dropped,
+then every remaining block is scored again with it gone, until the student's depth is reached. Blocks
+that are each cheap to drop alone may not be cheap together; the greedy rounds see that.
 """
 
 from __future__ import annotations
@@ -70,6 +80,113 @@ def block_influence(
     return (sums / max(tokens, 1)).tolist()
 
 
+class _Skipped(torch.nn.Module):
+    """A block taken out of the forward pass: its input goes on as its output."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+@torch.no_grad()
+def skip_kl_greedy(
+    model: Any, tokenizer: Any, texts: Sequence[str], keep: int, *, batch_size: int = 8, max_length: int = 128,
+    on_round: Any = None,
+) -> tuple[list[float], list[int]]:
+    """Choose ``keep`` blocks of a Llama/Qwen/Mistral-style decoder by the KL they cost when skipped
+    (see the module's docstring). Returns each block's score (the mean per-token KL(teacher ‖ teacher
+    with the blocks dropped so far and this one skipped), in nats, from the last round that measured
+    it) and the kept blocks in order. ``on_round(dropped_block, kl)`` is called after each round.
+
+    Costs about (n − keep) · (n + keep) / 4 forward passes over ``texts`` for n blocks (each candidate
+    runs only the blocks after it). Positions are
+    measured from the end of the tokens that every text begins with (a chat template's system
+    prompt), where the prompts differ; the whole teacher's log-probabilities are kept (float16) for
+    those positions only.
+    """
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise ValueError(f"cannot measure blocks of a {type(model).__name__}: expected a decoder with model.layers")
+    if not texts:
+        raise ValueError("skip-KL needs at least one prompt to measure on")
+    if not 0 < keep <= len(layers):
+        raise ValueError(f"keep must be between 1 and the {len(layers)} blocks measured (got {keep})")
+    model_was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    # the tokens every prompt begins with (a chat template's system prompt) predict the same next token
+    # with the same context in every prompt: measured once, they would outweigh the prompts themselves
+    encoded = [tokenizer(text, truncation=True, max_length=max_length)["input_ids"] for text in texts]
+    shared = 0
+    while all(len(ids) > shared + 1 for ids in encoded) and len({ids[shared] for ids in encoded}) == 1:
+        shared += 1
+    shared = shared if len(texts) > 1 else 0
+    body, norm, head = model.model, getattr(model.model, "norm", None), getattr(model, "lm_head", None)
+    if norm is None or head is None:
+        raise ValueError(f"cannot measure blocks of a {type(model).__name__}: expected model.norm and lm_head")
+    batches = []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(list(texts[start : start + batch_size]), return_tensors="pt", padding=True,
+                          truncation=True, max_length=max_length)
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        measured = mask.bool() & (mask.cumsum(dim=1) > max(shared - 1, 0))  # position t predicts token t + 1
+        hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # final norm applied
+        batches.append((ids, mask, measured, torch.log_softmax(head(hidden[measured]).float(), dim=-1).half()))
+    tokens = sum(int(m.sum()) for _, _, m, _ in batches)
+
+    def one_round(dropped: set[int]) -> dict[int, float]:
+        """The KL with each remaining block skipped besides ``dropped``. One pass of the current cut
+        records every block's input; a block's candidate pass starts there and runs only the blocks
+        after it (the ones before see the same input either way)."""
+        kept = [i for i in range(len(layers)) if i not in dropped]
+        totals = dict.fromkeys(kept, 0.0)
+        originals = {i: layers[i] for i in dropped}
+        for ids, mask, measured, reference in batches:
+            inputs: dict[int, tuple[torch.Tensor, tuple, dict]] = {}
+
+            def capture(index: int):
+                def record(module: Any, args: tuple, kwargs: dict) -> None:
+                    h = args[0] if args else kwargs["hidden_states"]
+                    inputs[index] = (h, args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"})
+                return record
+
+            handles = [layers[i].register_forward_pre_hook(capture(i), with_kwargs=True) for i in kept]
+            for i in dropped:
+                layers[i] = _Skipped()
+            try:
+                body(input_ids=ids, attention_mask=mask, use_cache=False)
+            finally:
+                for handle in handles:
+                    handle.remove()
+                for i, layer in originals.items():
+                    layers[i] = layer
+            p_log = reference.float()
+            p = p_log.exp()
+            for i in kept:
+                h, args, kwargs = inputs[i]
+                for j in kept:
+                    if j > i:
+                        out = layers[j](h, *args, **kwargs)
+                        h = out[0] if isinstance(out, (tuple, list)) else out
+                q_log = torch.log_softmax(head(norm(h[measured])).float(), dim=-1)  # the norm is per token
+                totals[i] += float((p * (p_log - q_log)).sum())
+        return {i: total / max(tokens, 1) for i, total in totals.items()}
+
+    scores = [0.0] * len(layers)
+    dropped: set[int] = set()
+    try:
+        while len(layers) - len(dropped) > keep:
+            round_scores = one_round(dropped)
+            for i, kl in round_scores.items():
+                scores[i] = kl
+            cheapest = min(round_scores, key=lambda i: (round_scores[i], i))
+            dropped.add(cheapest)
+            if on_round is not None:
+                on_round(cheapest, round_scores[cheapest])
+    finally:
+        model.train(model_was_training)
+    return scores, [i for i in range(len(layers)) if i not in dropped]
+
+
 def choose_layers(scores: Sequence[float], keep: int) -> list[int]:
     """The ``keep`` blocks with the highest influence, in block order (ShortGPT drops the lowest;
     ties go to the earlier block)."""
@@ -95,8 +212,8 @@ def blocks_for_budget(model: Any, parameter_fraction: float) -> int:
     return min(fits, len(layers))
 
 
-def influence_figure(scores: Sequence[float], kept: Sequence[int]) -> Any:
-    """Bars of each teacher block's influence, the kept ones coloured."""
+def influence_figure(scores: Sequence[float], kept: Sequence[int], criterion: str = "block_influence") -> Any:
+    """Bars of each teacher block's score, the kept ones coloured."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(max(5, 0.25 * len(scores) + 1), 3), dpi=100)
@@ -104,7 +221,11 @@ def influence_figure(scores: Sequence[float], kept: Sequence[int]) -> Any:
     keep = set(kept)
     ax.bar(range(len(scores)), scores, color=["#55a868" if i in keep else "#c44e52" for i in range(len(scores))])
     ax.set_xlabel("teacher block")
-    ax.set_ylabel("block influence (1 − cos)")
-    ax.set_title(f"ShortGPT block influence: {len(keep)} of {len(scores)} kept (green)")
+    if criterion == "skip_kl":
+        ax.set_ylabel("KL to the teacher, block skipped")
+        ax.set_title(f"skip-KL (greedy): {len(keep)} of {len(scores)} kept (green)")
+    else:
+        ax.set_ylabel("block influence (1 − cos)")
+        ax.set_title(f"ShortGPT block influence: {len(keep)} of {len(scores)} kept (green)")
     fig.tight_layout()
     return fig

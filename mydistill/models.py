@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 
 from mydistill.io import DataError, exists, join, localize
 from mydistill.tokenization import IGNORE_INDEX, shift_labels
+
+log = logging.getLogger("mydistill")
 
 
 def load_tokenizer(uri: str) -> Any:
@@ -170,19 +173,21 @@ def ensure_cut_student(teacher_uri: str, layers: list[int] | None, keep_every: i
 
 def ensure_measured_cut(
     teacher_uri: str, prompts: list[str], output_uri: str, *, num_layers: int | None = None,
-    parameter_fraction: float | None = None, prompts_sha256: str | None = None,
+    parameter_fraction: float | None = None, prompts_sha256: str | None = None, importance: str = "block_influence",
 ) -> dict[str, Any]:
-    """``student.init.layers: auto``: measure every teacher block's influence over ``prompts``
-    (:func:`mydistill.block_importance.block_influence`, ShortGPT), keep the ``num_layers`` most
-    influential (or as many as ``parameter_fraction`` of the teacher's parameters allows) and write
-    the cut once, like :func:`ensure_cut_student`; the manifest adds each block's score
-    (``block_influence``) and how the blocks were chosen."""
+    """``student.init.layers: auto``: score every teacher block over ``prompts`` (``importance``:
+    :func:`mydistill.block_importance.block_influence`, ShortGPT, or
+    :func:`~mydistill.block_importance.skip_kl_greedy`), keep the ``num_layers`` that score highest
+    (or as many as ``parameter_fraction`` of the teacher's parameters allows) and write the cut once,
+    like :func:`ensure_cut_student`; the manifest adds each block's score (``block_influence`` or
+    ``skip_kl``) and how the blocks were chosen."""
     from mydistill import io
-    from mydistill.block_importance import block_influence, blocks_for_budget, choose_layers
+    from mydistill.block_importance import block_influence, blocks_for_budget, choose_layers, skip_kl_greedy
 
     inputs = {
         "teacher": teacher_fingerprint(teacher_uri), "layers": "auto", "num_layers": num_layers,
         "parameter_fraction": parameter_fraction, "prompts": prompts_sha256 or io.sha256_of(prompts),
+        **({"importance": importance} if importance != "block_influence" else {}),
     }
     if io.manifest_matches(output_uri, inputs):
         return io.read_manifest(output_uri) or {}
@@ -193,10 +198,21 @@ def ensure_measured_cut(
     from mydistill.tokenization import format_prompt
 
     # measured on what the teacher sees: each prompt through its chat template
-    scores = block_influence(teacher, tokenizer, [format_prompt(tokenizer, p) for p in prompts])
+    texts = [format_prompt(tokenizer, p) for p in prompts]
     keep = num_layers if num_layers is not None else blocks_for_budget(teacher, float(parameter_fraction or 1.0))
-    if keep > len(scores):
-        raise ValueError(f"student.init.num_layers {keep} is more than the teacher's {len(scores)} blocks ({teacher_uri})")
+    total = len(teacher.model.layers)
+    if keep > total:
+        raise ValueError(f"student.init.num_layers {keep} is more than the teacher's {total} blocks ({teacher_uri})")
+    if importance == "skip_kl":
+        log.info("student init: scoring %d blocks by skip-KL over %d prompts, dropping %d greedily", total, len(prompts), total - keep)
+        scores, layers = skip_kl_greedy(
+            teacher, tokenizer, texts, keep, on_round=lambda block, kl: log.info("student init: dropped block %d (KL %.4f)", block, kl))
+        return _write_cut(
+            teacher, teacher_uri, layers, output_uri, inputs, skip_kl=scores, chosen_by="skip-KL, greedy: the KL from the "
+            "teacher's output to the teacher's with the block skipped (Shortened LLaMA's one-shot criterion, Kim et al. "
+            "2024, arXiv:2402.02834, scored against the teacher and applied one block at a time)", measured_on_prompts=len(prompts),
+        )
+    scores = block_influence(teacher, tokenizer, texts)
     layers = choose_layers(scores, keep)
     return _write_cut(
         teacher, teacher_uri, layers, output_uri, inputs, block_influence=scores, chosen_by="ShortGPT block influence "

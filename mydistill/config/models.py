@@ -81,6 +81,12 @@ class StudentInit(Section):
         description="With layers: auto, the student's size as a share of the teacher's parameters: as many blocks as "
         "fit, the embeddings and head kept whole (or give num_layers).",
     )
+    importance: Literal["block_influence", "skip_kl"] = Field(
+        "block_influence",
+        description="With layers: auto, how blocks are scored: 'block_influence' (ShortGPT: how much a block turns its "
+        "hidden state; one pass) or 'skip_kl' (the KL from the teacher's output to the teacher's with the block "
+        "skipped, dropping the cheapest block and scoring the rest again until the size is reached; ~n²/2 passes).",
+    )
     importance_prompts: int = Field(
         64, gt=0, description="With layers: auto, how many prompts of the run's prompt pool the blocks are measured on."
     )
@@ -99,6 +105,8 @@ class StudentInit(Section):
                 raise ValueError("layers: auto needs exactly one of num_layers (blocks kept) or parameter_fraction "
                                  f"(share of the teacher's parameters); got {sized or 'neither'}")
             return self
+        if self.importance != "block_influence":
+            raise ValueError(f"importance: {self.importance} scores blocks for layers: auto; set layers: auto or leave importance out")
         if sized:
             raise ValueError(f"{' and '.join(sized)} size a student whose blocks are chosen by measurement: set layers: auto")
         if self.layers is not None:

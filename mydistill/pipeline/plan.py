@@ -67,7 +67,7 @@ class StagePlan:
 
 
 # student.init fields that only size a measured cut (layers: auto); left out of a fixed cut's key so it keeps its old one
-_AUTO_CUT_FIELDS = {"num_layers", "parameter_fraction", "importance_prompts"}
+_AUTO_CUT_FIELDS = {"num_layers", "parameter_fraction", "importance_prompts", "importance"}
 
 
 def _key(*parts: Any) -> str:
@@ -101,7 +101,9 @@ def make_plan(cfg: PipelineConfig) -> StagePlan:
     init = cfg.student.init
     student_init = (
         # blocks chosen by measurement depend on the prompts measured on; a fixed cut keeps its old key
-        _key("student-init", sha.get("teacher", teacher_uri), init.model_dump(), sha["prompts"]) if init.layers == "auto"
+        # (the default criterion stays out of the key, so cuts measured before it could be chosen keep theirs)
+        _key("student-init", sha.get("teacher", teacher_uri), init.model_dump(exclude={"importance"} if init.importance == "block_influence" else None),
+             sha["prompts"]) if init.layers == "auto"
         else _key("student-init", sha.get("teacher", teacher_uri), init.model_dump(exclude=_AUTO_CUT_FIELDS))
         if init.from_teacher else None
     )

@@ -74,22 +74,23 @@ def prepare_student_init(cfg: PipelineConfig, plan: StagePlan) -> dict[str, Any]
                 break
         return ensure_measured_cut(
             plan.teacher_uri, prompts, plan.student_init_uri, num_layers=init.num_layers,
-            parameter_fraction=init.parameter_fraction, prompts_sha256=io.sha256_of(prompts),
+            parameter_fraction=init.parameter_fraction, prompts_sha256=io.sha256_of(prompts), importance=init.importance,
         )
     return ensure_cut_student(plan.teacher_uri, init.layers, init.keep_every, plan.student_init_uri)
 
 
 def log_measured_cut(run_id: str, manifest: dict[str, Any] | None) -> None:
-    """A cut chosen by measurement, on the training run that starts from it: each block's influence
-    as metrics (step = block) and a plot, the kept blocks as a parameter."""
-    if not manifest or "block_influence" not in manifest:
+    """A cut chosen by measurement, on the training run that starts from it: each block's score
+    (``block_influence`` or ``skip_kl``) as metrics (step = block) and a plot, the kept blocks as a parameter."""
+    criterion = next((name for name in ("block_influence", "skip_kl") if name in (manifest or {})), None)
+    if manifest is None or criterion is None:
         return
     from mydistill.block_importance import influence_figure
 
-    scores, kept = manifest["block_influence"], manifest["teacher_layers"]
-    tracking.log_history(run_id, [{"step": block, "block_influence": float(score)} for block, score in enumerate(scores)])
+    scores, kept = manifest[criterion], manifest["teacher_layers"]
+    tracking.log_history(run_id, [{"step": block, criterion: float(score)} for block, score in enumerate(scores)])
     tracking.log_params(run_id, {"student_init.chosen_layers": kept})
-    tracking.log_figure(run_id, influence_figure(scores, kept), "plots/block_influence.png")
+    tracking.log_figure(run_id, influence_figure(scores, kept, criterion), f"plots/{criterion}.png")
 
 
 def with_lengths(job: TrainJob) -> tuple[TrainJob, dict[str, Any]]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mydistill.block_importance import block_influence, blocks_for_budget, choose_layers
+from mydistill.block_importance import block_influence, blocks_for_budget, choose_layers, skip_kl_greedy
 
 ARCH = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
             max_position_embeddings=64, tie_word_embeddings=True)
@@ -44,6 +44,42 @@ def test_idle_blocks_measure_zero_and_are_the_ones_dropped(teacher_with_idle_blo
     assert padded == pytest.approx(expected, abs=1e-5)
 
 
+def test_skip_kl_drops_the_idle_blocks_first_and_scores_the_others_by_what_skipping_costs(teacher_with_idle_blocks, demo_tokenizer):
+    rounds: list[tuple[int, float]] = []
+    before = [p.clone() for p in teacher_with_idle_blocks.parameters()]
+    scores, kept = skip_kl_greedy(teacher_with_idle_blocks, demo_tokenizer, PROMPTS, 2, batch_size=3,
+                                  on_round=lambda block, kl: rounds.append((block, kl)))
+    assert kept == [0, 3]
+    assert [block for block, _ in rounds] == [1, 2]  # each idle block costs nothing, the lower index first
+    # skipping an idle block costs nothing (up to the float16 the teacher's log-probabilities are kept in);
+    # skipping a working one moves the output
+    assert max(kl for _, kl in rounds) < 0.01 * min(scores[0], scores[3])
+    # the teacher is left as it was: every block back in place, same weights, same outputs
+    assert len(teacher_with_idle_blocks.model.layers) == 4
+    assert all(type(layer).__name__ == "LlamaDecoderLayer" for layer in teacher_with_idle_blocks.model.layers)
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher_with_idle_blocks.parameters(), strict=True))
+    # keeping every block drops none; one block is the one that costs most to lose once the others are gone
+    assert skip_kl_greedy(teacher_with_idle_blocks, demo_tokenizer, PROMPTS, 4)[1] == [0, 1, 2, 3]
+    assert len(skip_kl_greedy(teacher_with_idle_blocks, demo_tokenizer, PROMPTS, 1)[1]) == 1
+    with pytest.raises(ValueError, match="keep must be between 1 and the 4 blocks"):
+        skip_kl_greedy(teacher_with_idle_blocks, demo_tokenizer, PROMPTS, 5)
+
+
+def test_a_skip_kl_cut_records_its_scores_and_its_criterion(tmp_path, teacher_with_idle_blocks, demo_tokenizer):
+    from mydistill.models import ensure_measured_cut
+
+    teacher_dir = tmp_path / "teacher"
+    teacher_with_idle_blocks.save_pretrained(teacher_dir)
+    demo_tokenizer.save_pretrained(teacher_dir)
+    out = str(tmp_path / "student-init")
+    manifest = ensure_measured_cut(str(teacher_dir), PROMPTS, out, num_layers=2, importance="skip_kl")
+    assert manifest["teacher_layers"] == [0, 3] and len(manifest["skip_kl"]) == 4 and "block_influence" not in manifest
+    assert "arXiv:2402.02834" in manifest["chosen_by"]
+    # the criterion is part of what the cut is made from: Block Influence over the same prompts is another cut folder's
+    assert ensure_measured_cut(str(teacher_dir), PROMPTS, out, num_layers=2, importance="skip_kl") == manifest
+    assert "block_influence" in ensure_measured_cut(str(teacher_dir), PROMPTS, out, num_layers=2)
+
+
 def test_the_cut_keeps_the_measured_blocks_and_records_their_scores(tmp_path, teacher_with_idle_blocks, demo_tokenizer):
     from mydistill.models import ensure_measured_cut, load_model
 
@@ -74,6 +110,14 @@ def test_layers_auto_needs_one_size_and_is_refused_without_it():
         load_config("demo", ["student.init.from_teacher=true", "student.init.layers=auto"])
     with pytest.raises(ConfigError, match="num_layers size a student whose blocks are chosen by measurement"):
         load_config("demo", ["student.init.from_teacher=true", "student.init.keep_every=2", "student.init.num_layers=1"])
+    with pytest.raises(ConfigError, match="importance: skip_kl scores blocks for layers: auto"):
+        load_config("demo", ["student.init.from_teacher=true", "student.init.keep_every=2", "student.init.importance=skip_kl"])
+    # the default criterion leaves a measured cut's key as it was; another one is another cut
+    from mydistill.pipeline.plan import make_plan
+
+    auto = ["student.init.from_teacher=true", "student.init.layers=auto", "student.init.num_layers=1"]
+    assert make_plan(load_config("demo", auto)).student_init_uri == make_plan(load_config("demo", [*auto, "student.init.importance=block_influence"])).student_init_uri
+    assert make_plan(load_config("demo", auto)).student_init_uri != make_plan(load_config("demo", [*auto, "student.init.importance=skip_kl"])).student_init_uri
 
 
 def test_a_measured_cut_is_logged_on_the_training_run():
@@ -88,3 +132,6 @@ def test_a_measured_cut_is_logged_on_the_training_run():
     assert [(m.step, m.value) for m in c.get_metric_history(run_id, "block_influence")] == [(0, 0.3), (1, 0.0), (2, 0.1), (3, 0.5)]
     assert c.get_run(run_id).data.params["student_init.chosen_layers"] == "[0, 3]"
     assert "plots/block_influence.png" in {a.path for a in c.list_artifacts(run_id, "plots")}
+    log_measured_cut(run_id, {"skip_kl": [0.9, 0.0, 0.0, 1.2], "teacher_layers": [0, 3]})
+    assert [m.value for m in c.get_metric_history(run_id, "skip_kl")] == [0.9, 0.0, 0.0, 1.2]
+    assert "plots/skip_kl.png" in {a.path for a in c.list_artifacts(run_id, "plots")}
