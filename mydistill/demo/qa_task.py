@@ -20,7 +20,6 @@ wide around a 50% score, where the first 24 gave ±20.
 from __future__ import annotations
 
 import random
-import sys
 from typing import Any
 
 CAPITALS = [
@@ -86,12 +85,17 @@ def _arithmetic(rng: random.Random) -> dict[str, Any]:
     return {"prompt": f"What is {a} plus {b}?", "answer": str(a + b), "category": "addition"}
 
 
-def _capital(country: str, city: str) -> dict[str, Any]:
-    return {"prompt": f"What is the capital of {country}?", "answer": city, "category": "capital"}
+# the eval set asks in the first phrasing; the teacher's prompts also ask in the others
+CAPITAL_PHRASINGS = ("What is the capital of {}?", "Which city is the capital of {}?", "Name the capital city of {}.")
+OPPOSITE_PHRASINGS = ("What is the opposite of {}?", "What word means the opposite of {}?", "Give the opposite of the word {}.")
 
 
-def _opposite(word: str, other: str) -> dict[str, Any]:
-    return {"prompt": f"What is the opposite of {word}?", "answer": other, "category": "opposite"}
+def _capital(country: str, city: str, phrasing: int = 0) -> dict[str, Any]:
+    return {"prompt": CAPITAL_PHRASINGS[phrasing].format(country), "answer": city, "category": "capital"}
+
+
+def _opposite(word: str, other: str, phrasing: int = 0) -> dict[str, Any]:
+    return {"prompt": OPPOSITE_PHRASINGS[phrasing].format(word), "answer": other, "category": "opposite"}
 
 
 def make_qa_splits(num_eval: int = 200, num_real: int = 24, num_prompts: int = 40, seed: int = 0) -> dict[str, list[dict[str, Any]]]:
@@ -124,16 +128,28 @@ def make_qa_splits(num_eval: int = 200, num_real: int = 24, num_prompts: int = 4
     train_facts += [r for r in (_opposite(*o) for o in opposites) if r["prompt"] not in opposites_held]
     eval_prompts = {r["prompt"] for r in eval_rows}
 
-    def draw(n: int) -> list[dict[str, Any]]:
-        rows = []
-        while len(rows) < n:
-            row = rng.choice(train_facts) if rng.random() < 0.67 else _arithmetic(rng)
-            if row["prompt"] not in eval_prompts:
+    def draw(n: int, distinct: bool = False) -> list[dict[str, Any]]:
+        facts = train_facts if not distinct else train_facts + [
+            make(*fact, phrasing) for make, held, pool, phrasings in (
+                (_capital, capitals_held, capitals, CAPITAL_PHRASINGS), (_opposite, opposites_held, opposites, OPPOSITE_PHRASINGS))
+            for fact in pool if make(*fact)["prompt"] not in held for phrasing in range(1, len(phrasings))
+        ]
+        rows: list[dict[str, Any]] = []
+        taken = set(eval_prompts)
+        for _ in range(100 * n):  # distinct: as many as there are, when n is more than the facts and sums allow
+            if len(rows) == n:
+                break
+            row = rng.choice(facts) if rng.random() < 0.67 else _arithmetic(rng)
+            if row["prompt"] not in taken:
                 rows.append(row)
+                if distinct:
+                    taken.add(row["prompt"])
         return rows
 
     real = draw(num_real)
-    prompts = [{"prompt": r["prompt"], "category": r["category"]} for r in draw(num_prompts)]
+    # the teacher's prompts are distinct (a repeated one would be answered again, then dropped by the mix), and ask
+    # about the training facts in three phrasings each
+    prompts = [{"prompt": r["prompt"], "category": r["category"]} for r in draw(num_prompts, distinct=True)]
     return {"eval": eval_rows, "real": real, "prompts": prompts}
 
 
@@ -148,6 +164,18 @@ def write_qa_data(output_dir: str, **sizes: int) -> dict[str, str]:
     return uris
 
 
-if __name__ == "__main__":
-    for name, uri in write_qa_data(sys.argv[1] if len(sys.argv) > 1 else ".cache/qa-task").items():
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m mydistill.demo.qa_task", description="Write the QA task's three splits.")
+    parser.add_argument("output_dir", nargs="?", default=".cache/qa-task")
+    parser.add_argument("--eval", type=int, default=200, dest="num_eval", help="held-out eval questions")
+    parser.add_argument("--real", type=int, default=24, dest="num_real", help="labelled training examples")
+    parser.add_argument("--prompts", type=int, default=40, dest="num_prompts", help="unlabelled prompts for the teacher")
+    args = parser.parse_args(argv)
+    for name, uri in write_qa_data(args.output_dir, num_eval=args.num_eval, num_real=args.num_real, num_prompts=args.num_prompts).items():
         print(f"{name}: {uri}")
+
+
+if __name__ == "__main__":
+    main()

@@ -24,12 +24,22 @@ def test_the_eval_set_has_200_distinct_questions_in_4_categories_none_seen_in_tr
     assert make() == splits  # deterministic: written offline, the same on every machine
 
 
-def test_qa_eval_facts_are_held_out_from_training():
-    splits = make_qa_splits()
-    subject = re.compile(r"What is the (?:capital|opposite) of (.+)\?")
-    held = {m.group(1) for r in splits["eval"] if (m := subject.match(r["prompt"]))}
-    trained = {m.group(1) for r in splits["real"] + splits["prompts"] if (m := subject.match(r["prompt"]))}
-    assert held and not held & trained
+@pytest.mark.parametrize("num_prompts", [40, 400])
+def test_qa_eval_facts_are_held_out_from_training_in_every_phrasing(num_prompts):
+    from mydistill.demo.qa_task import CAPITAL_PHRASINGS, OPPOSITE_PHRASINGS
+
+    splits = make_qa_splits(num_prompts=num_prompts)
+    subjects = [re.compile(re.escape(p).replace(re.escape("{}"), "(.+)") + "$") for p in CAPITAL_PHRASINGS + OPPOSITE_PHRASINGS]
+
+    def subject(prompt: str) -> str | None:
+        return next((m.group(1) for pattern in subjects if (m := pattern.match(prompt))), None)
+
+    held = {s for r in splits["eval"] if (s := subject(r["prompt"]))}
+    trained = {s for r in splits["real"] + splits["prompts"] if (s := subject(r["prompt"]))}
+    assert len(held) == 57 + 36 and trained and not held & trained
+    prompts = [r["prompt"] for r in splits["prompts"]]
+    assert len(prompts) == len(set(prompts)) == num_prompts  # distinct: each asks the teacher something new
+    assert {subject(p) is not None and not p.startswith("What is the") for p in prompts} == {True, False}  # other phrasings too
 
 
 def test_extraction_answers_are_read_from_the_sentence_and_its_names_are_held_out():
