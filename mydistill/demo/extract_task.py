@@ -14,13 +14,12 @@ set (200 distinct questions by default, 50 per category) uses names and cities t
 neither of the others, so a student cannot learn the answers, only how to find them. Scored with
 ``contains``, like the QA task.
 
-    python -m mydistill.demo.extract_task OUT_DIR   # writes prompts.jsonl, real.jsonl, eval.jsonl
+    python -m mydistill.demo.extract_task OUT_DIR [--eval 200] [--real 24] [--prompts 40]   # prompts.jsonl, real.jsonl, eval.jsonl
 """
 
 from __future__ import annotations
 
 import random
-import sys
 from typing import Any
 
 NAMES = [
@@ -98,5 +97,6 @@ def write_extract_data(output_dir: str, **sizes: int) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    for name, uri in write_extract_data(sys.argv[1] if len(sys.argv) > 1 else ".cache/extract-task").items():
-        print(f"{name}: {uri}")
+    from mydistill.demo.splits_cli import write_splits_main
+
+    write_splits_main("extract", write_extract_data)

@@ -14,7 +14,7 @@ the teacher knows, not memorise the real examples. The eval set's 200 distinct q
 (57 capitals, 36 opposites, 59 sums, 48 products) are enough for a 95% interval about ±7 points
 wide around a 50% score, where the first 24 gave ±20.
 
-    python -m mydistill.demo.qa_task OUT_DIR      # writes prompts.jsonl, real.jsonl, eval.jsonl
+    python -m mydistill.demo.qa_task OUT_DIR [--eval 200] [--real 24] [--prompts 40]   # prompts.jsonl, real.jsonl, eval.jsonl
 """
 
 from __future__ import annotations
@@ -164,18 +164,7 @@ def write_qa_data(output_dir: str, **sizes: int) -> dict[str, str]:
     return uris
 
 
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m mydistill.demo.qa_task", description="Write the QA task's three splits.")
-    parser.add_argument("output_dir", nargs="?", default=".cache/qa-task")
-    parser.add_argument("--eval", type=int, default=200, dest="num_eval", help="held-out eval questions")
-    parser.add_argument("--real", type=int, default=24, dest="num_real", help="labelled training examples")
-    parser.add_argument("--prompts", type=int, default=40, dest="num_prompts", help="unlabelled prompts for the teacher")
-    args = parser.parse_args(argv)
-    for name, uri in write_qa_data(args.output_dir, num_eval=args.num_eval, num_real=args.num_real, num_prompts=args.num_prompts).items():
-        print(f"{name}: {uri}")
-
-
 if __name__ == "__main__":
-    main()
+    from mydistill.demo.splits_cli import write_splits_main
+
+    write_splits_main("qa", write_qa_data)

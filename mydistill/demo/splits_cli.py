@@ -1,0 +1,18 @@
+"""The example tasks' command line: ``python -m mydistill.demo.<task>_task [OUT_DIR] [--eval N] [--real N] [--prompts N]``."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+
+def write_splits_main(task: str, write: Callable[..., dict[str, str]], argv: list[str] | None = None) -> None:
+    """Parse the sizes, write the three splits with ``write`` and print where each went."""
+    parser = argparse.ArgumentParser(prog=f"python -m mydistill.demo.{task}_task", description=f"Write the {task} task's three splits.")
+    parser.add_argument("output_dir", nargs="?", default=f".cache/{task}-task")
+    parser.add_argument("--eval", type=int, default=200, dest="num_eval", help="held-out eval questions (default 200)")
+    parser.add_argument("--real", type=int, default=24, dest="num_real", help="labelled training examples (default 24)")
+    parser.add_argument("--prompts", type=int, default=40, dest="num_prompts", help="unlabelled prompts for the teacher (default 40)")
+    args = parser.parse_args(argv)
+    for name, uri in write(args.output_dir, num_eval=args.num_eval, num_real=args.num_real, num_prompts=args.num_prompts).items():
+        print(f"{name}: {uri}")
