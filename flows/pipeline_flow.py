@@ -21,6 +21,18 @@ def distill_pipeline(config: PipelineConfig = load_config("demo")) -> dict[str, 
 
     Returns the evaluation report, the registration decision and where every artifact is.
     """
+    try:
+        return _pipeline(config)
+    except Exception as e:
+        # a service that kept failing anywhere in the run (opening its MLflow run, a stage, closing it) ends the
+        # flow run with one line as its state message, which the Prefect UI shows and the CLI prints
+        told = unavailable_service_error(e, config)
+        if told is None:
+            raise
+        raise told from None
+
+
+def _pipeline(config: PipelineConfig) -> dict[str, Any]:
     t.load_credentials()
     t.preflight(config)
     plan = make_plan(config)
@@ -47,21 +59,17 @@ def distill_pipeline(config: PipelineConfig = load_config("demo")) -> dict[str, 
         t.record_run(config, plan, parent, decision)
     except BaseException as e:
         t.close_pipeline_run(config, parent, report, decision, failed=True, stopped=not isinstance(e, Exception))  # a cancel's SIGTERM, Ctrl-C
-        told = unavailable_service_error(e, config)
-        if told is not None:
-            raise told from None  # the flow run's state message (the Prefect UI) is the one line, as the CLI prints it
         raise
     cost = t.close_pipeline_run(config, parent, report, decision)
     return {"mlflow_run_id": parent, "report": report, "decision": decision, "plan": plan.as_dict(), "cost": cost}
 
 
-def unavailable_service_error(error: BaseException, config: PipelineConfig) -> Exception | None:
+def unavailable_service_error(error: Exception, config: PipelineConfig) -> Exception | None:
     """A service that kept failing after every retry (MLflow, the object store), told in one line
     that names it and says the finished stages are kept; None for any other error."""
-    from mydistill import tracking
-    from mydistill import raised_by_us
+    from mydistill import raised_by_us, tracking
 
-    if not isinstance(error, Exception) or raised_by_us(error):
+    if raised_by_us(error):
         return None
     if tracking.tracking_unavailable(error):
         return tracking.unavailable_error(error)
