@@ -140,15 +140,15 @@ def skip_kl_greedy(
         kept = [i for i in range(len(layers)) if i not in dropped]
         totals = dict.fromkeys(kept, 0.0)
         originals = {i: layers[i] for i in dropped}
+        inputs: dict[int, tuple[torch.Tensor, tuple, dict]] = {}  # block -> its input, other args, keywords
+
+        def capture(index: int):
+            def record(module: Any, args: tuple, kwargs: dict) -> None:
+                h = args[0] if args else kwargs["hidden_states"]
+                inputs[index] = (h, args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"})
+            return record
+
         for ids, mask, measured, reference in batches:
-            inputs: dict[int, tuple[torch.Tensor, tuple, dict]] = {}
-
-            def capture(index: int):
-                def record(module: Any, args: tuple, kwargs: dict) -> None:
-                    h = args[0] if args else kwargs["hidden_states"]
-                    inputs[index] = (h, args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"})
-                return record
-
             handles = [layers[i].register_forward_pre_hook(capture(i), with_kwargs=True) for i in kept]
             for i in dropped:
                 layers[i] = _Skipped()
@@ -162,10 +162,10 @@ def skip_kl_greedy(
             p_log = reference.float()
             p = p_log.exp()
             for i in kept:
-                h, args, kwargs = inputs[i]
+                h, positional, keywords = inputs[i]
                 for j in kept:
                     if j > i:
-                        out = layers[j](h, *args, **kwargs)
+                        out = layers[j](h, *positional, **keywords)
                         h = out[0] if isinstance(out, (tuple, list)) else out
                 q_log = torch.log_softmax(head(norm(h[measured])).float(), dim=-1)  # the norm is per token
                 totals[i] += float((p * (p_log - q_log)).sum())

@@ -85,7 +85,8 @@ class StudentInit(Section):
         "block_influence",
         description="With layers: auto, how blocks are scored: 'block_influence' (ShortGPT: how much a block turns its "
         "hidden state; one pass) or 'skip_kl' (the KL from the teacher's output to the teacher's with the block "
-        "skipped, dropping the cheapest block and scoring the rest again until the size is reached; ~n²/2 passes).",
+        "skipped, dropping the cheapest block and scoring the rest again until the size is reached; about "
+        "(n − k)(n + k)/4 forward passes for n blocks, k kept).",
     )
     importance_prompts: int = Field(
         64, gt=0, description="With layers: auto, how many prompts of the run's prompt pool the blocks are measured on."
