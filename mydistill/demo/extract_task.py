@@ -86,14 +86,11 @@ def make_extract_splits(num_eval: int = 200, num_real: int = 24, num_prompts: in
 
 
 def write_extract_data(output_dir: str, **sizes: int) -> dict[str, str]:
-    """Write the three splits as JSONL under ``output_dir`` (local or s3://); returns their URIs."""
-    from mydistill import io
+    """Write the three splits as JSONL under ``output_dir`` (local or s3://; unchanged files left as they are);
+    returns their URIs."""
+    from mydistill.demo.splits_cli import write_splits
 
-    uris = {}
-    for name, rows in make_extract_splits(**sizes).items():
-        uris[name] = io.join(output_dir, f"{name}.jsonl")
-        io.write_records(uris[name], rows)
-    return uris
+    return write_splits(output_dir, make_extract_splits(**sizes))
 
 
 if __name__ == "__main__":

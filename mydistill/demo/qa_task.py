@@ -7,6 +7,9 @@ Four categories, each row ``{"prompt", "answer", "category"}``:
 - ``addition``: "What is 3 plus 4?" → "7";
 - ``multiplication``: "What is 3 times 4?" → "12" (small factors).
 
+Each question ends with the form of answer wanted ("Reply with the number only.", "Answer in one
+short sentence.": ``ANSWER_FORM``).
+
 A teacher answers in sentences ("The capital of France is Paris."), so exact match scores it
 near 0 while ``contains`` scores it as a person would. The eval set is drawn from held-out facts
 (no capital or opposite in it appears in the training data), so the student has to keep what
@@ -78,11 +81,46 @@ OPPOSITES = [
 ]
 
 
+ARITHMETIC_PHRASINGS = {
+    "addition": ("What is {} plus {}?", "How much is {} plus {}?", "Add {} and {}."),
+    "multiplication": ("What is {} times {}?", "How much is {} times {}?", "Multiply {} by {}."),
+}
+
+
 def _arithmetic(rng: random.Random) -> dict[str, Any]:
     a, b = rng.randint(2, 12), rng.randint(2, 12)
     if rng.random() < 0.5:
-        return {"prompt": f"What is {a} times {b}?", "answer": str(a * b), "category": "multiplication"}
-    return {"prompt": f"What is {a} plus {b}?", "answer": str(a + b), "category": "addition"}
+        return _sum_or_product("multiplication", a, b)
+    return _sum_or_product("addition", a, b)
+
+
+def _sum_or_product(category: str, a: int, b: int, phrasing: int = 0) -> dict[str, Any]:
+    answer = a * b if category == "multiplication" else a + b
+    return {"prompt": ARITHMETIC_PHRASINGS[category][phrasing].format(a, b), "answer": str(answer), "category": category,
+            "operands": (category, a, b)}
+
+
+# Every question ends by saying what form of answer is wanted, the same in eval, real and the teacher's
+# prompts. Asked bare, SmolLM2-135M-Instruct starts explaining a sum ("To find 7 times 3, we can use
+# the") and is cut off by the 12-token answer budget: it answered 18 of the 107 eval sums and products;
+# told to reply with the number only, 65 (README). A category the teacher rarely answers cannot be
+# judged, and a student distilled from it learns to explain, not to answer.
+ANSWER_FORM = {
+    "capital": "Answer in one short sentence.",
+    "opposite": "Answer in one short sentence.",
+    "addition": "Reply with the number only.",
+    "multiplication": "Reply with the number only.",
+}
+
+
+def _asking_for_form(row: dict[str, Any], labelled_in_form: bool = False) -> dict[str, Any]:
+    """The row asking for its form of answer; a training label (``labelled_in_form``) in that form too."""
+    sentence = row.pop("sentence", None)
+    row.pop("operands", None)
+    row = {**row, "prompt": f"{row['prompt']} {ANSWER_FORM[row['category']]}"}
+    if labelled_in_form and sentence:
+        row["answer"] = sentence
+    return row
 
 
 # the eval set asks in the first phrasing; the teacher's prompts also ask in the others
@@ -91,11 +129,13 @@ OPPOSITE_PHRASINGS = ("What is the opposite of {}?", "What word means the opposi
 
 
 def _capital(country: str, city: str, phrasing: int = 0) -> dict[str, Any]:
-    return {"prompt": CAPITAL_PHRASINGS[phrasing].format(country), "answer": city, "category": "capital"}
+    return {"prompt": CAPITAL_PHRASINGS[phrasing].format(country), "answer": city, "category": "capital",
+            "sentence": f"The capital of {country} is {city}."}
 
 
 def _opposite(word: str, other: str, phrasing: int = 0) -> dict[str, Any]:
-    return {"prompt": OPPOSITE_PHRASINGS[phrasing].format(word), "answer": other, "category": "opposite"}
+    return {"prompt": OPPOSITE_PHRASINGS[phrasing].format(word), "answer": other, "category": "opposite",
+            "sentence": f"The opposite of {word} is {other}."}
 
 
 def make_qa_splits(num_eval: int = 200, num_real: int = 24, num_prompts: int = 40, seed: int = 0) -> dict[str, list[dict[str, Any]]]:
@@ -127,6 +167,7 @@ def make_qa_splits(num_eval: int = 200, num_real: int = 24, num_prompts: int = 4
     train_facts = [r for r in (_capital(*c) for c in capitals) if r["prompt"] not in capitals_held]
     train_facts += [r for r in (_opposite(*o) for o in opposites) if r["prompt"] not in opposites_held]
     eval_prompts = {r["prompt"] for r in eval_rows}
+    eval_operands = {r["operands"] for r in eval_rows if "operands" in r}
 
     def draw(n: int, distinct: bool = False) -> list[dict[str, Any]]:
         facts = train_facts if not distinct else train_facts + [
@@ -139,7 +180,12 @@ def make_qa_splits(num_eval: int = 200, num_real: int = 24, num_prompts: int = 4
         for _ in range(100 * n):  # distinct: as many as there are, when n is more than the facts and sums allow
             if len(rows) == n:
                 break
-            row = rng.choice(facts) if rng.random() < 0.67 else _arithmetic(rng)
+            # the teacher's prompts ask sums and products as often as facts (the eval set asks them more often than not)
+            row = rng.choice(facts) if rng.random() < (0.5 if distinct else 0.67) else _arithmetic(rng)
+            if distinct and "operands" in row:  # a sum or product the eval set does not ask, in any phrasing
+                if row["operands"] in eval_operands:
+                    continue
+                row = _sum_or_product(*row["operands"], phrasing=rng.randrange(len(ARITHMETIC_PHRASINGS[row["category"]])))
             if row["prompt"] not in taken:
                 rows.append(row)
                 if distinct:
@@ -148,20 +194,18 @@ def make_qa_splits(num_eval: int = 200, num_real: int = 24, num_prompts: int = 4
 
     real = draw(num_real)
     # the teacher's prompts are distinct (a repeated one would be answered again, then dropped by the mix), and ask
-    # about the training facts in three phrasings each
+    # about the training facts in three phrasings each, and sums and products the eval set does not ask in three too
     prompts = [{"prompt": r["prompt"], "category": r["category"]} for r in draw(num_prompts, distinct=True)]
-    return {"eval": eval_rows, "real": real, "prompts": prompts}
+    return {"eval": [_asking_for_form(dict(r)) for r in eval_rows], "real": [_asking_for_form(dict(r), True) for r in real],
+            "prompts": [_asking_for_form(r) for r in prompts]}
 
 
 def write_qa_data(output_dir: str, **sizes: int) -> dict[str, str]:
-    """Write the three splits as JSONL under ``output_dir`` (local or s3://); returns their URIs."""
-    from mydistill import io
+    """Write the three splits as JSONL under ``output_dir`` (local or s3://; unchanged files left as they are);
+    returns their URIs."""
+    from mydistill.demo.splits_cli import write_splits
 
-    uris = {}
-    for name, rows in make_qa_splits(**sizes).items():
-        uris[name] = io.join(output_dir, f"{name}.jsonl")
-        io.write_records(uris[name], rows)
-    return uris
+    return write_splits(output_dir, make_qa_splits(**sizes))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from typing import Any
 
 
 def write_splits_main(task: str, write: Callable[..., dict[str, str]], argv: list[str] | None = None) -> None:
@@ -16,3 +17,17 @@ def write_splits_main(task: str, write: Callable[..., dict[str, str]], argv: lis
     args = parser.parse_args(argv)
     for name, uri in write(args.output_dir, num_eval=args.num_eval, num_real=args.num_real, num_prompts=args.num_prompts).items():
         print(f"{name}: {uri}")
+
+
+def write_splits(output_dir: str, splits: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
+    """Write each split as ``output_dir/<name>.jsonl`` (local or s3://); returns their URIs. A file that already
+    holds the same records is left as it is, so the runs that read it (keyed by its size and time stamp) are
+    found again rather than redone."""
+    from mydistill import io
+
+    uris = {}
+    for name, rows in splits.items():
+        uris[name] = io.join(output_dir, f"{name}.jsonl")
+        if not (io.exists(uris[name]) and io.read_records(uris[name]) == rows):
+            io.write_records(uris[name], rows)
+    return uris

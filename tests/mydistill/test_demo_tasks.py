@@ -26,10 +26,11 @@ def test_the_eval_set_has_200_distinct_questions_in_4_categories_none_seen_in_tr
 
 @pytest.mark.parametrize("num_prompts", [40, 400])
 def test_qa_eval_facts_are_held_out_from_training_in_every_phrasing(num_prompts):
-    from mydistill.demo.qa_task import CAPITAL_PHRASINGS, OPPOSITE_PHRASINGS
+    from mydistill.demo.qa_task import ANSWER_FORM, CAPITAL_PHRASINGS, OPPOSITE_PHRASINGS
 
     splits = make_qa_splits(num_prompts=num_prompts)
-    subjects = [re.compile(re.escape(p).replace(re.escape("{}"), "(.+)") + "$") for p in CAPITAL_PHRASINGS + OPPOSITE_PHRASINGS]
+    form = re.escape(" " + ANSWER_FORM["capital"])
+    subjects = [re.compile(re.escape(p).replace(re.escape("{}"), "(.+)") + form + "$") for p in CAPITAL_PHRASINGS + OPPOSITE_PHRASINGS]
 
     def subject(prompt: str) -> str | None:
         return next((m.group(1) for pattern in subjects if (m := pattern.match(prompt))), None)
@@ -51,3 +52,35 @@ def test_extraction_answers_are_read_from_the_sentence_and_its_names_are_held_ou
             assert row["answer"] in COUNTS
     eval_names = {r["answer"] for r in splits["eval"] if r["category"] == "name"}
     assert eval_names and not any(name in r["prompt"] for name in eval_names for r in splits["real"] + splits["prompts"])
+
+
+def test_every_qa_question_says_the_form_of_answer_wanted_the_same_in_training_and_eval():
+    from mydistill.demo.qa_task import ANSWER_FORM
+
+    splits = make_qa_splits(num_prompts=200)
+    for name, rows in splits.items():
+        for row in rows:
+            assert row["prompt"].endswith(" " + ANSWER_FORM[row["category"]]), (name, row)
+    sums = [r for r in splits["eval"] if r["category"] in ("addition", "multiplication")]
+    assert sums and all(r["prompt"].endswith("Reply with the number only.") for r in sums)
+    real = {r["category"]: r["answer"] for r in splits["real"]}  # the real answers are in that form too
+    assert real["capital"].startswith("The capital of ") and real["capital"].endswith(".") and real["addition"].isdigit()
+    assert all(not r["answer"].startswith("The ") for r in splits["eval"])  # eval's references stay the bare answer
+
+
+def test_writing_the_same_splits_again_leaves_the_files_untouched_and_a_changed_one_is_replaced(tmp_path):
+    """Runs are keyed by their inputs' size and time stamp: the example script writes the data before every run,
+    so an unchanged file must keep its stamp (and a stale one from an older version of the task must go)."""
+    import os
+
+    from mydistill import io
+    from mydistill.demo.qa_task import write_qa_data
+
+    uris = write_qa_data(str(tmp_path), num_eval=8, num_real=4, num_prompts=6)
+    os.utime(uris["eval"], ns=(1, 1))
+    stale = io.read_records(uris["prompts"])[:-1]
+    io.write_records(uris["prompts"], stale)
+    again = write_qa_data(str(tmp_path), num_eval=8, num_real=4, num_prompts=6)
+    assert again == uris
+    assert os.stat(uris["eval"]).st_mtime_ns == 1  # untouched
+    assert len(io.read_records(uris["prompts"])) == 6  # rewritten
