@@ -96,8 +96,9 @@ def _arithmetic(rng: random.Random) -> dict[str, Any]:
 
 def _sum_or_product(category: str, a: int, b: int, phrasing: int = 0) -> dict[str, Any]:
     answer = a * b if category == "multiplication" else a + b
+    # the fact asked, whichever way round: 8 times 7 is the same fact as 7 times 8
     return {"prompt": ARITHMETIC_PHRASINGS[category][phrasing].format(a, b), "answer": str(answer), "category": category,
-            "operands": (category, a, b)}
+            "operands": (category, min(a, b), max(a, b)), "pair": (a, b)}
 
 
 # Every question ends by saying what form of answer is wanted, the same in eval, real and the teacher's
@@ -117,6 +118,7 @@ def _asking_for_form(row: dict[str, Any], labelled_in_form: bool = False) -> dic
     """The row asking for its form of answer; a training label (``labelled_in_form``) in that form too."""
     sentence = row.pop("sentence", None)
     row.pop("operands", None)
+    row.pop("pair", None)
     row = {**row, "prompt": f"{row['prompt']} {ANSWER_FORM[row['category']]}"}
     if labelled_in_form and sentence:
         row["answer"] = sentence
@@ -182,10 +184,11 @@ def make_qa_splits(num_eval: int = 200, num_real: int = 24, num_prompts: int = 4
                 break
             # the teacher's prompts ask sums and products as often as facts (the eval set asks them more often than not)
             row = rng.choice(facts) if rng.random() < (0.5 if distinct else 0.67) else _arithmetic(rng)
-            if distinct and "operands" in row:  # a sum or product the eval set does not ask, in any phrasing
+            if "operands" in row:  # a sum or product the eval set does not ask, in any phrasing or order
                 if row["operands"] in eval_operands:
                     continue
-                row = _sum_or_product(*row["operands"], phrasing=rng.randrange(len(ARITHMETIC_PHRASINGS[row["category"]])))
+                if distinct:
+                    row = _sum_or_product(row["category"], *row["pair"], phrasing=rng.randrange(len(ARITHMETIC_PHRASINGS[row["category"]])))
             if row["prompt"] not in taken:
                 rows.append(row)
                 if distinct:

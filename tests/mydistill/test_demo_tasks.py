@@ -42,6 +42,16 @@ def test_qa_eval_facts_are_held_out_from_training_in_every_phrasing(num_prompts)
     assert len(prompts) == len(set(prompts)) == num_prompts  # distinct: each asks the teacher something new
     assert {subject(p) is not None and not p.startswith("What is the") for p in prompts} == {True, False}  # other phrasings too
 
+    def fact(prompt: str) -> tuple[str, int, int] | None:  # a sum or product, whichever way round and however asked
+        numbers = [int(n) for n in re.findall(r"\d+", prompt)]
+        operation = "times" if ("times" in prompt or "Multiply" in prompt) else "plus" if ("plus" in prompt or "Add" in prompt) else None
+        return (operation, min(numbers), max(numbers)) if operation and len(numbers) == 2 else None
+
+    held_sums = {f for r in splits["eval"] if (f := fact(r["prompt"]))}
+    trained_sums = [f for r in splits["real"] + splits["prompts"] if (f := fact(r["prompt"]))]
+    assert len(held_sums) > 60 and trained_sums and not held_sums & set(trained_sums)
+    assert {p.split()[0] for p in prompts if fact(p)} == {"What", "How", "Add", "Multiply"}
+
 
 def test_extraction_answers_are_read_from_the_sentence_and_its_names_are_held_out():
     splits = make_extract_splits()
