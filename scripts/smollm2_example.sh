@@ -12,9 +12,9 @@ PY=${PYTHON:-.venv/bin/python}
 export PYTHONPATH=$PWD
 TASK=qa
 case "${1:-}" in qa|extract) TASK=$1; shift ;; esac
-# both presets read 200 teacher prompts (.cache/qa-task-200, .cache/extract-task-200)
-if [ "$TASK" = qa ]; then CONFIG=configs/smollm2-example.yaml; else CONFIG=configs/smollm2-extract.yaml; fi
-DATA=.cache/$TASK-task-200
+# the QA preset reads 400 teacher prompts (.cache/qa-task-400), the extraction preset 200 (.cache/extract-task-200)
+if [ "$TASK" = qa ]; then CONFIG=configs/smollm2-example.yaml PROMPTS=400; else CONFIG=configs/smollm2-extract.yaml PROMPTS=200; fi
+DATA=.cache/$TASK-task-$PROMPTS
 # 20 of the 30 blocks (73% of the teacher's parameters): blocks 10-19 go, the hand-found cut of 12-19
 # (README) widened by two
 HAND_CUT="[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29]"
@@ -25,7 +25,7 @@ if [ ! -f .cache/smollm2-135m-instruct/config.json ]; then
 fi
 # written every time (deterministic, under a second): data from an older version of the task is replaced,
 # files that hold the same records are left untouched (runs are keyed by their size and time stamp)
-"$PY" -m "mydistill.demo.${TASK}_task" "$DATA" --prompts 200 >/dev/null
+"$PY" -m "mydistill.demo.${TASK}_task" "$DATA" --prompts "$PROMPTS" >/dev/null
 evaluate_dir() {  # where the run with these overrides wrote its evaluation
   "$PY" -c 'import sys; from mydistill.config import load_config; from mydistill.pipeline.plan import make_plan
 print(make_plan(load_config(sys.argv[1], sys.argv[2:])).evaluate_uri)' "$CONFIG" "$@"
