@@ -109,18 +109,22 @@ class _FileLock:
         except BlockingIOError:
             os.close(fd)
             return False
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(_owner(uuid.uuid4().hex)).encode(), 0)
+        owner = json.dumps(_owner(uuid.uuid4().hex)).encode()
+        os.pwrite(fd, owner, 0)  # then cut what a longer earlier owner left: the file is never empty in between
+        os.ftruncate(fd, len(owner))
         self.fd = fd
         return True
 
     def holder(self) -> tuple[dict[str, Any] | None, str | None]:
-        # no ETag: a dead holder's flock is gone, so a local lock is never stale
-        try:
-            with open(self.uri) as f:
-                return json.loads(f.read() or "null"), None
-        except (OSError, ValueError):
-            return None, None
+        # no ETag: a dead holder's flock is gone, so a local lock is never stale. A holder that has just taken the
+        # flock may not have written itself yet (or not cut an earlier, longer owner): read again briefly.
+        for attempt in range(5):
+            try:
+                with open(self.uri) as f:
+                    return json.loads(f.read()), None
+            except (OSError, ValueError):
+                time.sleep(0.02 * (attempt + 1))
+        return None, None
 
     def take_over(self, etag: str) -> bool:
         return False

@@ -120,7 +120,7 @@ def flaky_script(tmp_path, how: str) -> str:
                 os.abort()
             if {how!r} == "raise" and first:
                 raise ValueError("bad config")
-        print("done", flush=True)
+        os.write(1, b"done\\n")  # one write: two ranks' unbuffered prints can splice into "donedone"
     """))
     return str(path)
 
