@@ -20,6 +20,12 @@ arXiv:2402.02834, which scores each skipped block by the perplexity it costs), m
 teacher as distillation does, and applied greedily: the block whose skipping costs least is dropped,
 then every remaining block is scored again with it gone, until the student's depth is reached. Blocks
 that are each cheap to drop alone may not be cheap together; the greedy rounds see that.
+
+Either criterion can be measured on the prompts alone (``student.init.importance_on: prompts``) or on
+the teacher's responses to them (``responses``): each prompt and the teacher's answer through the chat
+template, measured only at the positions that predict an answer token. The prompts say what the task
+asks; the responses say what answering it needs (a late block may barely change the prompt's
+next-token distribution and still write the capital of Ghana).
 """
 
 from __future__ import annotations
@@ -31,12 +37,47 @@ from typing import Any
 import torch
 
 
+def _batches(
+    tokenizer: Any, texts: Sequence[str] | None, exchanges: Sequence[tuple[str, str]] | None, batch_size: int,
+    max_length: int, device: Any,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """``(input_ids, attention_mask, answer_positions)`` per batch: of ``texts`` (the prompts as the
+    teacher sees them; ``answer_positions`` None) or of ``exchanges`` ((prompt, response) pairs,
+    tokenized as training tokenizes them; ``answer_positions`` marks the positions whose next token is
+    a response token)."""
+    if (texts is None) == (exchanges is None):
+        raise ValueError("measure blocks on prompts (texts) or on prompt-response pairs (exchanges), one of the two")
+    out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+    if texts is not None:
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(list(texts[start : start + batch_size]), return_tensors="pt", padding=True,
+                              truncation=True, max_length=max_length)
+            out.append((batch["input_ids"].to(device), batch["attention_mask"].to(device), None))
+        return out
+    from mydistill.tokenization import (
+        IGNORE_INDEX,
+        collate,
+        shift_labels,
+        tokenize_example,
+    )
+
+    assert exchanges is not None
+    examples = [tokenize_example(tokenizer, prompt, response, max_length) for prompt, response in exchanges]
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start : start + batch_size], tokenizer.pad_token_id)
+        answers = (shift_labels(batch["labels"]) != IGNORE_INDEX).to(device)
+        out.append((batch["input_ids"].to(device), batch["attention_mask"].to(device), answers))
+    return out
+
+
 @torch.no_grad()
 def block_influence(
-    model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size: int = 8, max_length: int = 128,
+    model: Any, tokenizer: Any, texts: Sequence[str] | None = None, *, exchanges: Sequence[tuple[str, str]] | None = None,
+    batch_size: int = 8, max_length: int = 128,
 ) -> list[float]:
     """BI of every block of a Llama/Qwen/Mistral-style decoder (``model.model.layers``), averaged
-    over the non-padding tokens of ``texts``. Returns one float per block, in block order.
+    over the non-padding tokens of ``texts``, or over the positions of ``exchanges`` ((prompt,
+    response) pairs) that predict a response token. Returns one float per block, in block order.
 
     Hidden states are taken by forward hooks at each block's own input and output, not from
     ``output_hidden_states`` (whose last entry has the final norm applied, which would charge the
@@ -45,7 +86,7 @@ def block_influence(
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         raise ValueError(f"cannot measure blocks of a {type(model).__name__}: expected a decoder with model.layers")
-    if not texts:
+    if not (texts or exchanges):
         raise ValueError("block influence needs at least one prompt to measure on")
     sums = torch.zeros(len(layers), dtype=torch.float64)
     captured: dict[int, torch.Tensor] = {}  # block -> (B, T) cosine similarity of the current batch
@@ -64,12 +105,9 @@ def block_influence(
     device = next(model.parameters()).device
     tokens = 0
     try:
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(list(texts[start : start + batch_size]), return_tensors="pt", padding=True,
-                              truncation=True, max_length=max_length)
-            mask = batch["attention_mask"].to(device)
-            model(input_ids=batch["input_ids"].to(device), attention_mask=mask)
-            valid = mask.bool()
+        for ids, mask, answers in _batches(tokenizer, texts, exchanges, batch_size, max_length, device):
+            model(input_ids=ids, attention_mask=mask)
+            valid = mask.bool() if answers is None else answers
             tokens += int(valid.sum())
             for i in range(len(layers)):
                 sums[i] += (1 - captured[i][valid]).double().sum().cpu()
@@ -89,8 +127,8 @@ class _Skipped(torch.nn.Module):
 
 @torch.no_grad()
 def skip_kl_greedy(
-    model: Any, tokenizer: Any, texts: Sequence[str], keep: int, *, batch_size: int = 8, max_length: int = 128,
-    on_round: Any = None,
+    model: Any, tokenizer: Any, texts: Sequence[str] | None, keep: int, *, exchanges: Sequence[tuple[str, str]] | None = None,
+    batch_size: int = 8, max_length: int = 128, on_round: Any = None,
 ) -> tuple[list[float], list[int]]:
     """Choose ``keep`` blocks of a Llama/Qwen/Mistral-style decoder by the KL they cost when skipped
     (see the module's docstring). Returns each block's score (the mean per-token KL(teacher ‖ teacher
@@ -98,15 +136,16 @@ def skip_kl_greedy(
     it) and the kept blocks in order. ``on_round(dropped_block, kl)`` is called after each round.
 
     Costs about (n − keep) · (n + keep) / 4 forward passes over ``texts`` for n blocks (each candidate
-    runs only the blocks after it). Positions are
+    runs only the blocks after it). On ``texts``, positions are
     measured from the end of the tokens that every text begins with (a chat template's system
-    prompt), where the prompts differ; the whole teacher's log-probabilities are kept (float16) for
-    those positions only.
+    prompt), where the prompts differ; on ``exchanges`` ((prompt, response) pairs), at the positions
+    that predict a response token. The whole teacher's log-probabilities are kept (float16) for the
+    measured positions only.
     """
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         raise ValueError(f"cannot measure blocks of a {type(model).__name__}: expected a decoder with model.layers")
-    if not texts:
+    if not (texts or exchanges):
         raise ValueError("skip-KL needs at least one prompt to measure on")
     if not 0 < keep <= len(layers):
         raise ValueError(f"keep must be between 1 and the {len(layers)} blocks measured (got {keep})")
@@ -115,20 +154,18 @@ def skip_kl_greedy(
     device = next(model.parameters()).device
     # the tokens every prompt begins with (a chat template's system prompt) predict the same next token
     # with the same context in every prompt: measured once, they would outweigh the prompts themselves
-    encoded = [tokenizer(text, truncation=True, max_length=max_length)["input_ids"] for text in texts]
     shared = 0
-    while all(len(ids) > shared + 1 for ids in encoded) and len({ids[shared] for ids in encoded}) == 1:
-        shared += 1
-    shared = shared if len(texts) > 1 else 0
+    if texts is not None and len(texts) > 1:
+        encoded = [tokenizer(text, truncation=True, max_length=max_length)["input_ids"] for text in texts]
+        while all(len(ids) > shared + 1 for ids in encoded) and len({ids[shared] for ids in encoded}) == 1:
+            shared += 1
     body, norm, head = model.model, getattr(model.model, "norm", None), getattr(model, "lm_head", None)
     if norm is None or head is None:
         raise ValueError(f"cannot measure blocks of a {type(model).__name__}: expected model.norm and lm_head")
     batches = []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(list(texts[start : start + batch_size]), return_tensors="pt", padding=True,
-                          truncation=True, max_length=max_length)
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        measured = mask.bool() & (mask.cumsum(dim=1) > max(shared - 1, 0))  # position t predicts token t + 1
+    for ids, mask, answers in _batches(tokenizer, texts, exchanges, batch_size, max_length, device):
+        # position t predicts token t + 1
+        measured = answers if answers is not None else mask.bool() & (mask.cumsum(dim=1) > max(shared - 1, 0))
         hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # final norm applied
         batches.append((ids, mask, measured, torch.log_softmax(head(hidden[measured]).float(), dim=-1).half()))
     tokens = sum(int(m.sum()) for _, _, m, _ in batches)

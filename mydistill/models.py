@@ -172,13 +172,16 @@ def ensure_cut_student(teacher_uri: str, layers: list[int] | None, keep_every: i
 
 
 def ensure_measured_cut(
-    teacher_uri: str, prompts: list[str], output_uri: str, *, num_layers: int | None = None,
-    parameter_fraction: float | None = None, prompts_sha256: str | None = None, importance: str = "block_influence",
+    teacher_uri: str, prompts: list[str] | None, output_uri: str, *, exchanges: list[tuple[str, str]] | None = None,
+    num_layers: int | None = None, parameter_fraction: float | None = None, prompts_sha256: str | None = None,
+    importance: str = "block_influence",
 ) -> dict[str, Any]:
     """``student.init.layers: auto``: score every teacher block over ``prompts`` (``importance``:
     :func:`mydistill.block_importance.block_influence`, ShortGPT, or
     :func:`~mydistill.block_importance.skip_kl_greedy`), keep the ``num_layers`` that score highest
     (or as many as ``parameter_fraction`` of the teacher's parameters allows) and write the cut once,
+    measured on ``prompts`` or on ``exchanges`` ((prompt, teacher response) pairs, at the positions that
+    predict a response token),
     like :func:`ensure_cut_student`; the manifest adds each block's score (``block_influence`` or
     ``skip_kl``) and how the blocks were chosen."""
     from mydistill import io
@@ -186,8 +189,9 @@ def ensure_measured_cut(
 
     inputs = {
         "teacher": teacher_fingerprint(teacher_uri), "layers": "auto", "num_layers": num_layers,
-        "parameter_fraction": parameter_fraction, "prompts": prompts_sha256 or io.sha256_of(prompts),
+        "parameter_fraction": parameter_fraction, "prompts": prompts_sha256 or io.sha256_of(prompts if exchanges is None else exchanges),
         **({"importance": importance} if importance != "block_influence" else {}),
+        **({"measured_on": "responses"} if exchanges is not None else {}),
     }
     if io.manifest_matches(output_uri, inputs):
         return io.read_manifest(output_uri) or {}
@@ -197,26 +201,29 @@ def ensure_measured_cut(
         tokenizer.pad_token = tokenizer.eos_token
     from mydistill.tokenization import format_prompt
 
-    # measured on what the teacher sees: each prompt through its chat template
-    texts = [format_prompt(tokenizer, p) for p in prompts]
+    # measured on what the teacher sees: each prompt through its chat template (with its response, if given)
+    texts = None if exchanges is not None else [format_prompt(tokenizer, p) for p in prompts or []]
+    measured = len(exchanges) if exchanges is not None else len(texts or [])
+    on = {"measured_on": "responses" if exchanges is not None else "prompts"}
     keep = num_layers if num_layers is not None else blocks_for_budget(teacher, float(parameter_fraction or 1.0))
     total = len(teacher.model.layers)
     if keep > total:
         raise ValueError(f"student.init.num_layers {keep} is more than the teacher's {total} blocks ({teacher_uri})")
     if importance == "skip_kl":
-        log.info("student init: scoring %d blocks by skip-KL over %d prompts, dropping %d greedily", total, len(prompts), total - keep)
+        log.info("student init: scoring %d blocks by skip-KL over %d %s, dropping %d greedily", total, measured, on["measured_on"], total - keep)
         scores, layers = skip_kl_greedy(
-            teacher, tokenizer, texts, keep, on_round=lambda block, kl: log.info("student init: dropped block %d (KL %.4f)", block, kl))
+            teacher, tokenizer, texts, keep, exchanges=exchanges,
+            on_round=lambda block, kl: log.info("student init: dropped block %d (KL %.4f)", block, kl))
         return _write_cut(
             teacher, teacher_uri, layers, output_uri, inputs, skip_kl=scores, chosen_by="skip-KL, greedy: the KL from the "
             "teacher's output to the teacher's with the block skipped (Shortened LLaMA's one-shot criterion, Kim et al. "
-            "2024, arXiv:2402.02834, scored against the teacher and applied one block at a time)", measured_on_prompts=len(prompts),
+            "2024, arXiv:2402.02834, scored against the teacher and applied one block at a time)", measured_on_prompts=measured, **on,
         )
-    scores = block_influence(teacher, tokenizer, texts)
+    scores = block_influence(teacher, tokenizer, texts, exchanges=exchanges)
     layers = choose_layers(scores, keep)
     return _write_cut(
         teacher, teacher_uri, layers, output_uri, inputs, block_influence=scores, chosen_by="ShortGPT block influence "
-        "(Men et al. 2024, arXiv:2403.03853): the blocks that turn the hidden state most", measured_on_prompts=len(prompts),
+        "(Men et al. 2024, arXiv:2403.03853): the blocks that turn the hidden state most", measured_on_prompts=measured, **on,
     )
 
 

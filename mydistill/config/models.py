@@ -91,6 +91,12 @@ class StudentInit(Section):
     importance_prompts: int = Field(
         64, gt=0, description="With layers: auto, how many prompts of the run's prompt pool the blocks are measured on."
     )
+    importance_on: Literal["prompts", "responses"] = Field(
+        "prompts",
+        description="With layers: auto, what the blocks are measured on: 'prompts' (the first importance_prompts of "
+        "the prompt pool, every token) or 'responses' (the first importance_prompts teacher examples of the mix, "
+        "prompt and the teacher's response, only at the positions that predict a response token: what answering needs).",
+    )
 
     @model_validator(mode="after")
     def _one_choice_of_layers(self) -> StudentInit:
@@ -108,6 +114,9 @@ class StudentInit(Section):
             return self
         if self.importance != "block_influence":
             raise ValueError(f"importance: {self.importance} scores blocks for layers: auto; set layers: auto or leave importance out")
+        if self.importance_on != "prompts":
+            raise ValueError(f"importance_on: {self.importance_on} is where blocks are measured for layers: auto; set layers: auto "
+                             "or leave importance_on out")
         if sized:
             raise ValueError(f"{' and '.join(sized)} size a student whose blocks are chosen by measurement: set layers: auto")
         if self.layers is not None:

@@ -67,7 +67,7 @@ class StagePlan:
 
 
 # student.init fields that only size a measured cut (layers: auto); left out of a fixed cut's key so it keeps its old one
-_AUTO_CUT_FIELDS = {"num_layers", "parameter_fraction", "importance_prompts", "importance"}
+_AUTO_CUT_FIELDS = {"num_layers", "parameter_fraction", "importance_prompts", "importance", "importance_on"}
 
 
 def _key(*parts: Any) -> str:
@@ -98,23 +98,27 @@ def make_plan(cfg: PipelineConfig) -> StagePlan:
     fps = input_fingerprints(cfg, teacher_uri=teacher_uri, prompts_uri=prompts_uri, real_uri=real_uri, eval_uri=eval_uri)
     sha = {name: fp["sha256"] for name, fp in fps.items()}
     extra = {"extra_teachers": [sha[f"extra_teacher_{i}"] for i in range(len(cfg.distill.extra_teachers))]}
+    generate = _key("generate", teacher_uri, sha["teacher"], teacher_id, prompts_uri, sha["prompts"], cfg.generate.content_params())
+    mix = _key("mix", generate, real_uri, sha["real"], cfg.data.model_dump(), cfg.mix.model_dump())
     init = cfg.student.init
+    # the defaults of the measured cut's criterion stay out of its key, so cuts measured before they could be
+    # chosen keep theirs; measured on the teacher's responses, the cut depends on the mix they are read from
+    defaults = {k for k, v in (("importance", "block_influence"), ("importance_on", "prompts")) if getattr(init, k) == v}
     student_init = (
-        # blocks chosen by measurement depend on the prompts measured on; a fixed cut keeps its old key
-        # (the default criterion stays out of the key, so cuts measured before it could be chosen keep theirs)
-        _key("student-init", sha.get("teacher", teacher_uri), init.model_dump(exclude={"importance"} if init.importance == "block_influence" else None),
-             sha["prompts"]) if init.layers == "auto"
+        _key("student-init", sha.get("teacher", teacher_uri), init.model_dump(exclude=defaults), sha["prompts"],
+             *([mix] if init.importance_on == "responses" else [])) if init.layers == "auto"
         else _key("student-init", sha.get("teacher", teacher_uri), init.model_dump(exclude=_AUTO_CUT_FIELDS))
         if init.from_teacher else None
     )
     # the student as its stages read it: a pretrained folder (by content), a cut of the teacher, or an architecture
     # (student.dtype is the precision students are evaluated in: the evaluate stage's key holds it, training's does not)
-    unsized = {"dtype": True} if init.layers == "auto" else {"dtype": True, "init": dict.fromkeys(_AUTO_CUT_FIELDS, True)}
+    unsized = (
+        {"dtype": True, **({"init": {"importance_on": True}} if "importance_on" in defaults else {})} if init.layers == "auto"
+        else {"dtype": True, "init": dict.fromkeys(_AUTO_CUT_FIELDS, True)}
+    )
     student = {**cfg.student.model_dump(exclude=unsized), "arch": cfg.student.arch.as_dict(), "init": sha.get("student_init"),
                "cut_from_teacher": student_init}
 
-    generate = _key("generate", teacher_uri, sha["teacher"], teacher_id, prompts_uri, sha["prompts"], cfg.generate.content_params())
-    mix = _key("mix", generate, real_uri, sha["real"], cfg.data.model_dump(), cfg.mix.model_dump())
     signal = _key("signal", mix, teacher_uri, sha["teacher"], _signal_content(cfg), cfg.distill.max_length) if cfg.signal.enabled else None
     signal_extra = [sha[f"signal_extra_{i}"] for i in range(len(cfg.signal.extra_uris))]
     distill = _key(

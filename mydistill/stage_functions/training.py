@@ -59,7 +59,8 @@ def train_job(cfg: PipelineConfig, plan: StagePlan, stage: str) -> TrainJob:
 def prepare_student_init(cfg: PipelineConfig, plan: StagePlan) -> dict[str, Any] | None:
     """With ``student.init.from_teacher``: cut the student from the teacher once (its blocks
     ``student.init.layers`` / ``keep_every``, or with ``layers: auto`` the most influential blocks
-    measured over the first ``importance_prompts`` of the run's prompt pool) into
+    measured over the first ``importance_prompts`` of the run's prompt pool, or of the mix's teacher
+    examples with ``importance_on: responses``) into
     ``plan.student_init_uri``; returns its manifest."""
     if not plan.student_init_uri:
         return None
@@ -67,6 +68,24 @@ def prepare_student_init(cfg: PipelineConfig, plan: StagePlan) -> dict[str, Any]
 
     init = cfg.student.init
     if init.layers == "auto":
+        if init.importance_on == "responses":
+            # the teacher's own answers, as the student will be trained on them (the mix's teacher examples)
+            source = io.join(plan.mix_uri, TRAIN_FILE)
+            exchanges = []
+            for record in io.iter_records(source):
+                if record.get("source") != "teacher":
+                    continue
+                where = f"{source}: record {record.get('id', len(exchanges) + 1)}"
+                exchanges.append((io.text_field(record, "prompt", where), io.text_field(record, "response", where)))
+                if len(exchanges) == init.importance_prompts:
+                    break
+            if not exchanges:
+                raise io.DataError(f"{source}: no teacher examples to measure the blocks on (student.init.importance_on: "
+                                   "responses); measure on prompts, or raise mix.teacher_fraction")
+            return ensure_measured_cut(
+                plan.teacher_uri, None, plan.student_init_uri, exchanges=exchanges, num_layers=init.num_layers,
+                parameter_fraction=init.parameter_fraction, prompts_sha256=io.sha256_of(exchanges), importance=init.importance,
+            )
         prompts = []
         for record in io.iter_records(plan.prompts_uri):
             prompts.append(io.text_field(record, cfg.data.prompt_field, f"{plan.prompts_uri}: record {len(prompts) + 1}"))

@@ -12,6 +12,7 @@ from mydistill.block_importance import block_influence, blocks_for_budget, choos
 ARCH = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
             max_position_embeddings=64, tie_word_embeddings=True)
 PROMPTS = ["reverse: abcd", "sort: hgfe", "reverse: ab", "sort: dcbaef"]
+EXCHANGES = [("reverse: abcd", "dcba"), ("sort: hgfe", "efgh"), ("reverse: ab", "ba"), ("sort: dcbaef", "abcdef")]
 
 
 @pytest.fixture
@@ -99,6 +100,81 @@ def test_the_cut_keeps_the_measured_blocks_and_records_their_scores(tmp_path, te
     assert blocks_for_budget(teacher_with_idle_blocks, 1.0) == 4
     with pytest.raises(ValueError, match="leaves no room for a block"):
         blocks_for_budget(teacher_with_idle_blocks, 0.01)
+
+
+def test_on_the_teachers_responses_only_the_positions_that_predict_an_answer_token_count(teacher_with_idle_blocks, demo_tokenizer):
+    from mydistill.tokenization import format_prompt, tokenize_example
+
+    scores = block_influence(teacher_with_idle_blocks, demo_tokenizer, exchanges=EXCHANGES, batch_size=3)
+    assert scores[1] == pytest.approx(0.0, abs=1e-6) and scores[2] == pytest.approx(0.0, abs=1e-6)
+    assert choose_layers(scores, 2) == [0, 3]
+    # the prompt's own positions are left out: not the same measure as over the prompts, nor over the whole exchanges
+    assert scores != pytest.approx(block_influence(teacher_with_idle_blocks, demo_tokenizer, [format_prompt(demo_tokenizer, p) for p in PROMPTS]), abs=1e-4)
+    # padding and prompts do not count: two exchanges in one padded batch measure the mean of each alone,
+    # weighted by how many answer tokens each predicts
+    one, two = (block_influence(teacher_with_idle_blocks, demo_tokenizer, exchanges=[e]) for e in EXCHANGES[2:4])
+    together = block_influence(teacher_with_idle_blocks, demo_tokenizer, exchanges=EXCHANGES[2:4], batch_size=2)
+    n_one, n_two = (sum(label >= 0 for label in tokenize_example(demo_tokenizer, p, r, 128).labels) for p, r in EXCHANGES[2:4])
+    assert together == pytest.approx([(a * n_one + b * n_two) / (n_one + n_two) for a, b in zip(one, two, strict=True)], abs=1e-5)
+    # skip-KL on the answers drops the idle blocks too, each costing nothing
+    rounds: list[tuple[int, float]] = []
+    kl, kept = skip_kl_greedy(teacher_with_idle_blocks, demo_tokenizer, None, 2, exchanges=EXCHANGES,
+                              on_round=lambda block, value: rounds.append((block, value)))
+    assert kept == [0, 3] and [b for b, _ in rounds] == [1, 2] and max(v for _, v in rounds) < 0.01 * min(kl[0], kl[3])
+    with pytest.raises(ValueError, match="on prompts .texts. or on prompt-response pairs .exchanges., one of the two"):
+        block_influence(teacher_with_idle_blocks, demo_tokenizer, PROMPTS, exchanges=EXCHANGES)
+
+
+def test_a_cut_measured_on_responses_says_so_and_is_not_the_one_measured_on_prompts(tmp_path, teacher_with_idle_blocks, demo_tokenizer):
+    from mydistill.models import ensure_measured_cut
+
+    teacher_dir = tmp_path / "teacher"
+    teacher_with_idle_blocks.save_pretrained(teacher_dir)
+    demo_tokenizer.save_pretrained(teacher_dir)
+    out = str(tmp_path / "student-init")
+    manifest = ensure_measured_cut(str(teacher_dir), None, out, exchanges=EXCHANGES, num_layers=2)
+    assert manifest["teacher_layers"] == [0, 3] and manifest["measured_on"] == "responses" and manifest["measured_on_prompts"] == 4
+    assert manifest["inputs_sha256"] != ensure_measured_cut(str(teacher_dir), PROMPTS, str(tmp_path / "on-prompts"), num_layers=2)["inputs_sha256"]
+    assert ensure_measured_cut(str(teacher_dir), None, out, exchanges=EXCHANGES, num_layers=2) == manifest  # found again
+
+
+def test_importance_on_responses_measures_the_mixs_teacher_examples(tmp_path, teacher_with_idle_blocks, demo_tokenizer):
+    """The stage reads the mix's teacher examples (not the real ones), and the cut's key follows the mix."""
+    import json
+
+    from mydistill import io
+    from mydistill.config import ConfigError, load_config
+    from mydistill.mix import TRAIN_FILE
+    from mydistill.pipeline.plan import make_plan
+    from mydistill.stage_functions.training import prepare_student_init
+
+    teacher_dir = tmp_path / "teacher"
+    teacher_with_idle_blocks.save_pretrained(teacher_dir)
+    demo_tokenizer.save_pretrained(teacher_dir)
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("prompts", "real", "eval"):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": p, "response": r, "answer": r}) + "\n" for p, r in EXCHANGES))
+    auto = [f"teacher.uri={teacher_dir}", f"work_dir={tmp_path / 'runs'}", "demo=null",
+            *(f"data.{n}_uri={data / n}.jsonl" for n in ("prompts", "real", "eval")),
+            "student.init={from_teacher: true, layers: auto, num_layers: 2}"]
+    on_prompts = make_plan(load_config("demo", auto))
+    cfg = load_config("demo", [*auto, "student.init.importance_on=responses", "student.init.importance_prompts=3"])
+    plan = make_plan(cfg)
+    assert plan.student_init_uri != on_prompts.student_init_uri and plan.distill_uri != on_prompts.distill_uri
+    assert make_plan(load_config("demo", [*auto, "student.init.importance_on=prompts"])).student_init_uri == on_prompts.student_init_uri
+    rows = [{"id": "r1", "prompt": "real: x", "response": "y", "source": "real"}] + [
+        {"id": f"t{i}", "prompt": p, "response": r, "source": "teacher"} for i, (p, r) in enumerate(EXCHANGES)]
+    io.write_text(io.join(plan.mix_uri, TRAIN_FILE), "".join(json.dumps(row) + "\n" for row in rows))
+    manifest = prepare_student_init(cfg, plan)
+    assert manifest is not None and manifest["measured_on"] == "responses" and manifest["measured_on_prompts"] == 3
+    assert manifest["teacher_layers"] == [0, 3]
+    io.write_text(io.join(plan.mix_uri, TRAIN_FILE), json.dumps(rows[0]) + "\n")
+    fresh = make_plan(load_config("demo", [*auto, "student.init.importance_on=responses", "student.init.importance_prompts=2"]))
+    with pytest.raises(io.DataError, match="no teacher examples to measure the blocks on"):
+        prepare_student_init(load_config("demo", [*auto, "student.init.importance_on=responses", "student.init.importance_prompts=2"]), fresh)
+    with pytest.raises(ConfigError, match="importance_on: responses is where blocks are measured for layers: auto"):
+        load_config("demo", ["student.init.from_teacher=true", "student.init.keep_every=2", "student.init.importance_on=responses"])
 
 
 def test_layers_auto_needs_one_size_and_is_refused_without_it():
