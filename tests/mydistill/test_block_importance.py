@@ -188,6 +188,11 @@ def test_layers_auto_needs_one_size_and_is_refused_without_it():
         load_config("demo", ["student.init.from_teacher=true", "student.init.keep_every=2", "student.init.num_layers=1"])
     with pytest.raises(ConfigError, match="importance: skip_kl scores blocks for layers: auto"):
         load_config("demo", ["student.init.from_teacher=true", "student.init.keep_every=2", "student.init.importance=skip_kl"])
+    # without a cut from the teacher, a measured cut's size or criterion would be ignored: refused, naming them
+    with pytest.raises(ConfigError, match="parameter_fraction, importance only apply to a student cut from the teacher by measurement"):
+        load_config("demo", ["student.init.parameter_fraction=0.5", "student.init.importance=skip_kl"])
+    with pytest.raises(ConfigError, match="num_layers only apply"):
+        load_config("demo", ["student.init.from_teacher=false", "student.init.num_layers=2"])
     # the default criterion leaves a measured cut's key as it was; another one is another cut
     from mydistill.pipeline.plan import make_plan
 
