@@ -87,9 +87,12 @@ ARITHMETIC_PHRASINGS = {
 }
 
 
-def _arithmetic(rng: random.Random) -> dict[str, Any]:
-    a, b = rng.randint(2, 12), rng.randint(2, 12)
-    if rng.random() < 0.5:
+def _arithmetic(rng: random.Random, products: float = 0.5, largest: int = 12) -> dict[str, Any]:
+    a, b = rng.randint(2, largest), rng.randint(2, largest)
+    if rng.random() < products:
+        if largest > 12:  # a times table, extended: one factor at most 12, either way round
+            a = rng.randint(2, 12)
+            a, b = (a, b) if rng.random() < 0.5 else (b, a)
         return _sum_or_product("multiplication", a, b)
     return _sum_or_product("addition", a, b)
 
@@ -140,7 +143,10 @@ def _opposite(word: str, other: str, phrasing: int = 0) -> dict[str, Any]:
             "sentence": f"The opposite of {word} is {other}."}
 
 
-def make_qa_splits(num_eval: int = 200, num_real: int = 24, num_prompts: int = 40, seed: int = 0) -> dict[str, list[dict[str, Any]]]:
+def make_qa_splits(
+    num_eval: int = 200, num_real: int = 24, num_prompts: int = 40, seed: int = 0, prompt_products: float = 0.5,
+    prompt_largest: int = 12,
+) -> dict[str, list[dict[str, Any]]]:
     """``eval`` (held-out facts, distinct questions), ``real`` (labelled) and ``prompts`` (unlabelled,
     for the teacher): facts split so that eval's capitals and opposites appear in neither of the
     others. A third of the eval set is capitals, a third opposites (at most half of the facts of
@@ -183,7 +189,8 @@ def make_qa_splits(num_eval: int = 200, num_real: int = 24, num_prompts: int = 4
             if len(rows) == n:
                 break
             # the teacher's prompts ask sums and products as often as facts (the eval set asks them more often than not)
-            row = rng.choice(facts) if rng.random() < (0.5 if distinct else 0.67) else _arithmetic(rng)
+            row = rng.choice(facts) if rng.random() < (0.5 if distinct else 0.67) else (
+                _arithmetic(rng, prompt_products, prompt_largest) if distinct else _arithmetic(rng))
             if "operands" in row:  # a sum or product the eval set does not ask, in any phrasing or order
                 if row["operands"] in eval_operands:
                     continue
@@ -214,4 +221,7 @@ def write_qa_data(output_dir: str, **sizes: int) -> dict[str, str]:
 if __name__ == "__main__":
     from mydistill.demo.splits_cli import write_splits_main
 
-    write_splits_main("qa", write_qa_data)
+    write_splits_main("qa", write_qa_data, options=(
+        ("--prompt-products", float, 0.5, "share of the teacher's sums and products that are products"),
+        ("--prompt-largest", int, 12, "largest number in the teacher's sums and products (a product's other factor stays at most 12)"),
+    ))

@@ -94,3 +94,22 @@ def test_writing_the_same_splits_again_leaves_the_files_untouched_and_a_changed_
     assert again == uris
     assert os.stat(uris["eval"]).st_mtime_ns == 1  # untouched
     assert len(io.read_records(uris["prompts"])) == 6  # rewritten
+
+
+def test_the_teachers_sums_and_products_can_reach_past_the_eval_sets_numbers_and_lean_to_products():
+    """--prompt-largest / --prompt-products change the teacher's prompts only: eval and the real examples stay as
+    they were, a product keeps one factor of the times table, and no eval sum or product is asked in any order."""
+    base, wide = make_qa_splits(num_prompts=400), make_qa_splits(num_prompts=400, prompt_largest=19, prompt_products=0.6)
+    assert wide["eval"] == base["eval"] and wide["real"] == base["real"]
+
+    def operands(row):
+        return [int(n) for n in re.findall(r"\d+", row["prompt"])]
+
+    asked = {(r["category"], *sorted(operands(r))) for r in base["eval"] if r["category"] in ("addition", "multiplication")}
+    arithmetic = [r for r in wide["prompts"] if r["category"] in ("addition", "multiplication")]
+    assert max(max(operands(r)) for r in arithmetic) > 12 and max(max(operands(r)) for r in arithmetic) <= 19
+    assert all(min(operands(r)) <= 12 for r in arithmetic if r["category"] == "multiplication")
+    assert not {(r["category"], *sorted(operands(r))) for r in arithmetic} & asked
+    products = [sum(r["category"] == "multiplication" for r in rows["prompts"]) for rows in (base, wide)]
+    assert products[1] > products[0]
+    assert len(arithmetic) > sum(r["category"] in ("addition", "multiplication") for r in base["prompts"])
