@@ -104,8 +104,8 @@ class StudentInit(Section):
             if self.layers is not None or self.keep_every is not None:
                 raise ValueError("layers / keep_every choose teacher blocks, so they need from_teacher: true")
             # sizes and criteria of a measured cut would be ignored without one: say so rather than train another student
-            measuring = [name for name, default in (("num_layers", None), ("parameter_fraction", None), ("importance", "block_influence"),
-                                                    ("importance_on", "prompts")) if getattr(self, name) != default]
+            measuring = [name for name in ("num_layers", "parameter_fraction", "importance", "importance_on")
+                         if getattr(self, name) != type(self).model_fields[name].default]
             if measuring:
                 raise ValueError(f"{', '.join(measuring)} only apply to a student cut from the teacher by measurement: set "
                                  "from_teacher: true and layers: auto, or leave them out")

@@ -12,18 +12,16 @@ def write_splits_main(
     task: str, write: Callable[..., dict[str, str]], argv: list[str] | None = None,
     options: tuple[tuple[str, type, Any, str], ...] = (),
 ) -> None:
-    """Parse the sizes (and the task's own ``options``: flag, type, default, help; passed to ``write`` by the
-    flag's name), write the three splits with ``write`` and print where each went."""
+    """Parse the sizes (and the task's own ``options``: flag, type, default, help; passed to ``write`` under
+    argparse's name for the flag, ``--prompt-products`` as ``prompt_products``), write the three splits with ``write`` and print where each went."""
     parser = argparse.ArgumentParser(prog=f"python -m mydistill.demo.{task}_task", description=f"Write the {task} task's three splits.")
     parser.add_argument("output_dir", nargs="?", default=f".cache/{task}-task")
     parser.add_argument("--eval", type=int, default=200, dest="num_eval", help="held-out eval questions (default 200)")
     parser.add_argument("--real", type=int, default=24, dest="num_real", help="labelled training examples (default 24)")
     parser.add_argument("--prompts", type=int, default=40, dest="num_prompts", help="unlabelled prompts for the teacher (default 40)")
-    for flag, kind, default, text in options:
-        parser.add_argument(flag, type=kind, default=default, dest=flag.lstrip("-").replace("-", "_"), help=f"{text} (default {default})")
+    own = [parser.add_argument(flag, type=kind, default=default, help=f"{text} (default {default})") for flag, kind, default, text in options]
     args = parser.parse_args(argv)
-    own = {flag.lstrip("-").replace("-", "_") for flag, *_ in options}
-    extra = {name: getattr(args, name) for name in own}
+    extra = {action.dest: getattr(args, action.dest) for action in own}
     for name, uri in write(args.output_dir, num_eval=args.num_eval, num_real=args.num_real, num_prompts=args.num_prompts, **extra).items():
         print(f"{name}: {uri}")
 

@@ -103,7 +103,7 @@ def make_plan(cfg: PipelineConfig) -> StagePlan:
     init = cfg.student.init
     # the defaults of the measured cut's criterion stay out of its key, so cuts measured before they could be
     # chosen keep theirs; measured on the teacher's responses, the cut depends on the mix they are read from
-    defaults = {k for k, v in (("importance", "block_influence"), ("importance_on", "prompts")) if getattr(init, k) == v}
+    defaults = {k for k in ("importance", "importance_on") if getattr(init, k) == type(init).model_fields[k].default}
     student_init = (
         _key("student-init", sha.get("teacher", teacher_uri), init.model_dump(exclude=defaults), sha["prompts"],
              *([mix] if init.importance_on == "responses" else [])) if init.layers == "auto"
