@@ -31,6 +31,7 @@ next-token distribution and still write the capital of Ghana).
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,9 +43,10 @@ def _batches(
     max_length: int, device: Any,
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """``(input_ids, attention_mask, answer_positions)`` per batch: of ``texts`` (the prompts as the
-    teacher sees them; ``answer_positions`` None) or of ``exchanges`` ((prompt, response) pairs,
-    tokenized as training tokenizes them; ``answer_positions`` marks the positions whose next token is
-    a response token)."""
+    teacher sees them, cut at ``max_length`` tokens; ``answer_positions`` None) or of ``exchanges``
+    ((prompt, response) pairs, tokenized as training tokenizes them and kept whole, since the answer at
+    their end is what is measured; ``answer_positions`` marks the positions whose next token is a
+    response token)."""
     if (texts is None) == (exchanges is None):
         raise ValueError("measure blocks on prompts (texts) or on prompt-response pairs (exchanges), one of the two")
     out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
@@ -62,7 +64,7 @@ def _batches(
     )
 
     assert exchanges is not None
-    examples = [tokenize_example(tokenizer, prompt, response, max_length) for prompt, response in exchanges]
+    examples = [tokenize_example(tokenizer, prompt, response, sys.maxsize) for prompt, response in exchanges]
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start : start + batch_size], tokenizer.pad_token_id)
         answers = (shift_labels(batch["labels"]) != IGNORE_INDEX).to(device)

@@ -123,6 +123,12 @@ def test_on_the_teachers_responses_only_the_positions_that_predict_an_answer_tok
     assert kept == [0, 3] and [b for b, _ in rounds] == [1, 2] and max(v for _, v in rounds) < 0.01 * min(kl[0], kl[3])
     with pytest.raises(ValueError, match="on prompts .texts. or on prompt-response pairs .exchanges., one of the two"):
         block_influence(teacher_with_idle_blocks, demo_tokenizer, PROMPTS, exchanges=EXCHANGES)
+    # a prompt longer than max_length is measured whole with its answer (a prompt alone is cut at max_length)
+    long = [("reverse: " + "ab" * 40, "ba" * 40)]
+    assert len(tokenize_example(demo_tokenizer, *long[0], 10**6).input_ids) > 64
+    whole = block_influence(teacher_with_idle_blocks, demo_tokenizer, exchanges=long, max_length=16)
+    assert whole == pytest.approx(block_influence(teacher_with_idle_blocks, demo_tokenizer, exchanges=long, max_length=4096), abs=1e-6)
+    assert whole[1] == pytest.approx(0.0, abs=1e-6) and whole[0] > 1e-3
 
 
 def test_a_cut_measured_on_responses_says_so_and_is_not_the_one_measured_on_prompts(tmp_path, teacher_with_idle_blocks, demo_tokenizer):
