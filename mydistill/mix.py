@@ -117,7 +117,10 @@ def mix_datasets(
     rng = random.Random(seed)
     counts: Counter = Counter()
     real_all = _real_records(real, real_uri, prompt_field, answer_field)
-    teacher_ok = _usable_teacher(teacher, teacher_uri, counts)
+    # The generate stage's file order is not its content: responses reused from the cache are written
+    # before the ones generated in the run, so the same records can arrive in another order. Put them
+    # in one order first, or the same inputs give another shuffle and another training order.
+    teacher_ok = sorted(_usable_teacher(teacher, teacher_uri, counts), key=lambda r: (r["prompt"], r["id"], r["response"]))
     if dedup:
         real_all = _dedup(real_all, set(), counts, "real")
         teacher_ok = _dedup(teacher_ok, {r["prompt"] for r in real_all}, counts, "teacher")

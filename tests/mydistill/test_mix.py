@@ -74,6 +74,17 @@ def test_same_seed_same_mix_other_seed_other_mix():
     assert a == b and a != c
 
 
+def test_the_same_teacher_records_in_another_file_order_give_the_same_mix():
+    # responses reused from the cache are written before the ones generated in the run, so a fresh run
+    # and a run that reused half its responses hold the same records in another order
+    teacher = teacher_rows(100)
+    reordered = teacher[50:] + teacher[:50][::-1]
+    a = mix_datasets(teacher, real_rows(50), seed=3)
+    b = mix_datasets(reordered, real_rows(50), seed=3)
+    assert a.train == b.train and a.val == b.val and a.task_train == b.task_train
+    assert [r["prompt"] for r in a.train] != sorted(r["prompt"] for r in a.train)  # still shuffled
+
+
 def test_empty_after_filtering_is_a_clear_error():
     failed = [{"prompt": f"p{i}", "response": "", "status": "failed"} for i in range(5)]
     with pytest.raises(io.DataError, match="no usable teacher responses"):
