@@ -41,7 +41,9 @@ def _usable_teacher(records: Sequence[dict[str, Any]], source_uri: str, counts: 
         elif not isinstance(response, str) or not response.strip():
             counts["dropped_teacher_empty"] += 1
         else:
-            record = {"id": str(r.get("id", "")), "prompt": r["prompt"], "response": response, "source": "teacher"}
+            # text, as the real prompts are: the records are ordered by prompt below
+            prompt = text_field(r, "prompt", f"{source_uri}: teacher record {r.get('id', '?')!r}")
+            record = {"id": str(r.get("id", "")), "prompt": prompt, "response": response, "source": "teacher"}
             if has_rationale(r):
                 # rationale mode: kept for distilling step-by-step (distill.loss.step_by_step)
                 record.update(rationale=r["rationale"], answer=str(r.get("answer") or ""))

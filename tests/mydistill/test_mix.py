@@ -83,6 +83,9 @@ def test_the_same_teacher_records_in_another_file_order_give_the_same_mix():
     b = mix_datasets(reordered, real_rows(50), seed=3)
     assert a.train == b.train and a.val == b.val and a.task_train == b.task_train
     assert [r["prompt"] for r in a.train] != sorted(r["prompt"] for r in a.train)  # still shuffled
+    # a prompt that is not text is named, not left to fail the ordering
+    with pytest.raises(io.DataError, match=r"gen/: teacher record 't1': field 'prompt' is int \(5\); expected text"):
+        mix_datasets([teacher[0], {**teacher[1], "prompt": 5}], real_rows(5), teacher_uri="gen/")
 
 
 def test_empty_after_filtering_is_a_clear_error():
