@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from mydistill import io
-from mydistill.config import RUN_ONLY_FIELDS, DistillConfig, LossConfig, TrainConfig
+from mydistill.config import DistillConfig, LossConfig, TrainConfig, learned_fields
 from mydistill.losses import DistillObjective
 from mydistill.models import count_parameters, kept_teacher_layers, load_tokenizer
 from mydistill.progress import MARKED_ENV, ProgressLog, print_marked, relay_marked, reporting_to
@@ -46,7 +46,7 @@ from mydistill.training.metrics import global_sum, peak_memory_mb, peak_tflops, 
 from mydistill.training.objective import StudentObjective, forward_loss
 from mydistill.training.on_policy import OnPolicyMixer, eos_ids_of
 from mydistill.training.step_by_step import StepByStepObjective, step_by_step_examples
-from mydistill.training.student import load_student
+from mydistill.training.student import freeze_parameters, load_student
 from mydistill.training.teachers import Teachers, load_teachers
 from mydistill.training.ted import fit_ted_filters
 
@@ -109,7 +109,7 @@ def run_training(job: TrainJob, on_metrics: MetricsCallback | None = None, progr
     unfinished one with checkpoints resumes from the latest.
     """
     cfg = job.train_config()
-    inputs = {**job.inputs, "stage": job.stage, "train": cfg.model_dump(exclude=RUN_ONLY_FIELDS),
+    inputs = {**job.inputs, "stage": job.stage, "train": learned_fields(cfg),
               "init_uri": job.init_uri, "arch": job.arch, "teacher_uri": job.teacher_uri,
               **({"teacher_dtype": job.teacher_dtype} if job.teacher_uri and job.teacher_dtype != "auto" else {}),
               **({"signal_uris": job.signal_uris} if job.signal_uris else {}),
@@ -169,6 +169,8 @@ def setup(job: TrainJob, cfg: TrainConfig, inputs: dict[str, Any], on_metrics: M
         fit_ted_filters(job, distill, objective, teachers.model, run.examples, tokenizer, device, inputs, on_metrics)
     )
     run.manifest_extra["parameters"] = count_parameters(student)
+    if cfg.freeze:  # before the engine: its optimizer takes only what is still trained
+        run.manifest_extra["frozen_parameters"] = freeze_parameters(student, cfg.freeze, "distill" if job.stage == "baseline" else job.stage)
     module = StudentObjective(student, trained_objective(objective, distill))
     run.engine = DeepSpeedEngine(module, cfg, ds_config) if ds_config else PlainEngine(module, cfg)
     return run

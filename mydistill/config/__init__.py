@@ -38,13 +38,21 @@ from mydistill.config.pipeline import (
 )
 from mydistill.config.signal import SignalConfig, SignalMode
 from mydistill.config.tracking import CostsConfig, TrackingConfig
-from mydistill.config.training import DISTILL_ONLY_FIELDS, RUN_ONLY_FIELDS, DistillConfig, FinetuneConfig, TrainConfig
+from mydistill.config.training import (
+    DISTILL_ONLY_FIELDS,
+    RUN_ONLY_FIELDS,
+    DistillConfig,
+    FinetuneConfig,
+    TrainConfig,
+    learned_fields,
+)
 
 __all__ = [
     "DISTILL_ONLY_FIELDS",
     "PRESETS_DIR",
     "REPO_ROOT",
     "RUN_ONLY_FIELDS",
+    "learned_fields",
     "ConfigError",
     "CostsConfig",
     "CrossTokenizerConfig",
@@ -75,6 +83,7 @@ __all__ = [
     "TrackingConfig",
     "TrainConfig",
     "apply_overrides",
+    "learned_fields",
     "load_config",
     "mask_url",
     "resolve_preset",

@@ -21,6 +21,11 @@ class TrainConfig(Section):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of the peak.")
     warmup_steps: int = Field(30, ge=0, description="Linear warmup steps.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="Student parameters left as they start, by name pattern (shell-style, e.g. 'model.embed_tokens.*' "
+        "or '*.mlp.*'); a tied parameter is matched by any of its names. Empty: every parameter is trained.",
+    )
     grad_clip: float = Field(1.0, gt=0, description="Max gradient norm.")
     max_length: int | None = Field(
         None, gt=1,
@@ -86,6 +91,13 @@ class TrainConfig(Section):
         return {**data, "kubeflow": kubeflow, "nodes": old}
 
     @model_validator(mode="after")
+    def _freeze_patterns_are_names(self) -> TrainConfig:
+        for i, pattern in enumerate(self.freeze):
+            if not pattern.strip():
+                raise ValueError(f"freeze[{i}] is empty; give a parameter name pattern such as 'model.embed_tokens.*'")
+        return self
+
+    @model_validator(mode="after")
     def _kubeflow_needs_an_image(self) -> TrainConfig:
         if self.engine == "kubeflow" and not self.kubeflow.image:
             raise ValueError("engine: kubeflow needs kubeflow.image, the container image every node runs (deploy/Dockerfile.gpu)")
@@ -115,6 +127,15 @@ RUN_ONLY_FIELDS = {
     # that every hash made before the field existed stays as it was
     "nodes",
 }
+
+
+def learned_fields(cfg: TrainConfig, exclude: set[str] = frozenset()) -> dict[str, Any]:
+    """What the stage learns from, for its artifact hash: the config without RUN_ONLY_FIELDS, and
+    ``freeze`` only when set, so that every hash made before the field existed stays as it was."""
+    fields = cfg.model_dump(exclude=RUN_ONLY_FIELDS | {"freeze"} | set(exclude))
+    if cfg.freeze and "freeze" not in exclude:
+        fields["freeze"] = list(cfg.freeze)
+    return fields
 
 
 class DistillConfig(TrainConfig):

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mydistill import io
-from mydistill.config import DISTILL_ONLY_FIELDS, RUN_ONLY_FIELDS, PipelineConfig, TrainConfig
+from mydistill.config import DISTILL_ONLY_FIELDS, PipelineConfig, TrainConfig, learned_fields
 from mydistill.fingerprint import fingerprint, part
 
 STAGES = ("generate", "mix", "signal", "distill", "finetune", "baseline", "evaluate")
@@ -75,7 +75,7 @@ def _key(*parts: Any) -> str:
 
 
 def _training(cfg: TrainConfig, exclude: set[str] = frozenset()) -> dict[str, Any]:
-    return cfg.model_dump(exclude=RUN_ONLY_FIELDS | set(exclude))
+    return learned_fields(cfg, set(exclude))
 
 
 def make_plan(cfg: PipelineConfig) -> StagePlan:

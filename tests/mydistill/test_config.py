@@ -99,3 +99,20 @@ def test_credentials_in_urls_are_masked_wherever_the_config_is_recorded():
     for dumped in (json.dumps(cfg.model_dump(mode="json")), str(cfg.model_dump())):
         assert "s3cret" not in dumped and "hunter2" not in dumped
     assert cfg.model_dump()["tracking"]["tracking_uri"] == "http://***@127.0.0.1:5000"
+
+
+def test_freeze_patterns_are_checked_and_only_a_set_freeze_changes_the_stage_keys():
+    from mydistill.config import RUN_ONLY_FIELDS, DistillConfig, learned_fields
+    from mydistill.pipeline.plan import make_plan
+
+    with pytest.raises(ConfigError, match=r"distill: .*freeze\[1\] is empty"):
+        load_config("configs/demo.yaml", overrides=["distill.freeze=[model.embed_tokens.*, ' ']"])
+    # keys made before the field existed stay as they were
+    assert learned_fields(DistillConfig()) == DistillConfig().model_dump(exclude=RUN_ONLY_FIELDS | {"freeze"})
+    plain = make_plan(load_config("configs/demo.yaml"))
+    unset = make_plan(load_config("configs/demo.yaml", overrides=["distill.freeze=[]"]))
+    frozen = make_plan(load_config("configs/demo.yaml", overrides=["distill.freeze=[model.embed_tokens.*]"]))
+    assert unset.distill_uri == plain.distill_uri and unset.baseline_uri == plain.baseline_uri
+    # the baseline is the same student trained on real data alone: frozen the same way
+    assert frozen.distill_uri != plain.distill_uri and frozen.baseline_uri != plain.baseline_uri
+    assert frozen.mix_uri == plain.mix_uri

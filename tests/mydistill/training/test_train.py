@@ -215,3 +215,33 @@ def test_a_second_writer_on_one_checkpoint_folder_is_refused(tmp_path, task_data
     unlock_checkpoints(the_job.checkpoints(), held)
     run_training(the_job)
     assert not (tmp_path / "out.checkpoints.lock").exists() and not (tmp_path / "out.checkpoints").exists()
+
+
+def test_frozen_parameters_stay_as_they_started_and_the_rest_is_trained(tmp_path, task_data, tiny_model_dir):
+    start = load_model(tiny_model_dir)
+    train = TrainConfig(steps=6, batch_size=16, lr=3e-3, warmup_steps=1, log_every=3, eval_every=3,
+                        freeze=["lm_head.weight", "*.mlp.*"])
+    manifest = run_training(job(tmp_path, task_data, tiny_model_dir, init_uri=tiny_model_dir, train=train.model_dump()))
+    trained = load_model(str(tmp_path / "out"))
+    before, after = start.state_dict(), trained.state_dict()
+    # the head is tied to the input embedding: frozen by its other name too
+    assert torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
+    assert torch.equal(after["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(after["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"])
+    frozen = before["model.embed_tokens.weight"].numel() + sum(
+        v.numel() for k, v in before.items() if ".mlp." in k)
+    assert manifest["frozen_parameters"] == frozen
+    # what is frozen is part of what the output was made from
+    unfrozen = TrainConfig(**{**train.model_dump(), "freeze": []})
+    other = run_training(job(tmp_path / "b", task_data, tiny_model_dir, init_uri=tiny_model_dir, train=unfrozen.model_dump()))
+    assert other["inputs_sha256"] != manifest["inputs_sha256"] and "frozen_parameters" not in other
+
+
+def test_a_freeze_pattern_that_names_no_parameter_is_refused_before_training(tmp_path, task_data, tiny_model_dir):
+    train = TrainConfig(steps=2, batch_size=16, warmup_steps=1, freeze=["model.embed.*"])
+    with pytest.raises(TrainingError, match=r"finetune.freeze: 'model.embed.\*' names no parameter of the student .*model.embed_tokens.weight"):
+        run_training(job(tmp_path, task_data, tiny_model_dir, init_uri=tiny_model_dir, train=train.model_dump()))
+    everything = TrainConfig(steps=2, batch_size=16, warmup_steps=1, freeze=["*"])
+    with pytest.raises(TrainingError, match="freezes every parameter"):
+        run_training(job(tmp_path, task_data, tiny_model_dir, init_uri=tiny_model_dir, train=everything.model_dump()))
+    assert not os.path.exists(tmp_path / "out" / "model.safetensors")

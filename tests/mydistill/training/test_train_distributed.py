@@ -106,11 +106,19 @@ def test_a_zero3_sharded_teacher_trains_the_student_as_a_whole_teacher_does(tmp_
             assert sharded[key] == pytest.approx(whole[key], rel=1e-4), (key, whole["step"])
 
 
-def test_zero3_with_cpu_offload_finetunes(tmp_path, data, tiny_model_dir):
-    job = make_job(tmp_path / "ft", data, tiny_model_dir, stage="finetune", steps=6, deepspeed=ZERO3_OFFLOAD)
+def test_zero3_with_cpu_offload_finetunes_what_is_not_frozen(tmp_path, data, tiny_model_dir):
+    # the tied embedding frozen (partitioned and offloaded, but left out of the optimizer)
+    job = make_job(tmp_path / "ft", data, tiny_model_dir, stage="finetune", steps=6, deepspeed=ZERO3_OFFLOAD,
+                   freeze=["model.embed_tokens.*"])
     manifest = launch_training(job)
     assert manifest["deepspeed"] and manifest["history"][-1]["ce"] > 0
-    load_model(str(tmp_path / "ft"))
+    from mydistill.models import build_model, load_tokenizer
+
+    trained = load_model(str(tmp_path / "ft")).state_dict()
+    init = build_model(TINY_ARCH, load_tokenizer(tiny_model_dir), seed=0).state_dict()
+    assert manifest["frozen_parameters"] == init["model.embed_tokens.weight"].numel()
+    assert torch.equal(trained["model.embed_tokens.weight"], init["model.embed_tokens.weight"])
+    assert not torch.allclose(trained["model.layers.0.mlp.up_proj.weight"], init["model.layers.0.mlp.up_proj.weight"])
 
 
 def test_a_worker_error_fails_the_launch_with_the_workers_message(tmp_path, data, tiny_model_dir):
