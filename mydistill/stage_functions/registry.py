@@ -164,7 +164,8 @@ def paired_with_champion(report: dict[str, Any], champion: dict[str, Any] | None
     mine = report.get("question_scores") or {}
     if champion is None or not champion.get("run_id") or "student" not in mine.get("models", {}):
         return None
-    theirs = tracking.read_dict(champion["run_id"], QUESTION_SCORES_FILE)
+    # on the champion's register run (its version's own run is the training stage that logged the model)
+    theirs = tracking.read_dict(champion.get("register_run_id") or champion["run_id"], QUESTION_SCORES_FILE)
     if not theirs or theirs.get("metric") != mine.get("metric"):
         return None
     by_id = dict(zip(theirs["ids"], theirs["scores"], strict=True))

@@ -15,6 +15,7 @@ from mydistill.tracking.runs import MODEL_TRAINING_VIEW, ui_base_url
 SCORE_TAG = "mydistill.score"
 SCORE_METRIC = "student_exact_match"
 SCORE_METRIC_TAG = "mydistill.score_metric"  # which evaluate metric the score is (absent: exact, as before)
+REGISTER_RUN_TAG = "mydistill.register_run_id"  # on a version: the run that registered it and holds the gate's inputs
 _NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 CHECKPOINT_TAG = "mydistill.checkpoint_sha256"  # a logged model's checkpoint (its manifest's inputs_sha256)
@@ -127,7 +128,7 @@ def register_model_version(
     # own page says; the run that decided on it is named in the tags (the gate's decision is there too)
     version = c.create_model_version(
         name, source=model["model_uri"], run_id=model.get("run_id") or register_run_id,
-        tags={**dict(tags or {}), **({"mydistill.register_run_id": register_run_id} if register_run_id else {})},
+        tags={**dict(tags or {}), **({REGISTER_RUN_TAG: register_run_id} if register_run_id else {})},
         model_id=model["model_id"],
     )
     return str(version.version)
@@ -171,7 +172,10 @@ def alias_holder(name: str, alias: str) -> dict[str, Any] | None:
     elif version.run_id:
         score = c.get_run(version.run_id).data.metrics.get(SCORE_METRIC)
     metric = version.tags.get(SCORE_METRIC_TAG, "exact")
-    return {"version": str(version.version), "score": score, "run_id": version.run_id, "metric": metric}
+    # the version's run is the training stage that logged the model; the gate's inputs (its per-question
+    # scores) are on the run that registered it
+    return {"version": str(version.version), "score": score, "run_id": version.run_id, "metric": metric,
+            "register_run_id": version.tags.get(REGISTER_RUN_TAG) or version.run_id}
 
 
 def set_model_version_tags(name: str, version: str, tags: Mapping[str, Any]) -> None:

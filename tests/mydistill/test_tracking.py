@@ -190,6 +190,47 @@ def test_a_gain_within_the_noise_does_not_replace_the_champion_and_a_clear_gain_
     assert f"beats champion v{first['version']} by more than noise (+10.0 points on the same 200 questions" in better["reason"]
 
 
+def test_the_champion_is_paired_when_each_student_was_logged_by_its_training_stage(tmp_path, demo_tokenizer):
+    """As in a pipeline: each student is a new checkpoint, logged by the stage that trained it, so a
+    version's own run is that stage's, and the champion's per-question scores are read from the run
+    that registered it (found by the version's tag), not from its training run."""
+    name = f"stage-gate-test-{uuid.uuid4().hex[:6]}"
+    # an experiment of its own: a checkpoint another test logged (the same seed) would be found there and reused
+    cfg = load_config("demo", [f"work_dir={tmp_path}", f"registry.model_name={name}", f"tracking.experiment={name}"])
+    plan = make_plan(cfg)
+
+    def trained_and_registered(seed: int, scores: list[float]) -> dict:
+        save_tiny_model(plan.student_uri, demo_tokenizer, seed=seed)  # another checkpoint each time, with its manifest
+        io.write_manifest(plan.student_uri, stage="distill", inputs={"seed": seed})
+        parent = tracking.start_run(cfg.tracking.experiment, "pipeline")
+        with tracking.stage_run(parent, "distill", cfg.tracking.experiment) as stage_run:
+            stage_functions.log_model(cfg, plan, stage_run, plan.student_uri)
+        report = {"models": {"student": {"exact_match": sum(scores) / len(scores), "teacher_retained": 1.0}},
+                  "question_scores": {"metric": "exact_match", "ids": [f"q{i}" for i in range(len(scores))],
+                                      "models": {"student": scores}}}
+        decision = stage_functions.register(cfg, plan, report, parent)
+        assert tracking.client().get_model_version(name, decision["version"]).run_id == stage_run
+        return decision
+
+    champion_scores = [float(i % 2) for i in range(200)]
+    first = trained_and_registered(1, champion_scores)
+    # +1 point on the means (6 gained, 4 lost): a mean-only gate would promote it
+    noisy = champion_scores[:]
+    for i in (0, 2, 4, 6, 8, 10):
+        noisy[i] = 1.0
+    for i in (1, 3, 5, 7):
+        noisy[i] = 0.0
+    within = trained_and_registered(2, noisy)
+    assert not within["passed"] and _champion(name) == first["version"]
+    assert f"does not beat champion v{first['version']} by more than noise (+1.0 points on the same 200 questions" in within["reason"]
+    clear = champion_scores[:]
+    for i in range(0, 40, 2):
+        clear[i] = 1.0
+    better = trained_and_registered(3, clear)
+    assert better["passed"] and _champion(name) == better["version"]
+    assert f"beats champion v{first['version']} by more than noise (+10.0 points" in better["reason"]
+
+
 def test_the_decision_is_recorded_on_the_version_and_the_register_run(registry):
     registry(0.5)
     decision, name = registry(0.4)
@@ -249,9 +290,10 @@ def test_a_student_that_answers_behind_a_prefix_carries_it_on_its_version(regist
 def test_a_champion_without_a_score_tag_is_read_from_its_run(registry):
     first, name = registry(0.5)
     tracking.client().delete_model_version_tag(name, first["version"], tracking.SCORE_TAG)
+    version = tracking.client().get_model_version(name, first["version"])
     assert tracking.alias_holder(name, "champion") == {
-        "version": first["version"], "score": pytest.approx(0.5), "run_id": tracking.client().get_model_version(name, first["version"]).run_id,
-        "metric": "exact",
+        "version": first["version"], "score": pytest.approx(0.5), "run_id": version.run_id,
+        "metric": "exact", "register_run_id": version.tags["mydistill.register_run_id"],
     }
 
 
