@@ -52,7 +52,6 @@ __all__ = [
     "PRESETS_DIR",
     "REPO_ROOT",
     "RUN_ONLY_FIELDS",
-    "learned_fields",
     "ConfigError",
     "CostsConfig",
     "CrossTokenizerConfig",

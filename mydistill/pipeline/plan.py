@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mydistill import io
-from mydistill.config import DISTILL_ONLY_FIELDS, PipelineConfig, TrainConfig, learned_fields
+from mydistill.config import DISTILL_ONLY_FIELDS, PipelineConfig, learned_fields
 from mydistill.fingerprint import fingerprint, part
 
 STAGES = ("generate", "mix", "signal", "distill", "finetune", "baseline", "evaluate")
@@ -74,10 +74,6 @@ def _key(*parts: Any) -> str:
     return io.sha256_of(parts)[:12]
 
 
-def _training(cfg: TrainConfig, exclude: set[str] = frozenset()) -> dict[str, Any]:
-    return learned_fields(cfg, set(exclude))
-
-
 def make_plan(cfg: PipelineConfig) -> StagePlan:
     root = cfg.work_dir
     demo_data_uri = None
@@ -122,17 +118,17 @@ def make_plan(cfg: PipelineConfig) -> StagePlan:
     signal = _key("signal", mix, teacher_uri, sha["teacher"], _signal_content(cfg), cfg.distill.max_length) if cfg.signal.enabled else None
     signal_extra = [sha[f"signal_extra_{i}"] for i in range(len(cfg.signal.extra_uris))]
     distill = _key(
-        "distill", mix, teacher_uri, sha["teacher"], student, _training(cfg.distill), cfg.distill.loss.model_dump(), extra,
+        "distill", mix, teacher_uri, sha["teacher"], student, learned_fields(cfg.distill), cfg.distill.loss.model_dump(), extra,
         *([signal, cfg.signal.extra_uris, signal_extra] if signal else []),
     )
-    finetune = _key("finetune", distill, _training(cfg.finetune)) if cfg.finetune.enabled else None
+    finetune = _key("finetune", distill, learned_fields(cfg.finetune)) if cfg.finetune.enabled else None
     # the baseline reads the real data's split of the mix (independent of the teacher's responses)
     # and, without a pretrained student, the teacher's tokenizer: nothing of stage 1's
     baseline = (
         _key(
             "baseline", real_uri, sha["real"], cfg.data.model_dump(), cfg.mix.model_dump(include={"val_fraction", "dedup", "seed"}),
             student, None if cfg.student.init_uri else [part(fps["teacher"], p) for p in ("tokenizer", "chat_template")],
-            _training(cfg.distill, exclude=DISTILL_ONLY_FIELDS), baseline_steps(cfg),
+            learned_fields(cfg.distill, DISTILL_ONLY_FIELDS), baseline_steps(cfg),
         )
         if cfg.evaluate.baseline else None
     )

@@ -157,15 +157,15 @@ QUESTION_SCORES_FILE = "question_scores.json"  # on the register run: the studen
 
 def paired_with_champion(report: dict[str, Any], champion: dict[str, Any] | None, confidence: float) -> dict[str, Any] | None:
     """The student's gain over the champion on the questions both answered (matched by question id),
-    with its paired bootstrap interval; None when the champion's run kept no per-question scores on
-    this metric or they share no question."""
+    with its paired bootstrap interval; None when the champion's register run (``register_run_id``
+    from :func:`tracking.alias_holder`) kept no per-question scores on this metric or they share no
+    question."""
     from mydistill.evaluation import uncertainty
 
     mine = report.get("question_scores") or {}
-    if champion is None or not champion.get("run_id") or "student" not in mine.get("models", {}):
+    if champion is None or not champion.get("register_run_id") or "student" not in mine.get("models", {}):
         return None
-    # on the champion's register run (its version's own run is the training stage that logged the model)
-    theirs = tracking.read_dict(champion.get("register_run_id") or champion["run_id"], QUESTION_SCORES_FILE)
+    theirs = tracking.read_dict(champion["register_run_id"], QUESTION_SCORES_FILE)
     if not theirs or theirs.get("metric") != mine.get("metric"):
         return None
     by_id = dict(zip(theirs["ids"], theirs["scores"], strict=True))

@@ -156,8 +156,10 @@ def alias_holder(name: str, alias: str) -> dict[str, Any] | None:
     """The version ``alias`` points to in registered model ``name`` and its recorded score.
 
     The score is the version's ``mydistill.score`` tag, else its run's ``student_exact_match``
-    metric, else None. No such model or alias: None. Any other error (e.g. the server is down)
-    is raised: the gate must not take "could not ask" for "no champion".
+    metric, else None. ``register_run_id`` is the run that registered it (where the gate's inputs
+    are); the version's own ``run_id`` is the training stage that logged the model, and was the
+    register run for a version made before the tag. No such model or alias: None. Any other error
+    (e.g. the server is down) is raised: the gate must not take "could not ask" for "no champion".
     """
     c = client()
     try:
@@ -172,8 +174,6 @@ def alias_holder(name: str, alias: str) -> dict[str, Any] | None:
     elif version.run_id:
         score = c.get_run(version.run_id).data.metrics.get(SCORE_METRIC)
     metric = version.tags.get(SCORE_METRIC_TAG, "exact")
-    # the version's run is the training stage that logged the model; the gate's inputs (its per-question
-    # scores) are on the run that registered it
     return {"version": str(version.version), "score": score, "run_id": version.run_id, "metric": metric,
             "register_run_id": version.tags.get(REGISTER_RUN_TAG) or version.run_id}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mydistill import stage_functions
+from mydistill import io, stage_functions
 from mydistill.config import REPO_ROOT, load_config
 from mydistill.pipeline.plan import make_plan
 
@@ -90,10 +90,10 @@ def test_smollm2_example_distils_a_cut_student_and_scores_the_teacher_as_a_perso
     # the teacher answers in sentences: contains sees what exact match cannot
     assert teacher["contains"] >= 0.5 > teacher["exact_match"]
     assert student["parameters"] < 0.5 * teacher["parameters"]
-    cut = __import__("mydistill.io", fromlist=["read_manifest"]).read_manifest(plan.student_init_uri)
+    cut = io.read_manifest(plan.student_init_uri)
     assert cut["teacher_layers"] == [0, 15, 29]
     # the preset leaves the tied embedding (the output head too) as the teacher had it: 49,152 tokens x 576
-    trained = __import__("mydistill.io", fromlist=["read_manifest"]).read_manifest(plan.distill_uri)
+    trained = io.read_manifest(plan.distill_uri)
     assert trained["frozen_parameters"] == 49152 * 576
     decision = stage_functions.register(cfg, plan, report)
     assert decision["metric"] == "contains"

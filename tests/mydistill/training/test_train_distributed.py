@@ -18,7 +18,7 @@ import torch
 from mydistill import io
 from mydistill.config import DistillConfig, TrainConfig
 from mydistill.training.launch import WorkerFailed, launch_command, launch_training
-from mydistill.models import load_model
+from mydistill.models import build_model, load_model, load_tokenizer
 from mydistill.train import TrainJob
 
 from tests.conftest import TINY_ARCH
@@ -112,8 +112,6 @@ def test_zero3_with_cpu_offload_finetunes_what_is_not_frozen(tmp_path, data, tin
                    freeze=["model.embed_tokens.*"])
     manifest = launch_training(job)
     assert manifest["deepspeed"] and manifest["history"][-1]["ce"] > 0
-    from mydistill.models import build_model, load_tokenizer
-
     trained = load_model(str(tmp_path / "ft")).state_dict()
     init = build_model(TINY_ARCH, load_tokenizer(tiny_model_dir), seed=0).state_dict()
     assert manifest["frozen_parameters"] == init["model.embed_tokens.weight"].numel()
